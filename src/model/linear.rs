@@ -1,0 +1,90 @@
+//! A linear map by a frozen weight matrix.
+//!
+//! candle's `matmul` backward always computes the gradient of *both* operands, so a plain
+//! `x.matmul(w)` makes every backward pass also pay for a weight gradient that a frozen
+//! model throws away (as much work again as the forward matmul). `FrozenLinear` is a custom
+//! op whose backward only returns the gradient with respect to its input.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
+
+#[derive(Debug, Clone)]
+pub struct FrozenLinear {
+    /// `[out, in]`, as stored by HF and GGUF.
+    weight: Tensor,
+    /// `[in, out]`: a transposed view of `weight` (no copy).
+    weight_t: Tensor,
+}
+
+impl FrozenLinear {
+    pub fn new(weight: Tensor) -> Result<Self> {
+        let weight = weight.contiguous()?;
+        let weight_t = weight.t()?;
+        Ok(Self { weight, weight_t })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// `x @ W^T` over the last dimension of `x` (any leading dimensions).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (lead, inner) = dims.split_at(dims.len() - 1);
+        let rows: usize = lead.iter().product();
+        let flat = x.reshape((rows, inner[0]))?;
+        let out = flat.apply_op1(self.clone())?;
+        let mut out_dims = lead.to_vec();
+        out_dims.push(self.out_features());
+        out.reshape(out_dims)
+    }
+
+    fn shape_of(&self, l: &Layout) -> Result<(usize, usize, usize)> {
+        let (m, k) = l.shape().dims2()?;
+        let (wk, n) = self.weight_t.dims2()?;
+        if wk != k {
+            candle_core::bail!("frozen linear: input has {k} features, weight expects {wk}");
+        }
+        Ok((m, n, k))
+    }
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (m, n, k) = self.shape_of(l)?;
+        let (storage, wl) = self.weight_t.storage_and_layout();
+        let Storage::Cpu(w) = &*storage else {
+            candle_core::bail!("frozen linear: input on cpu, weight elsewhere")
+        };
+        let out = s.matmul(w, (1, m, n, k), l, wl)?;
+        Ok((out, Shape::from((m, n))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (m, n, k) = self.shape_of(l)?;
+        let (storage, wl) = self.weight_t.storage_and_layout();
+        let Storage::Cuda(w) = &*storage else {
+            candle_core::bail!("frozen linear: input on cuda, weight elsewhere")
+        };
+        let out = s.matmul(w, (1, m, n, k), l, wl)?;
+        Ok((out, Shape::from((m, n))))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        // d(x W^T)/dx = grad W ; the weight gets no gradient: it is frozen.
+        Ok(Some(grad_res.matmul(&self.weight)?))
+    }
+}

@@ -1,0 +1,112 @@
+//! The frozen base LLM: loading (GGUF or HF safetensors), tokenizer, and the
+//! embeddings-in forward. Knows nothing of tags, HTTP or training jobs.
+
+pub mod config;
+pub mod device;
+pub mod generate;
+mod gguf;
+mod hf;
+pub mod linear;
+pub mod llama;
+pub mod tiny;
+pub mod tokenizer;
+pub mod weights;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+
+pub use config::LlamaConfig;
+pub use generate::{generate, FinishReason, Generation, GenerationParams};
+pub use llama::{rows_at, KvCache, Llama, Mode};
+pub use tokenizer::TextTokenizer;
+
+/// Where `scripts/setup-model.sh` puts the default model.
+pub const DEFAULT_MODEL_PATH: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// What a loader hands back before the forward is built.
+pub(crate) struct LoadedModel {
+    pub config: LlamaConfig,
+    pub weights: weights::LlamaWeights,
+    pub tokenizer: TextTokenizer,
+    pub fingerprint: String,
+    pub name: Option<String>,
+    pub format: &'static str,
+}
+
+/// The base model, loaded once and shared (it is immutable after loading).
+#[derive(Debug, Clone)]
+pub struct BaseModel {
+    pub llama: Llama,
+    pub tokenizer: TextTokenizer,
+    /// sha256 over every weight tensor (name, type, shape, bytes): tags record it so a tag
+    /// trained for other weights can be refused.
+    pub fingerprint: String,
+    pub name: String,
+    pub format: &'static str,
+    pub path: PathBuf,
+}
+
+fn is_gguf(path: &Path) -> Result<bool> {
+    let mut magic = [0u8; 4];
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    Ok(f.read_exact(&mut magic).is_ok() && &magic == b"GGUF")
+}
+
+impl BaseModel {
+    /// Loads a GGUF file or an HF model directory.
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        if !path.exists() {
+            let hint = if path == Path::new(DEFAULT_MODEL_PATH) {
+                " (run scripts/setup-model.sh to fetch the default model)"
+            } else {
+                ""
+            };
+            bail!("model path {} does not exist{hint}", path.display());
+        }
+        let loaded = if path.is_dir() {
+            hf::load(path, device)?
+        } else if is_gguf(path)? {
+            gguf::load(path, device)?
+        } else {
+            bail!(
+                "{} is neither a GGUF file nor an HF model directory",
+                path.display()
+            );
+        };
+        let LoadedModel {
+            config,
+            weights,
+            tokenizer,
+            fingerprint,
+            name,
+            format,
+        } = loaded;
+        let llama = Llama::new(config, weights, device)?;
+        let name = name.unwrap_or_else(|| path.display().to_string());
+        Ok(Self {
+            llama,
+            tokenizer,
+            fingerprint,
+            name,
+            format,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        self.llama.config()
+    }
+
+    pub fn device(&self) -> &Device {
+        self.llama.device()
+    }
+
+    /// Embeddings `[n, d]` of a text fragment.
+    pub fn embed_text(&self, text: &str) -> Result<Tensor> {
+        let ids = self.tokenizer.encode(text)?;
+        self.llama.embed_ids(&ids)
+    }
+}
