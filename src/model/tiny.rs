@@ -72,7 +72,8 @@ pub fn tiny_config(tie_word_embeddings: bool) -> LlamaConfig {
         num_kv_heads: 2,
         head_dim: 16,
         rope_theta: 10_000.0,
-        rms_norm_eps: 1e-5,
+        // A power of two, so GGUF's f32 field and config.json's f64 hold the same value.
+        rms_norm_eps: 1.0 / 131_072.0,
         max_position_embeddings: 512,
         tie_word_embeddings,
     }

@@ -1,0 +1,413 @@
+//! The project's tiny seeded model: both loaders, both forward modes, the KV cache,
+//! padding, gradients through spliced vectors, and the errors a bad model file gets.
+
+mod common;
+
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device, Tensor, Var};
+use common::{max_abs_diff, tempdir};
+use tagllm::model::tiny::{write_tiny_gguf, write_tiny_hf};
+use tagllm::model::{generate, BaseModel, GenerationParams, Mode};
+
+fn tiny_gguf(dir: &std::path::Path, ty: GgmlDType, seed: u64) -> BaseModel {
+    let path = dir.join(format!("tiny-{ty:?}-{seed}.gguf"));
+    write_tiny_gguf(&path, ty, seed, true).unwrap();
+    BaseModel::load(&path, &Device::Cpu).unwrap()
+}
+
+fn input(m: &BaseModel, text: &str) -> Tensor {
+    m.embed_text(text).unwrap().unsqueeze(0).unwrap()
+}
+
+const TEXT: &str = "the cat sat on 42 mats, then CCO ran";
+
+#[test]
+fn gguf_f32_and_hf_directory_compute_the_same_function() {
+    let dir = tempdir();
+    let gguf = tiny_gguf(dir.path(), GgmlDType::F32, 7);
+    let hf_dir = dir.path().join("hf");
+    write_tiny_hf(&hf_dir, 7, true).unwrap();
+    let hf = BaseModel::load(&hf_dir, &Device::Cpu).unwrap();
+    assert_eq!(gguf.config(), hf.config());
+    assert_eq!(
+        gguf.tokenizer.encode(TEXT).unwrap(),
+        hf.tokenizer.encode(TEXT).unwrap()
+    );
+    // GGUF q/k rows are permuted for llama.cpp; the loader must undo exactly that.
+    let a = gguf
+        .llama
+        .forward(&input(&gguf, TEXT), None, None, Mode::Fast)
+        .unwrap();
+    let b = hf
+        .llama
+        .forward(&input(&hf, TEXT), None, None, Mode::Fast)
+        .unwrap();
+    assert!(max_abs_diff(&a, &b) < 1e-5, "{}", max_abs_diff(&a, &b));
+}
+
+#[test]
+fn quantized_variants_load_and_stay_close_to_f32() {
+    let dir = tempdir();
+    let reference = tiny_gguf(dir.path(), GgmlDType::F32, 3);
+    let want = reference
+        .llama
+        .forward(&input(&reference, TEXT), None, None, Mode::Fast)
+        .unwrap();
+    // Cosine similarity to the f32 hidden states: quantization noise grows as bits shrink.
+    for (ty, min_cos) in [
+        (GgmlDType::F16, 0.9999),
+        (GgmlDType::Q8_0, 0.999),
+        (GgmlDType::Q4_1, 0.97),
+        (GgmlDType::Q4_0, 0.97),
+    ] {
+        let m = tiny_gguf(dir.path(), ty, 3);
+        let got = m
+            .llama
+            .forward(&input(&m, TEXT), None, None, Mode::Fast)
+            .unwrap();
+        let cos = cosine(&got, &want);
+        assert!(cos > min_cos, "{ty:?}: cosine {cos}");
+        assert_ne!(
+            m.fingerprint, reference.fingerprint,
+            "{ty:?} weights must fingerprint differently"
+        );
+    }
+}
+
+fn cosine(a: &Tensor, b: &Tensor) -> f32 {
+    let (a, b) = (a.flatten_all().unwrap(), b.flatten_all().unwrap());
+    let dot = (&a * &b)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let norm = |t: &Tensor| {
+        t.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    dot / (norm(&a) * norm(&b))
+}
+
+#[test]
+fn fingerprint_is_stable_and_tells_weights_apart() {
+    let dir = tempdir();
+    let a = tiny_gguf(dir.path(), GgmlDType::Q8_0, 1);
+    let a2 = BaseModel::load(&dir.path().join("tiny-Q8_0-1.gguf"), &Device::Cpu).unwrap();
+    let b = tiny_gguf(dir.path(), GgmlDType::Q8_0, 2);
+    assert_eq!(a.fingerprint, a2.fingerprint);
+    assert_ne!(a.fingerprint, b.fingerprint);
+    assert_eq!(a.fingerprint.len(), 64);
+}
+
+#[test]
+fn untied_lm_head_is_used() {
+    let dir = tempdir();
+    write_tiny_hf(dir.path(), 5, false).unwrap();
+    let m = BaseModel::load(dir.path(), &Device::Cpu).unwrap();
+    assert!(!m.config().tie_word_embeddings);
+    let h = m
+        .llama
+        .forward(&input(&m, TEXT), None, None, Mode::Fast)
+        .unwrap();
+    let logits = m.llama.logits(&h).unwrap();
+    let st =
+        candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
+    let manual = h
+        .broadcast_matmul(&st["lm_head.weight"].t().unwrap())
+        .unwrap();
+    assert!(max_abs_diff(&logits, &manual) < 1e-5);
+    let tied = h
+        .broadcast_matmul(&st["model.embed_tokens.weight"].t().unwrap())
+        .unwrap();
+    assert!(max_abs_diff(&logits, &tied) > 1e-2);
+}
+
+#[test]
+fn fast_and_differentiable_modes_agree() {
+    let dir = tempdir();
+    let m = tiny_gguf(dir.path(), GgmlDType::Q4_1, 11);
+    let x = input(&m, TEXT);
+    let fast = m.llama.forward(&x, None, None, Mode::Fast).unwrap();
+    let slow = m
+        .llama
+        .forward(&x, None, None, Mode::Differentiable)
+        .unwrap();
+    assert!(
+        max_abs_diff(&fast, &slow) < 1e-4,
+        "{}",
+        max_abs_diff(&fast, &slow)
+    );
+}
+
+#[test]
+fn kv_cache_continuation_equals_one_full_pass_in_both_modes() {
+    let dir = tempdir();
+    let m = tiny_gguf(dir.path(), GgmlDType::Q8_0, 12);
+    let x = input(&m, TEXT);
+    let n = x.dim(1).unwrap();
+    for mode in [Mode::Fast, Mode::Differentiable] {
+        let full = m.llama.forward(&x, None, None, mode).unwrap();
+        let mut cache = m.llama.new_cache();
+        let a = m
+            .llama
+            .forward(&x.narrow(1, 0, 5).unwrap(), None, Some(&mut cache), mode)
+            .unwrap();
+        let b = m
+            .llama
+            .forward(
+                &x.narrow(1, 5, n - 6).unwrap(),
+                None,
+                Some(&mut cache),
+                mode,
+            )
+            .unwrap();
+        let c = m
+            .llama
+            .forward(
+                &x.narrow(1, n - 1, 1).unwrap(),
+                None,
+                Some(&mut cache),
+                mode,
+            )
+            .unwrap();
+        assert_eq!(cache.len(), n);
+        let pieces = Tensor::cat(&[a, b, c], 1).unwrap();
+        assert!(max_abs_diff(&pieces, &full) < 1e-4, "{mode:?}");
+    }
+}
+
+#[test]
+fn padded_batches_equal_each_sequence_alone_with_and_without_cache() {
+    let dir = tempdir();
+    let m = tiny_gguf(dir.path(), GgmlDType::Q8_0, 13);
+    let d = m.config().hidden_size;
+    let a = m.embed_text("the answer is 42").unwrap();
+    let b = m.embed_text("CC").unwrap();
+    let (la, lb) = (a.dim(0).unwrap(), b.dim(0).unwrap());
+    let pad = Tensor::ones((la - lb, d), DType::F32, &Device::Cpu).unwrap(); // junk, masked out
+                                                                             // Left padding, as a generation batch uses it.
+    let batch = Tensor::stack(&[a.clone(), Tensor::cat(&[&pad, &b], 0).unwrap()], 0).unwrap();
+    let mut mask = vec![1u32; 2 * la];
+    mask[la..la + (la - lb)].iter_mut().for_each(|v| *v = 0);
+    let mask = Tensor::from_vec(mask, (2, la), &Device::Cpu).unwrap();
+    for mode in [Mode::Fast, Mode::Differentiable] {
+        let mut cache = m.llama.new_cache();
+        let h = m
+            .llama
+            .forward(&batch, Some(&mask), Some(&mut cache), mode)
+            .unwrap();
+        let alone_a = m
+            .llama
+            .forward(&a.unsqueeze(0).unwrap(), None, None, mode)
+            .unwrap();
+        let alone_b = m
+            .llama
+            .forward(&b.unsqueeze(0).unwrap(), None, None, mode)
+            .unwrap();
+        assert!(max_abs_diff(&h.get(0).unwrap(), &alone_a.squeeze(0).unwrap()) < 1e-4);
+        let hb = h.get(1).unwrap().narrow(0, la - lb, lb).unwrap();
+        assert!(max_abs_diff(&hb, &alone_b.squeeze(0).unwrap()) < 1e-4);
+        // One decoding step for both: each continues its own sequence.
+        let next = m.llama.embed_ids(&[5, 9]).unwrap().unsqueeze(1).unwrap();
+        let step = m
+            .llama
+            .forward(&next, None, Some(&mut cache), mode)
+            .unwrap();
+        let cont_b = Tensor::cat(&[&b, &m.llama.embed_ids(&[9]).unwrap()], 0)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let want_b = m
+            .llama
+            .forward(&cont_b, None, None, mode)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .get(lb)
+            .unwrap();
+        assert!(
+            max_abs_diff(&step.get(1).unwrap().get(0).unwrap(), &want_b) < 1e-4,
+            "{mode:?}"
+        );
+    }
+}
+
+/// Loss: a fixed random projection of the final-norm hidden states of the last 3 positions.
+fn loss_of(m: &BaseModel, before: &Tensor, tag: &Tensor, after: &Tensor, probe: &Tensor) -> Tensor {
+    let x = Tensor::cat(&[before, tag, after], 0)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let h = m
+        .llama
+        .forward(&x, None, None, Mode::Differentiable)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let n = h.dim(0).unwrap();
+    (h.narrow(0, n - 3, 3).unwrap() * probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+}
+
+#[test]
+fn gradient_wrt_spliced_vectors_matches_finite_differences() {
+    let dir = tempdir();
+    let m = tiny_gguf(dir.path(), GgmlDType::F32, 21);
+    let d = m.config().hidden_size;
+    let before = m.embed_text("the ").unwrap();
+    let after = m.embed_text("CCO then").unwrap();
+    let probe = Tensor::randn(0f32, 1.0, (3, d), &Device::Cpu).unwrap();
+    let tag0 = (Tensor::randn(0f32, 1.0, (4, d), &Device::Cpu).unwrap() * 0.5).unwrap();
+    let var = Var::from_tensor(&tag0).unwrap();
+    let loss = loss_of(&m, &before, var.as_tensor(), &after, &probe);
+    let grads = loss.backward().unwrap();
+    let grad = grads
+        .get(var.as_tensor())
+        .expect("gradient reaches the tag")
+        .to_vec2::<f32>()
+        .unwrap();
+    let base = tag0.to_vec2::<f32>().unwrap();
+    let eps = 1e-2f32;
+    let mut checked = 0;
+    for (i, j) in [(0, 0), (0, 17), (1, 5), (2, 40), (3, 63), (3, 1)] {
+        let shifted = |delta: f32| {
+            let mut t = base.clone();
+            t[i][j] += delta;
+            let t = Tensor::new(t, &Device::Cpu).unwrap();
+            loss_of(&m, &before, &t, &after, &probe)
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let fd = (shifted(eps) - shifted(-eps)) / (2.0 * eps);
+        let g = grad[i][j];
+        assert!(
+            (fd - g).abs() <= 2e-2 * fd.abs().max(g.abs()).max(0.1),
+            "d loss / d tag[{i}][{j}]: backprop {g}, finite differences {fd}"
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 6);
+    // Every tag row influences later positions, so no row's gradient is zero.
+    let norms: Vec<f32> = grads
+        .get(var.as_tensor())
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum(1)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert!(norms.iter().all(|&n| n > 0.0), "{norms:?}");
+}
+
+#[test]
+fn generation_is_greedy_by_default_and_seeded_when_sampling() {
+    let dir = tempdir();
+    let m = tiny_gguf(dir.path(), GgmlDType::Q8_0, 31);
+    let prompt = m.embed_text("the cat").unwrap();
+    let greedy = GenerationParams {
+        max_new_tokens: 6,
+        ..Default::default()
+    };
+    let g1 = generate(&m, &prompt, &greedy).unwrap();
+    let g2 = generate(&m, &prompt, &greedy).unwrap();
+    assert_eq!(g1.ids, g2.ids);
+    assert!(g1.ids.len() <= 6);
+    // Greedy's first token is the argmax of the full forward's last logits.
+    let h = m
+        .llama
+        .forward(&prompt.unsqueeze(0).unwrap(), None, None, Mode::Fast)
+        .unwrap();
+    let n = h.dim(1).unwrap();
+    let logits = m
+        .llama
+        .logits(&h.get(0).unwrap().get(n - 1).unwrap().unsqueeze(0).unwrap())
+        .unwrap();
+    assert_eq!(
+        g1.ids[0],
+        logits
+            .squeeze(0)
+            .unwrap()
+            .argmax(0)
+            .unwrap()
+            .to_scalar::<u32>()
+            .unwrap()
+    );
+    let sample = |seed| GenerationParams {
+        max_new_tokens: 6,
+        temperature: Some(1.5),
+        seed,
+        ..Default::default()
+    };
+    assert_eq!(
+        generate(&m, &prompt, &sample(1)).unwrap().ids,
+        generate(&m, &prompt, &sample(1)).unwrap().ids
+    );
+    let outs: Vec<Vec<u32>> = (0..4)
+        .map(|s| generate(&m, &prompt, &sample(s)).unwrap().ids)
+        .collect();
+    assert!(
+        outs.iter().any(|o| o != &outs[0]),
+        "different seeds should sample differently: {outs:?}"
+    );
+}
+
+#[test]
+fn chat_template_renders_chatml() {
+    let dir = tempdir();
+    let m = tiny_gguf(dir.path(), GgmlDType::Q8_0, 0);
+    let p = m.tokenizer.apply_chat_template("hi").unwrap();
+    assert_eq!(p, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+    assert_eq!(m.tokenizer.encode(&p).unwrap()[0], 1);
+}
+
+fn load_err(path: &std::path::Path) -> String {
+    format!("{:#}", BaseModel::load(path, &Device::Cpu).unwrap_err())
+}
+
+#[test]
+fn bad_model_files_get_clear_errors() {
+    let dir = tempdir();
+    let missing = load_err(&dir.path().join("nope.gguf"));
+    assert!(missing.contains("does not exist"), "{missing}");
+
+    let path = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&path, GgmlDType::Q4_1, 0, true).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let truncated = load_err(&cut);
+    assert!(truncated.contains("truncated"), "{truncated}");
+    let header_only = dir.path().join("header.gguf");
+    std::fs::write(&header_only, &bytes[..64]).unwrap();
+    let e = load_err(&header_only);
+    assert!(e.contains("GGUF"), "{e}");
+
+    let junk = dir.path().join("junk.bin");
+    std::fs::write(&junk, b"definitely not a model").unwrap();
+    let e = load_err(&junk);
+    assert!(
+        e.contains("neither a GGUF file nor an HF model directory"),
+        "{e}"
+    );
+
+    let hf = dir.path().join("hf");
+    write_tiny_hf(&hf, 0, true).unwrap();
+    let cfg_path = hf.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    cfg["model_type"] = "gpt2".into();
+    cfg["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
+    std::fs::write(&cfg_path, serde_json::to_vec(&cfg).unwrap()).unwrap();
+    let e = load_err(&hf);
+    assert!(e.contains("unsupported architecture"), "{e}");
+}
