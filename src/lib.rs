@@ -1,4 +1,7 @@
 //! tagllm: one frozen llama-family model, many task solvers made of learned tags
-//! (Tag-LLM, ICML 2024). Layers point downwards: http -> jobs/infer/train -> tags -> model.
+//! (Tag-LLM, ICML 2024). Layers point downwards: http -> infer -> tags -> model.
 
+pub mod http;
+pub mod infer;
 pub mod model;
+pub mod tags;

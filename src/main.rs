@@ -74,6 +74,15 @@ enum Command {
         json: bool,
         text: String,
     },
+    /// Runs the HTTP service: loads the model once, serves tags from --tags-dir.
+    Serve(ServeArgs),
+    /// Tag bundle utilities.
+    Tags {
+        #[command(subcommand)]
+        command: TagsCommand,
+    },
+    /// Prints the OpenAPI document of the HTTP service (checked in as openapi/openapi.json).
+    Openapi,
     /// Writes the project's tiny seeded model (for tests and experiments).
     TinyModel {
         #[arg(long, env = "TAGLLM_TINY_OUT")]
@@ -85,9 +94,136 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, env = "TAGLLM_HOST", default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, env = "TAGLLM_PORT", default_value_t = 8080)]
+    port: u16,
+    /// Tag bundles (one directory per tag), watched for changes.
+    #[arg(long, env = "TAGLLM_TAGS_DIR", default_value = "tags")]
+    tags_dir: PathBuf,
+    /// Where the service keeps its own data (job store, uploaded datasets).
+    #[arg(long, env = "TAGLLM_DATA_DIR", default_value = "data")]
+    data_dir: PathBuf,
+    /// Padded tokens per engine batch.
+    #[arg(long, env = "TAGLLM_MAX_BATCH_TOKENS", default_value_t = 4096)]
+    max_batch_tokens: usize,
+    /// Longest composed input (tokens + tag vectors).
+    #[arg(long, env = "TAGLLM_MAX_INPUT_TOKENS", default_value_t = 1024)]
+    max_input_tokens: usize,
+    /// Inputs per /predict request.
+    #[arg(long, env = "TAGLLM_MAX_BATCH_INPUTS", default_value_t = 256)]
+    max_batch_inputs: usize,
+    #[arg(long, env = "TAGLLM_MAX_NEW_TOKENS", default_value_t = 512)]
+    max_new_tokens: usize,
+    /// Requests in flight at once; more get 429.
+    #[arg(long, env = "TAGLLM_MAX_CONCURRENT_REQUESTS", default_value_t = 512)]
+    max_concurrent_requests: usize,
+    /// Request body size limit in bytes; larger bodies get 413.
+    #[arg(long, env = "TAGLLM_MAX_BODY_BYTES", default_value_t = 2 * 1024 * 1024)]
+    max_body_bytes: usize,
+    /// Bearer token required on every route but /health.
+    #[arg(long, env = "TAGLLM_API_KEY")]
+    api_key: Option<String>,
+    /// Bearer token required for routes that change state (tag reload, ...).
+    #[arg(long, env = "TAGLLM_ADMIN_API_KEY")]
+    admin_api_key: Option<String>,
+    /// Do not watch the tags directory (POST /tags/reload still rescans).
+    #[arg(long, env = "TAGLLM_NO_WATCH")]
+    no_watch: bool,
+}
+
+#[derive(Subcommand)]
+enum TagsCommand {
+    /// Writes tag NAME from --tags-dir as a PEFT prompt-tuning adapter directory.
+    ExportPeft {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, env = "TAGLLM_TAGS_DIR", default_value = "tags")]
+        tags_dir: PathBuf,
+        name: String,
+        out: PathBuf,
+    },
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,tower_http=warn".into()),
+        )
+        .init();
+    let loopback = args.host == "127.0.0.1" || args.host == "localhost" || args.host == "::1";
+    if !loopback && args.api_key.is_none() {
+        tracing::warn!(host = %args.host, "listening beyond loopback without --api-key: anyone who can reach it can use it");
+    }
+    let device = device::parse_device(&args.model.device)?;
+    std::fs::create_dir_all(&args.data_dir)?;
+    let state = tagllm::http::new_state(tagllm::http::ServerConfig {
+        api_key: args.api_key.clone(),
+        admin_api_key: args.admin_api_key.clone(),
+        max_concurrent_requests: args.max_concurrent_requests,
+        max_body_bytes: args.max_body_bytes,
+    })?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port)).await?;
+        tracing::info!(addr = %listener.local_addr()?, "listening; loading the model");
+        let loading = state.clone();
+        let limits = tagllm::infer::Limits {
+            max_input_tokens: args.max_input_tokens,
+            max_batch_inputs: args.max_batch_inputs,
+            max_new_tokens: args.max_new_tokens,
+        };
+        let engine = tagllm::infer::EngineConfig { max_batch_tokens: args.max_batch_tokens, ..Default::default() };
+        let watch = !args.no_watch;
+        let model_path = args.model.model.clone();
+        let tags_dir = args.tags_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            match tagllm::infer::Predictor::load(&model_path, &device, &tags_dir, watch, limits, engine, &loading.metrics.registry) {
+                Ok(p) => {
+                    tracing::info!(model = %p.model.name, tags = p.registry.snapshot().tags.len(), "ready");
+                    let _ = loading.predictor.set(std::sync::Arc::new(p));
+                }
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "loading failed");
+                    std::process::exit(1);
+                }
+            }
+        });
+        tagllm::http::serve(listener, state).await
+    })
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Serve(args) => serve(args)?,
+        Command::Openapi => println!("{}", tagllm::http::openapi_json()),
+        Command::Tags {
+            command:
+                TagsCommand::ExportPeft {
+                    model,
+                    tags_dir,
+                    name,
+                    out,
+                },
+        } => {
+            let m = model.load()?;
+            let identity = tagllm::tags::BaseModelIdentity {
+                fingerprint: m.fingerprint.clone(),
+                hidden_size: m.config().hidden_size,
+            };
+            let bundle =
+                tagllm::tags::TagBundle::load(&tags_dir.join(&name), &identity, m.device())?;
+            bundle.export_peft(&out, &m.name)?;
+            println!("{}", out.display());
+        }
         Command::Info { model } => {
             let m = model.load()?;
             let c = m.config();

@@ -347,3 +347,26 @@ pub fn rows_at(hidden: &Tensor, positions: &[usize]) -> Result<Tensor> {
     let idx = Tensor::new(idx.as_slice(), hidden.device())?;
     Ok(hidden.reshape((b * s, d))?.index_select(&idx, 0)?)
 }
+
+impl KvCache {
+    /// The cache of one sequence repeated `n` times, so `n` continuations share a prefix.
+    pub fn repeat(&self, n: usize) -> Result<Self> {
+        ensure!(
+            self.key_valid.len() == 1,
+            "only a single-sequence cache can be repeated"
+        );
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| match l {
+                Some((k, v)) => Ok(Some((k.repeat((n, 1, 1, 1))?, v.repeat((n, 1, 1, 1))?))),
+                None => Ok(None),
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            layers,
+            key_valid: vec![self.key_valid[0].clone(); n],
+            next_pos: vec![self.next_pos[0]; n],
+        })
+    }
+}

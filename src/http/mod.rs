@@ -1,0 +1,186 @@
+//! The HTTP surface: axum router, auth, metrics, OpenAPI, graceful shutdown.
+
+pub mod error;
+pub mod routes;
+pub mod state;
+
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::Method;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use tokio::sync::Semaphore;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::OpenApi;
+
+use error::ApiError;
+pub use state::{AppState, HttpMetrics, ServerConfig};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "tagllm", description = "Tag-LLM tags served on one frozen LLM"),
+    paths(routes::health, routes::ready, routes::info, routes::list_tags, routes::get_tag,
+          routes::reload_tags, routes::tokenize, routes::predict, routes::metrics),
+    modifiers(&Security)
+)]
+pub struct ApiDoc;
+
+struct Security;
+
+impl utoipa::Modify for Security {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let c = doc.components.get_or_insert_with(Default::default);
+        let bearer =
+            || SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build());
+        c.add_security_scheme("api_key", bearer());
+        c.add_security_scheme("admin", bearer());
+    }
+}
+
+/// The OpenAPI document as served at `/openapi.json` and checked in at `openapi/openapi.json`.
+pub fn openapi_json() -> String {
+    ApiDoc::openapi()
+        .to_pretty_json()
+        .expect("OpenAPI document serialises")
+}
+
+fn bearer(req: &Request) -> Option<&str> {
+    req.headers()
+        .get("authorization")?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+}
+
+/// `--api-key` guards every route but `/health`; `--admin-api-key` additionally guards
+/// everything that changes state.
+async fn auth(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if path == "/health" {
+        return next.run(req).await;
+    }
+    let changes_state = req.method() == Method::POST && path.starts_with("/tags/");
+    let token = bearer(&req);
+    let cfg = &s.config;
+    let is = |key: &Option<String>| key.as_deref().is_some_and(|k| token == Some(k));
+    let allowed = if changes_state && cfg.admin_api_key.is_some() {
+        is(&cfg.admin_api_key)
+    } else {
+        cfg.api_key.is_none() || is(&cfg.api_key) || is(&cfg.admin_api_key)
+    };
+    if allowed {
+        return next.run(req).await;
+    }
+    let (status, kind, msg) = if token.is_none() {
+        (
+            axum::http::StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing `Authorization: Bearer <key>`",
+        )
+    } else if changes_state {
+        (
+            axum::http::StatusCode::FORBIDDEN,
+            "forbidden",
+            "this route needs the admin API key",
+        )
+    } else {
+        (
+            axum::http::StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "invalid API key",
+        )
+    };
+    ApiError::new(status, kind, msg).into_response()
+}
+
+async fn observe(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    let secs = started.elapsed().as_secs_f64();
+    s.metrics
+        .requests
+        .with_label_values(&[route.as_str(), resp.status().as_str()])
+        .inc();
+    s.metrics
+        .latency
+        .with_label_values(&[route.as_str()])
+        .observe(secs);
+    resp
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such route")
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/health", get(routes::health))
+        .route("/ready", get(routes::ready))
+        .route("/info", get(routes::info))
+        .route("/metrics", get(routes::metrics))
+        .route("/tags", get(routes::list_tags))
+        .route("/tags/reload", post(routes::reload_tags))
+        .route("/tags/{name}", get(routes::get_tag))
+        .route("/tokenize", post(routes::tokenize))
+        .route("/predict", post(routes::predict))
+        .route(
+            "/openapi.json",
+            get(|| async {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    openapi_json(),
+                )
+            }),
+        )
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .route_layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// The shared state, with no model yet: `/health` answers at once, the rest 503 until
+/// `state.predictor` is set.
+pub fn new_state(config: ServerConfig) -> anyhow::Result<Arc<AppState>> {
+    Ok(Arc::new(AppState {
+        permits: Arc::new(Semaphore::new(config.max_concurrent_requests.max(1))),
+        config,
+        predictor: OnceLock::new(),
+        metrics: HttpMetrics::new()?,
+    }))
+}
+
+/// Serves until SIGTERM or Ctrl-C, then finishes the requests in flight.
+pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) -> anyhow::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down: finishing requests in flight");
+}

@@ -1,0 +1,267 @@
+//! Handlers. No tensor work here: everything goes through `infer` and `tags`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::IntoResponse;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::error::{ApiError, ErrorBody};
+use super::state::AppState;
+use crate::infer::{PredictError, PredictRequest, PredictResponse};
+use crate::tags::{ReloadReport, TagManifest};
+
+type Shared = State<Arc<AppState>>;
+
+#[derive(Serialize, ToSchema)]
+pub struct Status {
+    pub status: String,
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/health", responses((status = 200, body = Status)))]
+pub async fn health() -> Json<Status> {
+    Json(Status {
+        status: "ok".into(),
+    })
+}
+
+/// Readiness: the model is loaded and predictions can be served.
+#[utoipa::path(get, path = "/ready", responses((status = 200, body = Status), (status = 503, body = ErrorBody)))]
+pub async fn ready(State(s): Shared) -> Result<Json<Status>, ApiError> {
+    s.predictor()?;
+    Ok(Json(Status {
+        status: "ready".into(),
+    }))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct InfoResponse {
+    pub version: String,
+    pub model: ModelInfo,
+    pub limits: LimitsInfo,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ModelInfo {
+    pub name: String,
+    pub format: String,
+    pub fingerprint: String,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub vocab_size: usize,
+    pub parameters: usize,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct LimitsInfo {
+    pub max_input_tokens: usize,
+    pub max_batch_inputs: usize,
+    pub max_new_tokens: usize,
+    pub max_batch_tokens: usize,
+    pub max_concurrent_requests: usize,
+    pub max_body_bytes: usize,
+}
+
+/// The model, limits and version.
+#[utoipa::path(get, path = "/info", responses((status = 200, body = InfoResponse), (status = 503, body = ErrorBody)))]
+pub async fn info(State(s): Shared) -> Result<Json<InfoResponse>, ApiError> {
+    let p = s.predictor()?;
+    let c = p.model.config();
+    Ok(Json(InfoResponse {
+        version: env!("CARGO_PKG_VERSION").into(),
+        model: ModelInfo {
+            name: p.model.name.clone(),
+            format: p.model.format.into(),
+            fingerprint: p.model.fingerprint.clone(),
+            hidden_size: c.hidden_size,
+            num_layers: c.num_layers,
+            vocab_size: c.vocab_size,
+            parameters: c.parameter_count(),
+        },
+        limits: LimitsInfo {
+            max_input_tokens: p.limits.max_input_tokens,
+            max_batch_inputs: p.limits.max_batch_inputs,
+            max_new_tokens: p.limits.max_new_tokens,
+            max_batch_tokens: p.engine_config.max_batch_tokens,
+            max_concurrent_requests: s.config.max_concurrent_requests,
+            max_body_bytes: s.config.max_body_bytes,
+        },
+    }))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct TagSummary {
+    pub name: String,
+    #[schema(value_type = String)]
+    pub kind: crate::tags::TagKind,
+    pub version: u64,
+    pub num_vectors: usize,
+    /// regression, classification, or null (generation).
+    pub head: Option<String>,
+    pub template: Option<String>,
+    /// `bundle` or `peft`.
+    pub source: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct TagList {
+    pub tags: Vec<TagSummary>,
+    /// Bundle directories that failed validation, with the reason. A tag listed here and
+    /// in `tags` is still served in its last good version.
+    pub errors: BTreeMap<String, String>,
+}
+
+/// Every served tag, and every bundle that failed validation.
+#[utoipa::path(get, path = "/tags", responses((status = 200, body = TagList), (status = 503, body = ErrorBody)))]
+pub async fn list_tags(State(s): Shared) -> Result<Json<TagList>, ApiError> {
+    let set = s.predictor()?.registry.snapshot();
+    let tags = set
+        .tags
+        .values()
+        .map(|b| TagSummary {
+            name: b.name().to_string(),
+            kind: b.manifest.kind,
+            version: b.version(),
+            num_vectors: b.num_vectors(),
+            head: b.manifest.head.as_ref().map(|h| match h {
+                crate::tags::HeadSpec::Regression { .. } => "regression".to_string(),
+                crate::tags::HeadSpec::Classification { .. } => "classification".to_string(),
+            }),
+            template: b.manifest.template.clone(),
+            source: b.source.to_string(),
+        })
+        .collect();
+    Ok(Json(TagList {
+        tags,
+        errors: set.errors.clone(),
+    }))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct TagDetail {
+    #[schema(value_type = Object)]
+    pub manifest: TagManifest,
+    pub source: String,
+    /// Why the bundle on disk is not served, if its last reload failed.
+    pub error: Option<String>,
+}
+
+/// One tag's full manifest.
+#[utoipa::path(get, path = "/tags/{name}", params(("name" = String, Path, description = "tag name")),
+    responses((status = 200, body = TagDetail), (status = 404, body = ErrorBody)))]
+pub async fn get_tag(
+    State(s): Shared,
+    Path(name): Path<String>,
+) -> Result<Json<TagDetail>, ApiError> {
+    let set = s.predictor()?.registry.snapshot();
+    let b = set
+        .get(&name)
+        .ok_or_else(|| ApiError::not_found(format!("no tag <{name}>")))?;
+    Ok(Json(TagDetail {
+        manifest: b.manifest.clone(),
+        source: b.source.to_string(),
+        error: set.errors.get(&name).cloned(),
+    }))
+}
+
+/// Rescans the tags directory now (the file watcher does this by itself within a second).
+#[utoipa::path(post, path = "/tags/reload", responses((status = 200, body = ReloadReport)), security(("admin" = [])))]
+pub async fn reload_tags(State(s): Shared) -> Result<Json<ReloadReport>, ApiError> {
+    let registry = s.predictor()?.registry.clone();
+    let report = tokio::task::spawn_blocking(move || registry.rescan())
+        .await
+        .map_err(|e| ApiError::backend(e.to_string()))?;
+    Ok(Json(report))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizeRequest {
+    pub text: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct TokenizeResponse {
+    pub ids: Vec<u32>,
+    pub tokens: Vec<String>,
+}
+
+/// Token ids of a text (special-token strings become their ids; no tags are parsed).
+#[utoipa::path(post, path = "/tokenize", request_body = TokenizeRequest,
+    responses((status = 200, body = TokenizeResponse), (status = 422, body = ErrorBody)))]
+pub async fn tokenize(
+    State(s): Shared,
+    body: Result<Json<TokenizeRequest>, JsonRejection>,
+) -> Result<Json<TokenizeResponse>, ApiError> {
+    let Json(req) = body?;
+    let p = s.predictor()?;
+    let ids = p
+        .model
+        .tokenizer
+        .encode(&req.text)
+        .map_err(|e| ApiError::validation(format!("{e:#}")))?;
+    let tokens = ids
+        .iter()
+        .map(|&i| p.model.tokenizer.id_to_token(i).unwrap_or_default())
+        .collect();
+    Ok(Json(TokenizeResponse { ids, tokens }))
+}
+
+/// Predictions for a batch of inputs under a function tag, several function tags, or a
+/// free template composing any registered tags.
+#[utoipa::path(post, path = "/predict", request_body = PredictRequest,
+    responses((status = 200, body = PredictResponse,
+                headers(("x-queue-time" = String, description = "ms waiting for the engine"),
+                        ("x-inference-time" = String, description = "ms in the engine batch"))),
+              (status = 422, body = ErrorBody), (status = 413, body = ErrorBody),
+              (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn predict(
+    State(s): Shared,
+    body: Result<Json<PredictRequest>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let Json(req) = body?;
+    let p = s.predictor()?.clone();
+    let _permit = s
+        .permits
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::overloaded())?;
+    let (resp, timings) = p.predict(req).await.map_err(|e| match e {
+        PredictError::Validation(m) => ApiError::validation(m),
+        PredictError::Backend(m) => ApiError::backend(m),
+    })?;
+    let mut headers = HeaderMap::new();
+    let ms = |d: std::time::Duration| {
+        HeaderValue::from_str(&format!("{:.3}", d.as_secs_f64() * 1e3)).unwrap()
+    };
+    headers.insert("x-queue-time", ms(timings.queue));
+    headers.insert("x-inference-time", ms(timings.inference));
+    headers.insert("x-batch-size", HeaderValue::from(timings.batch_size));
+    Ok((StatusCode::OK, headers, Json::<PredictResponse>(resp)))
+}
+
+/// Prometheus metrics: requests, latency, queue depth, batch sizes, tags loaded.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", body = String)))]
+pub async fn metrics(State(s): Shared) -> impl IntoResponse {
+    if let Some(p) = s.predictor.get() {
+        s.metrics
+            .tags_loaded
+            .set(p.registry.snapshot().tags.len() as i64);
+    }
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&s.metrics.registry.gather())
+        .unwrap_or_default();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        text,
+    )
+}

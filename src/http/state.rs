@@ -1,0 +1,67 @@
+//! What every handler shares.
+
+use std::sync::{Arc, OnceLock};
+
+use prometheus::{HistogramVec, IntCounterVec, IntGauge};
+use tokio::sync::Semaphore;
+
+use crate::infer::Predictor;
+
+#[derive(Debug, Clone, Default)]
+pub struct ServerConfig {
+    pub api_key: Option<String>,
+    pub admin_api_key: Option<String>,
+    pub max_concurrent_requests: usize,
+    pub max_body_bytes: usize,
+}
+
+pub struct HttpMetrics {
+    pub registry: prometheus::Registry,
+    pub requests: IntCounterVec,
+    pub latency: HistogramVec,
+    pub tags_loaded: IntGauge,
+}
+
+impl HttpMetrics {
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = prometheus::Registry::new();
+        let requests = IntCounterVec::new(
+            prometheus::Opts::new("tagllm_requests_total", "HTTP requests by route and status"),
+            &["route", "status"],
+        )?;
+        let latency = HistogramVec::new(
+            prometheus::HistogramOpts::new(
+                "tagllm_request_duration_seconds",
+                "HTTP request latency by route",
+            )
+            .buckets(prometheus::exponential_buckets(0.001, 2.0, 16)?),
+            &["route"],
+        )?;
+        let tags_loaded = IntGauge::new("tagllm_tags_loaded", "Tags currently served")?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(latency.clone()))?;
+        registry.register(Box::new(tags_loaded.clone()))?;
+        Ok(Self {
+            registry,
+            requests,
+            latency,
+            tags_loaded,
+        })
+    }
+}
+
+pub struct AppState {
+    pub config: ServerConfig,
+    /// Set once the model is loaded; until then the service answers 503 "not ready".
+    pub predictor: OnceLock<Arc<Predictor>>,
+    pub permits: Arc<Semaphore>,
+    pub metrics: HttpMetrics,
+}
+
+impl AppState {
+    pub fn predictor(&self) -> Result<&Arc<Predictor>, super::error::ApiError> {
+        self.predictor
+            .get()
+            .ok_or_else(super::error::ApiError::not_ready)
+    }
+}

@@ -1,0 +1,207 @@
+//! Turns a template, tags and one input into the sequence the model reads: token ids and
+//! tag vectors, spliced in template order. Slot values are plain text, never parsed.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use anyhow::Result;
+use candle_core::Tensor;
+
+use crate::model::BaseModel;
+use crate::tags::{Head, Segment, TagBundle, TagSet, Template};
+
+/// One example's input: named slot values, or a bare string for a single-slot template.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum Input {
+    Text(String),
+    Slots(BTreeMap<String, String>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ComposeError {
+    #[error("unknown tag <{0}>")]
+    UnknownTag(String),
+    #[error("missing value for slot {{{0}}}")]
+    MissingSlot(String),
+    #[error("input has a value for `{0}`, which the template has no slot for")]
+    UnexpectedSlot(String),
+    #[error("a bare string input needs a template with exactly one slot; this one has {0}")]
+    BareInput(usize),
+    #[error("input is {len} tokens long; the limit is {max}")]
+    TooLong { len: usize, max: usize },
+    #[error("tokenizing the input failed: {0}")]
+    Tokenize(String),
+}
+
+/// One position of a composed sequence. Equal pieces embed equally, which is what lets
+/// several sequences share a common prefix exactly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece {
+    Token(u32),
+    /// Row `row` of tag `name` at `version`.
+    TagRow {
+        name: String,
+        version: u64,
+        row: usize,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Composed {
+    pub pieces: Vec<Piece>,
+    /// Versions of every tag used.
+    pub versions: BTreeMap<String, u64>,
+    /// The head to apply and the position it reads (last row of its tag's last use).
+    pub head: Option<(Arc<TagBundle>, usize)>,
+    /// The bundles referenced, to embed the pieces.
+    bundles: BTreeMap<String, Arc<TagBundle>>,
+}
+
+impl Composed {
+    pub fn len(&self) -> usize {
+        self.pieces.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pieces.is_empty()
+    }
+
+    pub fn head(&self) -> Option<&Head> {
+        self.head.as_ref().and_then(|(b, _)| b.head.as_ref())
+    }
+
+    /// Input embeddings `[n, d]` for `pieces[range]`.
+    pub fn embed(&self, model: &BaseModel, start: usize) -> Result<Tensor> {
+        let mut parts = Vec::new();
+        let mut ids = Vec::new();
+        for piece in &self.pieces[start..] {
+            match piece {
+                Piece::Token(id) => ids.push(*id),
+                Piece::TagRow { name, row, .. } => {
+                    if !ids.is_empty() {
+                        parts.push(model.llama.embed_ids(&std::mem::take(&mut ids))?);
+                    }
+                    parts.push(self.bundles[name].vectors.narrow(0, *row, 1)?);
+                }
+            }
+        }
+        if !ids.is_empty() {
+            parts.push(model.llama.embed_ids(&ids)?);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+}
+
+/// Checks that every tag of `template` is registered, before any input is looked at.
+pub fn resolve_tags(template: &Template, tags: &TagSet) -> Result<(), ComposeError> {
+    for t in template.tags() {
+        if tags.get(t).is_none() {
+            return Err(ComposeError::UnknownTag(t.to_string()));
+        }
+    }
+    Ok(())
+}
+
+/// Composes one input. `head_tag` names the function tag whose head is read (its last
+/// occurrence); `None` picks the last tag in the template that owns a head, if any.
+pub fn compose(
+    model: &BaseModel,
+    tags: &TagSet,
+    template: &Template,
+    input: &Input,
+    head_tag: Option<&str>,
+    max_tokens: usize,
+) -> Result<Composed, ComposeError> {
+    resolve_tags(template, tags)?;
+    let slots = template.slots();
+    let values: BTreeMap<String, String> = match input {
+        Input::Text(s) => {
+            if slots.len() != 1 {
+                return Err(ComposeError::BareInput(slots.len()));
+            }
+            BTreeMap::from([(slots[0].to_string(), s.clone())])
+        }
+        Input::Slots(m) => m.clone(),
+    };
+    if let Some(extra) = values.keys().find(|k| !slots.contains(&k.as_str())) {
+        return Err(ComposeError::UnexpectedSlot(extra.clone()));
+    }
+    let mut pieces: Vec<Piece> = Vec::new();
+    let mut text = String::new();
+    let mut versions = BTreeMap::new();
+    let mut bundles = BTreeMap::new();
+    let mut head = None;
+    // A BOS, where the model wants one, starts the whole sequence.
+    let tokenize_err = |e: anyhow::Error| ComposeError::Tokenize(format!("{e:#}"));
+    let bos = model.tokenizer.encode("").map_err(tokenize_err)?;
+    pieces.extend(bos.into_iter().map(Piece::Token));
+    let flush = |text: &mut String, pieces: &mut Vec<Piece>| -> Result<(), ComposeError> {
+        if !text.is_empty() {
+            let ids = model
+                .tokenizer
+                .encode_fragment(text)
+                .map_err(tokenize_err)?;
+            pieces.extend(ids.into_iter().map(Piece::Token));
+            text.clear();
+        }
+        Ok(())
+    };
+    for seg in &template.segments {
+        match seg {
+            Segment::Text(t) => text.push_str(t),
+            Segment::Slot(name) => text.push_str(
+                values
+                    .get(name)
+                    .ok_or_else(|| ComposeError::MissingSlot(name.clone()))?,
+            ),
+            Segment::Tag(name) => {
+                flush(&mut text, &mut pieces)?;
+                let bundle = tags
+                    .get(name)
+                    .ok_or_else(|| ComposeError::UnknownTag(name.clone()))?;
+                for row in 0..bundle.num_vectors() {
+                    pieces.push(Piece::TagRow {
+                        name: name.clone(),
+                        version: bundle.version(),
+                        row,
+                    });
+                }
+                versions.insert(name.clone(), bundle.version());
+                bundles.insert(name.clone(), bundle.clone());
+                let wanted = match head_tag {
+                    Some(h) => h == name,
+                    None => bundle.head.is_some(),
+                };
+                if wanted {
+                    head = Some((bundle.clone(), pieces.len() - 1));
+                }
+            }
+        }
+    }
+    flush(&mut text, &mut pieces)?;
+    if pieces.len() > max_tokens {
+        return Err(ComposeError::TooLong {
+            len: pieces.len(),
+            max: max_tokens,
+        });
+    }
+    let head = head.filter(|(b, _)| b.head.is_some());
+    Ok(Composed {
+        pieces,
+        versions,
+        head,
+        bundles,
+    })
+}
+
+/// Length of the longest prefix all `seqs` share.
+pub fn common_prefix(seqs: &[&Composed]) -> usize {
+    let Some(first) = seqs.first() else { return 0 };
+    (0..first.len())
+        .take_while(|&i| {
+            seqs.iter()
+                .all(|s| s.pieces.get(i) == Some(&first.pieces[i]))
+        })
+        .count()
+}

@@ -1,0 +1,300 @@
+//! The prediction side: composing tags and inputs into sequences, the batching engine,
+//! heads, and the `predict` entry point the HTTP layer calls.
+
+pub mod compose;
+pub mod engine;
+pub mod heads;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use prometheus::{Histogram, HistogramOpts, IntGauge};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+pub use compose::{compose, ComposeError, Composed, Input};
+pub use engine::{Engine, EngineConfig, Group, Timings};
+pub use heads::Prediction;
+
+use crate::model::{BaseModel, GenerationParams};
+use crate::tags::{Registry, TagKind, Template};
+
+/// Engine gauges and histograms, registered in the server's Prometheus registry.
+pub struct EngineMetrics {
+    pub queue_depth: IntGauge,
+    pub batch_size: Histogram,
+}
+
+impl EngineMetrics {
+    pub fn new(registry: &prometheus::Registry) -> prometheus::Result<Self> {
+        let queue_depth = IntGauge::new(
+            "tagllm_queue_depth",
+            "Requests waiting for the inference thread",
+        )?;
+        let batch_size = Histogram::with_opts(
+            HistogramOpts::new("tagllm_batch_size", "Sequences per engine batch")
+                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
+        )?;
+        registry.register(Box::new(queue_depth.clone()))?;
+        registry.register(Box::new(batch_size.clone()))?;
+        Ok(Self {
+            queue_depth,
+            batch_size,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Parameters {
+    /// Tokens to generate at most (no-head predictions). Default 32.
+    pub max_new_tokens: Option<usize>,
+    /// 0 (default) decodes greedily.
+    pub temperature: Option<f64>,
+    /// Nucleus sampling threshold in (0, 1].
+    pub top_p: Option<f64>,
+    /// Seed for sampling.
+    pub seed: Option<u64>,
+    /// Generation stops when the text contains one of these (cut from the text).
+    #[serde(default)]
+    pub stop: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PredictRequest {
+    /// A function tag: its manifest's template, slots and head.
+    pub function: Option<String>,
+    /// Several function tags over the same inputs; their common prefix is computed once.
+    pub functions: Option<Vec<String>>,
+    /// Any composition of registered tags, `<Tag>`, with input slots `{slot}`.
+    pub template: Option<String>,
+    /// One per example: an object of slot values, or a bare string for one slot.
+    pub inputs: Vec<Input>,
+    #[serde(default)]
+    pub parameters: Parameters,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum PredictionEntry {
+    Single(Prediction),
+    /// With `functions`: one prediction per function tag.
+    PerFunction(BTreeMap<String, Prediction>),
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct PredictResponse {
+    pub predictions: Vec<PredictionEntry>,
+    /// Versions of every tag used.
+    pub tags: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PredictError {
+    #[error("{0}")]
+    Validation(String),
+    #[error("inference failed: {0}")]
+    Backend(String),
+}
+
+fn invalid(msg: impl Into<String>) -> PredictError {
+    PredictError::Validation(msg.into())
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_input_tokens: usize,
+    pub max_batch_inputs: usize,
+    pub max_new_tokens: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_input_tokens: 1024,
+            max_batch_inputs: 256,
+            max_new_tokens: 512,
+        }
+    }
+}
+
+pub struct Predictor {
+    pub model: Arc<BaseModel>,
+    pub registry: Arc<Registry>,
+    pub engine: Engine,
+    pub engine_config: EngineConfig,
+    pub limits: Limits,
+    /// Keeps the tags-directory watcher alive while the predictor lives.
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+impl Predictor {
+    /// Loads the base model once, opens (and optionally watches) the tag registry and
+    /// starts the inference thread.
+    pub fn load(
+        model_path: &std::path::Path,
+        device: &candle_core::Device,
+        tags_dir: &std::path::Path,
+        watch: bool,
+        limits: Limits,
+        engine_config: EngineConfig,
+        metrics: &prometheus::Registry,
+    ) -> anyhow::Result<Self> {
+        let model = Arc::new(BaseModel::load(model_path, device)?);
+        let identity = crate::tags::BaseModelIdentity {
+            fingerprint: model.fingerprint.clone(),
+            hidden_size: model.config().hidden_size,
+        };
+        let registry = Registry::open(tags_dir, identity, device.clone())?;
+        let watcher = if watch { Some(registry.watch()?) } else { None };
+        let engine = Engine::start(
+            model.clone(),
+            engine_config.clone(),
+            Arc::new(EngineMetrics::new(metrics)?),
+        )?;
+        Ok(Self {
+            model,
+            registry,
+            engine,
+            engine_config,
+            limits,
+            _watcher: watcher,
+        })
+    }
+
+    fn generation_params(&self, p: &Parameters) -> Result<GenerationParams, PredictError> {
+        let max_new_tokens = p.max_new_tokens.unwrap_or(32);
+        if max_new_tokens == 0 || max_new_tokens > self.limits.max_new_tokens {
+            return Err(invalid(format!(
+                "parameters.max_new_tokens must be in 1..={}",
+                self.limits.max_new_tokens
+            )));
+        }
+        if let Some(t) = p.temperature {
+            if !(t.is_finite() && t >= 0.0) {
+                return Err(invalid(
+                    "parameters.temperature must be a finite number >= 0",
+                ));
+            }
+        }
+        if let Some(tp) = p.top_p {
+            if !(tp > 0.0 && tp <= 1.0) {
+                return Err(invalid("parameters.top_p must be in (0, 1]"));
+            }
+        }
+        if p.stop.iter().any(String::is_empty) {
+            return Err(invalid("parameters.stop must not contain empty strings"));
+        }
+        Ok(GenerationParams {
+            max_new_tokens,
+            temperature: p.temperature,
+            top_p: p.top_p,
+            seed: p.seed.unwrap_or(0),
+            stop: p.stop.clone(),
+        })
+    }
+
+    /// Validates and composes the request, then runs it through the engine.
+    pub async fn predict(
+        &self,
+        req: PredictRequest,
+    ) -> Result<(PredictResponse, Timings), PredictError> {
+        let params = self.generation_params(&req.parameters)?;
+        if req.inputs.is_empty() {
+            return Err(invalid("inputs must not be empty"));
+        }
+        if req.inputs.len() > self.limits.max_batch_inputs {
+            return Err(invalid(format!(
+                "at most {} inputs per request",
+                self.limits.max_batch_inputs
+            )));
+        }
+        let tags = self.registry.snapshot();
+        // (template, head tag) per function in the request.
+        let (plans, names): (Vec<(Template, Option<String>)>, Option<Vec<String>>) =
+            match (&req.function, &req.functions, &req.template) {
+                (Some(f), None, None) => (vec![self.function_plan(&tags, f)?], None),
+                (None, Some(fs), None) => {
+                    if fs.is_empty() {
+                        return Err(invalid("functions must not be empty"));
+                    }
+                    let plans = fs
+                        .iter()
+                        .map(|f| self.function_plan(&tags, f))
+                        .collect::<Result<_, _>>()?;
+                    (plans, Some(fs.clone()))
+                }
+                (None, None, Some(t)) => (vec![(Template::parse(t), None)], None),
+                _ => {
+                    return Err(invalid(
+                        "give exactly one of `function`, `functions` or `template`",
+                    ))
+                }
+            };
+        let mut versions = BTreeMap::new();
+        let mut groups = Vec::with_capacity(req.inputs.len());
+        for (i, input) in req.inputs.iter().enumerate() {
+            let mut seqs = Vec::with_capacity(plans.len());
+            for (tpl, head) in &plans {
+                let c = compose(
+                    &self.model,
+                    &tags,
+                    tpl,
+                    input,
+                    head.as_deref(),
+                    self.limits.max_input_tokens,
+                )
+                .map_err(|e| match e {
+                    ComposeError::UnknownTag(_) => invalid(e.to_string()),
+                    _ => invalid(format!("inputs[{i}]: {e}")),
+                })?;
+                versions.extend(c.versions.clone());
+                seqs.push(c);
+            }
+            groups.push(Group { seqs });
+        }
+        let (preds, timings) = self
+            .engine
+            .predict(groups, params)
+            .await
+            .map_err(PredictError::Backend)?;
+        let predictions = preds
+            .into_iter()
+            .map(|mut per_fn| match &names {
+                None => PredictionEntry::Single(per_fn.remove(0)),
+                Some(names) => {
+                    PredictionEntry::PerFunction(names.iter().cloned().zip(per_fn).collect())
+                }
+            })
+            .collect();
+        Ok((
+            PredictResponse {
+                predictions,
+                tags: versions,
+            },
+            timings,
+        ))
+    }
+
+    fn function_plan(
+        &self,
+        tags: &crate::tags::TagSet,
+        name: &str,
+    ) -> Result<(Template, Option<String>), PredictError> {
+        let bundle = tags
+            .get(name)
+            .ok_or_else(|| invalid(format!("unknown tag <{name}>")))?;
+        if bundle.manifest.kind != TagKind::Function {
+            return Err(invalid(format!(
+                "<{name}> is a domain tag, not a function tag"
+            )));
+        }
+        let template = bundle.manifest.template.as_deref().ok_or_else(|| {
+            invalid(format!(
+                "<{name}> has no default template; send `template` instead"
+            ))
+        })?;
+        Ok((Template::parse(template), Some(name.to_string())))
+    }
+}

@@ -1,0 +1,377 @@
+//! Tag bundles on disk: `tags/NAME/manifest.json` + `tags/NAME/tag.safetensors`, or a PEFT
+//! prompt-tuning adapter directory (`adapter_config.json` + `adapter_model.safetensors`).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::template::{is_valid_tag_name, Template};
+
+pub const MANIFEST_FILE: &str = "manifest.json";
+pub const TENSORS_FILE: &str = "tag.safetensors";
+pub const PEFT_CONFIG_FILE: &str = "adapter_config.json";
+pub const PEFT_WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TagKind {
+    Domain,
+    Function,
+}
+
+/// What a function tag's head predicts, and how to read its output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum HeadSpec {
+    /// `d -> 1` on standardised targets; predictions are mapped back to original units.
+    Regression { target_mean: f64, target_std: f64 },
+    /// `d -> k`, one logit per label.
+    Classification { labels: Vec<String> },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TagManifest {
+    pub name: String,
+    pub kind: TagKind,
+    pub version: u64,
+    pub num_vectors: usize,
+    pub hidden_size: usize,
+    /// Fingerprint of the base model's weights the tag was trained on.
+    pub base_model: String,
+    #[serde(default)]
+    pub head: Option<HeadSpec>,
+    /// For function tags: the default template, e.g. `... <SMILES> {smiles} ... <QED>`.
+    #[serde(default)]
+    pub template: Option<String>,
+    #[serde(default)]
+    pub domain_tags: Vec<String>,
+    /// sha256 of `tag.safetensors`, so a manifest never pairs with other tensors.
+    #[serde(default)]
+    pub tensors_sha256: Option<String>,
+    #[serde(default)]
+    pub provenance: serde_json::Value,
+    #[serde(default)]
+    pub metrics: serde_json::Value,
+}
+
+/// A head's parameters: `weight` `[k, d]`, `bias` `[k]`.
+#[derive(Debug, Clone)]
+pub struct Head {
+    pub spec: HeadSpec,
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+#[derive(Debug, Clone)]
+pub struct TagBundle {
+    pub manifest: TagManifest,
+    /// `[p, d]`
+    pub vectors: Tensor,
+    pub head: Option<Head>,
+    /// `peft` or `bundle`.
+    pub source: &'static str,
+}
+
+/// What a bundle must agree with to be served with this base model.
+#[derive(Debug, Clone)]
+pub struct BaseModelIdentity {
+    pub fingerprint: String,
+    pub hidden_size: usize,
+}
+
+fn all_finite(t: &Tensor) -> Result<bool> {
+    let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    Ok(v.iter().all(|x| x.is_finite()))
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    Ok(hex::encode(Sha256::digest(std::fs::read(path)?)))
+}
+
+impl TagBundle {
+    pub fn name(&self) -> &str {
+        &self.manifest.name
+    }
+
+    pub fn version(&self) -> u64 {
+        self.manifest.version
+    }
+
+    pub fn num_vectors(&self) -> usize {
+        self.manifest.num_vectors
+    }
+
+    /// Loads and validates the bundle in `dir` (a tagllm bundle or a PEFT adapter).
+    pub fn load(dir: &Path, base: &BaseModelIdentity, device: &Device) -> Result<Self> {
+        let dir_name = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| anyhow!("bad bundle directory name"))?;
+        if dir.join(MANIFEST_FILE).exists() {
+            Self::load_bundle(dir, dir_name, base, device)
+        } else if dir.join(PEFT_CONFIG_FILE).exists() {
+            Self::load_peft(dir, dir_name, base, device)
+        } else {
+            bail!("neither {MANIFEST_FILE} nor {PEFT_CONFIG_FILE} found")
+        }
+    }
+
+    fn load_bundle(
+        dir: &Path,
+        dir_name: &str,
+        base: &BaseModelIdentity,
+        device: &Device,
+    ) -> Result<Self> {
+        let raw = std::fs::read(dir.join(MANIFEST_FILE)).context("reading manifest.json")?;
+        let manifest: TagManifest =
+            serde_json::from_slice(&raw).context("manifest.json is not a valid manifest")?;
+        ensure!(
+            manifest.name == dir_name,
+            "manifest names the tag `{}` but its directory is `{dir_name}`",
+            manifest.name
+        );
+        ensure!(
+            is_valid_tag_name(&manifest.name),
+            "`{}` is not a valid tag name",
+            manifest.name
+        );
+        ensure!(
+            manifest.base_model == base.fingerprint,
+            "trained for other base weights (fingerprint {}, the served model is {})",
+            manifest.base_model,
+            base.fingerprint
+        );
+        ensure!(
+            manifest.hidden_size == base.hidden_size,
+            "hidden size {} does not match the model's {}",
+            manifest.hidden_size,
+            base.hidden_size
+        );
+        let tensors_path = dir.join(TENSORS_FILE);
+        if let Some(want) = &manifest.tensors_sha256 {
+            let got = sha256_file(&tensors_path).context("reading tag.safetensors")?;
+            ensure!(
+                &got == want,
+                "tag.safetensors does not match the manifest's sha256 (being rewritten?)"
+            );
+        }
+        let mut tensors = candle_core::safetensors::load(&tensors_path, device)
+            .map_err(|e| anyhow!("reading tag.safetensors (truncated or corrupt?): {e}"))?;
+        let vectors = tensors
+            .remove("vectors")
+            .ok_or_else(|| anyhow!("tag.safetensors has no `vectors`"))?;
+        ensure!(
+            vectors.dims() == [manifest.num_vectors, manifest.hidden_size],
+            "vectors have shape {:?}, the manifest says [{}, {}]",
+            vectors.dims(),
+            manifest.num_vectors,
+            manifest.hidden_size
+        );
+        ensure!(manifest.num_vectors > 0, "a tag needs at least one vector");
+        let vectors = vectors.to_dtype(DType::F32)?;
+        ensure!(all_finite(&vectors)?, "vectors contain NaN or infinity");
+        let head = match &manifest.head {
+            None => None,
+            Some(spec) => Some(Self::load_head(spec, &mut tensors, manifest.hidden_size)?),
+        };
+        if let Some(t) = &manifest.template {
+            let tpl = Template::parse(t);
+            ensure!(
+                tpl.tags().contains(&manifest.name.as_str()),
+                "the template never uses the tag itself"
+            );
+        }
+        ensure!(
+            manifest.kind == TagKind::Function || head.is_none(),
+            "a domain tag cannot own a head"
+        );
+        Ok(Self {
+            manifest,
+            vectors,
+            head,
+            source: "bundle",
+        })
+    }
+
+    fn load_head(spec: &HeadSpec, tensors: &mut HashMap<String, Tensor>, d: usize) -> Result<Head> {
+        let k = match spec {
+            HeadSpec::Regression { target_std, .. } => {
+                ensure!(
+                    target_std.is_finite() && *target_std > 0.0,
+                    "regression target_std must be positive"
+                );
+                1
+            }
+            HeadSpec::Classification { labels } => {
+                ensure!(
+                    labels.len() >= 2,
+                    "a classification head needs at least two labels"
+                );
+                labels.len()
+            }
+        };
+        let weight = tensors
+            .remove("head.weight")
+            .ok_or_else(|| anyhow!("tag.safetensors has no `head.weight`"))?;
+        let bias = tensors
+            .remove("head.bias")
+            .ok_or_else(|| anyhow!("tag.safetensors has no `head.bias`"))?;
+        ensure!(
+            weight.dims() == [k, d],
+            "head.weight has shape {:?}, expected [{k}, {d}]",
+            weight.dims()
+        );
+        ensure!(
+            bias.dims() == [k],
+            "head.bias has shape {:?}, expected [{k}]",
+            bias.dims()
+        );
+        let (weight, bias) = (weight.to_dtype(DType::F32)?, bias.to_dtype(DType::F32)?);
+        ensure!(
+            all_finite(&weight)? && all_finite(&bias)?,
+            "head contains NaN or infinity"
+        );
+        Ok(Head {
+            spec: spec.clone(),
+            weight,
+            bias,
+        })
+    }
+
+    /// A PEFT prompt-tuning adapter: a soft prompt served as a function tag without head,
+    /// named after its directory, whose default template puts it before the input.
+    fn load_peft(
+        dir: &Path,
+        dir_name: &str,
+        base: &BaseModelIdentity,
+        device: &Device,
+    ) -> Result<Self> {
+        ensure!(
+            is_valid_tag_name(dir_name),
+            "`{dir_name}` is not a valid tag name"
+        );
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join(PEFT_CONFIG_FILE))?)
+                .context("adapter_config.json is not valid JSON")?;
+        let peft_type = cfg.get("peft_type").and_then(|v| v.as_str()).unwrap_or("");
+        ensure!(
+            peft_type == "PROMPT_TUNING",
+            "PEFT type `{peft_type}` is not supported (only PROMPT_TUNING)"
+        );
+        let mut tensors = candle_core::safetensors::load(dir.join(PEFT_WEIGHTS_FILE), device)
+            .map_err(|e| {
+                anyhow!("reading adapter_model.safetensors (missing, truncated or corrupt?): {e}")
+            })?;
+        let vectors = tensors
+            .remove("prompt_embeddings")
+            .ok_or_else(|| anyhow!("adapter_model.safetensors has no `prompt_embeddings`"))?
+            .to_dtype(DType::F32)?;
+        let (p, d) = vectors
+            .dims2()
+            .context("prompt_embeddings must be a matrix")?;
+        ensure!(p > 0, "prompt_embeddings is empty");
+        ensure!(
+            d == base.hidden_size,
+            "prompt_embeddings width {d} does not match the model's {}",
+            base.hidden_size
+        );
+        if let Some(n) = cfg.get("num_virtual_tokens").and_then(|v| v.as_u64()) {
+            ensure!(
+                n as usize == p,
+                "num_virtual_tokens {n} but prompt_embeddings has {p} rows"
+            );
+        }
+        ensure!(
+            all_finite(&vectors)?,
+            "prompt_embeddings contain NaN or infinity"
+        );
+        let manifest = TagManifest {
+            name: dir_name.to_string(),
+            kind: TagKind::Function,
+            version: 1,
+            num_vectors: p,
+            hidden_size: d,
+            base_model: base.fingerprint.clone(),
+            head: None,
+            template: Some(format!("<{dir_name}>{{input}}")),
+            domain_tags: Vec::new(),
+            tensors_sha256: None,
+            provenance: serde_json::json!({"source": "peft", "adapter_config": cfg}),
+            metrics: serde_json::Value::Null,
+        };
+        Ok(Self {
+            manifest,
+            vectors,
+            head: None,
+            source: "peft",
+        })
+    }
+
+    /// Writes the bundle to `tags_dir/NAME` so that a reader never sees a half-written tag:
+    /// each file goes through a temp file + rename, tensors first, and the manifest
+    /// carries the tensors' sha256 (a new manifest with old tensors is refused, not served).
+    pub fn save(&self, tags_dir: &Path) -> Result<()> {
+        let dir = tags_dir.join(self.name());
+        std::fs::create_dir_all(&dir)?;
+        let mut tensors = HashMap::from([("vectors".to_string(), self.vectors.clone())]);
+        if let Some(h) = &self.head {
+            tensors.insert("head.weight".into(), h.weight.clone());
+            tensors.insert("head.bias".into(), h.bias.clone());
+        }
+        let tmp = dir.join(format!(".{TENSORS_FILE}.tmp"));
+        candle_core::safetensors::save(&tensors, &tmp)?;
+        let mut manifest = self.manifest.clone();
+        manifest.tensors_sha256 = Some(sha256_file(&tmp)?);
+        write_atomic(&dir.join(TENSORS_FILE), None, Some(&tmp))?;
+        write_atomic(
+            &dir.join(MANIFEST_FILE),
+            Some(&serde_json::to_vec_pretty(&manifest)?),
+            None,
+        )
+    }
+
+    /// Writes the tag's vectors as a PEFT prompt-tuning adapter directory.
+    pub fn export_peft(&self, out: &Path, base_model_name: &str) -> Result<()> {
+        std::fs::create_dir_all(out)?;
+        let cfg = serde_json::json!({
+            "peft_type": "PROMPT_TUNING",
+            "task_type": "CAUSAL_LM",
+            "num_virtual_tokens": self.num_vectors(),
+            "token_dim": self.manifest.hidden_size,
+            "num_transformer_submodules": 1,
+            "prompt_tuning_init": "RANDOM",
+            "base_model_name_or_path": base_model_name,
+            "inference_mode": true,
+        });
+        let tmp = out.join(format!(".{PEFT_WEIGHTS_FILE}.tmp"));
+        candle_core::safetensors::save(
+            &HashMap::from([("prompt_embeddings".to_string(), self.vectors.clone())]),
+            &tmp,
+        )?;
+        write_atomic(&out.join(PEFT_WEIGHTS_FILE), None, Some(&tmp))?;
+        write_atomic(
+            &out.join(PEFT_CONFIG_FILE),
+            Some(&serde_json::to_vec_pretty(&cfg)?),
+            None,
+        )
+    }
+}
+
+/// Puts `bytes` (or the already written `from` file) at `path` by rename.
+pub fn write_atomic(path: &Path, bytes: Option<&[u8]>, from: Option<&Path>) -> Result<()> {
+    let tmp = match from {
+        Some(f) => f.to_path_buf(),
+        None => {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+            let tmp = path.with_file_name(format!(".{name}.tmp"));
+            std::fs::write(&tmp, bytes.unwrap_or_default())?;
+            tmp
+        }
+    };
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))
+}

@@ -1,0 +1,151 @@
+//! Prompt templates: literal text, `<Tag>` references and `{slot}` inputs.
+//!
+//! Only the template is parsed. Slot values are substituted afterwards as plain text, so a
+//! client's input can never smuggle a tag in. Chat special tokens such as `<|im_start|>` are
+//! not tags (`|` is not allowed in a tag name) and stay text.
+
+use std::collections::BTreeSet;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Segment {
+    Text(String),
+    Tag(String),
+    Slot(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    pub source: String,
+    pub segments: Vec<Segment>,
+}
+
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')
+}
+
+/// A tag name: letters, digits, `_`, `-`, `.`; 1 to 64 characters.
+pub fn is_valid_tag_name(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.chars().all(is_name_char)
+}
+
+fn is_slot_name(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Length of a `<Name>` or `{name}` reference starting at `s[0]`, if there is one.
+fn reference_len(s: &str, open: char, close: char, valid: fn(&str) -> bool) -> Option<usize> {
+    let rest = s.strip_prefix(open)?;
+    let end = rest.find(close)?;
+    valid(&rest[..end]).then_some(end + 2)
+}
+
+impl Template {
+    pub fn parse(source: &str) -> Template {
+        let mut segments = Vec::new();
+        let mut text = String::new();
+        let mut i = 0;
+        while i < source.len() {
+            let rest = &source[i..];
+            let tag = reference_len(rest, '<', '>', is_valid_tag_name);
+            let slot = reference_len(rest, '{', '}', is_slot_name);
+            match (tag, slot) {
+                (Some(n), _) | (_, Some(n)) => {
+                    if !text.is_empty() {
+                        segments.push(Segment::Text(std::mem::take(&mut text)));
+                    }
+                    let name = rest[1..n - 1].to_string();
+                    segments.push(if tag.is_some() {
+                        Segment::Tag(name)
+                    } else {
+                        Segment::Slot(name)
+                    });
+                    i += n;
+                }
+                _ => {
+                    let c = rest.chars().next().unwrap();
+                    text.push(c);
+                    i += c.len_utf8();
+                }
+            }
+        }
+        if !text.is_empty() {
+            segments.push(Segment::Text(text));
+        }
+        Template {
+            source: source.to_string(),
+            segments,
+        }
+    }
+
+    pub fn tags(&self) -> Vec<&str> {
+        self.segments
+            .iter()
+            .filter_map(|s| {
+                if let Segment::Tag(t) = s {
+                    Some(t.as_str())
+                } else {
+                    None
+                }
+            })
+            .collect()
+    }
+
+    /// Slot names, each once, in order of first appearance.
+    pub fn slots(&self) -> Vec<&str> {
+        let mut seen = BTreeSet::new();
+        self.segments
+            .iter()
+            .filter_map(|s| {
+                if let Segment::Slot(n) = s {
+                    Some(n.as_str())
+                } else {
+                    None
+                }
+            })
+            .filter(|n| seen.insert(*n))
+            .collect()
+    }
+
+    /// The last tag in the template: where a head reads its hidden state.
+    pub fn last_tag(&self) -> Option<&str> {
+        self.tags().last().copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_tags_slots_and_leaves_chat_tokens_as_text() {
+        let t = Template::parse("<|im_start|>user <SMILES> {smiles}. {x}{smiles} <QED>");
+        assert_eq!(
+            t.segments,
+            vec![
+                Segment::Text("<|im_start|>user ".into()),
+                Segment::Tag("SMILES".into()),
+                Segment::Text(" ".into()),
+                Segment::Slot("smiles".into()),
+                Segment::Text(". ".into()),
+                Segment::Slot("x".into()),
+                Segment::Slot("smiles".into()),
+                Segment::Text(" ".into()),
+                Segment::Tag("QED".into()),
+            ]
+        );
+        assert_eq!(t.slots(), vec!["smiles", "x"]);
+        assert_eq!(t.last_tag(), Some("QED"));
+    }
+
+    #[test]
+    fn malformed_references_stay_text() {
+        let t = Template::parse("a < b > c {not a slot} <> {} <x y>");
+        assert_eq!(
+            t.segments,
+            vec![Segment::Text("a < b > c {not a slot} <> {} <x y>".into())]
+        );
+        assert!(is_valid_tag_name("BA.v2-x_1"));
+        assert!(!is_valid_tag_name(&"x".repeat(65)));
+        assert!(!is_valid_tag_name("|im_end|"));
+    }
+}
