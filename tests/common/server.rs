@@ -1,0 +1,193 @@
+//! An in-process tagllm server on a real loopback socket, for HTTP tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device, Tensor};
+use tagllm::http::{new_state, AppState, ServerConfig};
+use tagllm::infer::{EngineConfig, Limits, Predictor};
+use tagllm::tags::{Head, HeadSpec, TagBundle, TagKind, TagManifest};
+
+pub struct TestServer {
+    pub url: String,
+    pub state: Arc<AppState>,
+    pub tags_dir: PathBuf,
+    pub _dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    pub fn predictor(&self) -> &Arc<Predictor> {
+        self.state.predictor.get().unwrap()
+    }
+    pub fn fingerprint(&self) -> String {
+        self.predictor().model.fingerprint.clone()
+    }
+}
+
+pub fn write_tiny_model(dir: &Path) -> PathBuf {
+    let path = dir.join("tiny.gguf");
+    tagllm::model::tiny::write_tiny_gguf(&path, GgmlDType::Q8_0, 42, true).unwrap();
+    path
+}
+
+pub struct Options {
+    pub model: Option<PathBuf>,
+    pub config: ServerConfig,
+    pub limits: Limits,
+    pub load: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            model: None,
+            config: ServerConfig {
+                max_concurrent_requests: 64,
+                max_body_bytes: 1 << 20,
+                ..Default::default()
+            },
+            limits: Limits::default(),
+            load: true,
+        }
+    }
+}
+
+pub async fn start(opts: Options) -> TestServer {
+    let dir = tempfile::tempdir().unwrap();
+    let tags_dir = dir.path().join("tags");
+    std::fs::create_dir_all(&tags_dir).unwrap();
+    let model = opts
+        .model
+        .clone()
+        .unwrap_or_else(|| write_tiny_model(dir.path()));
+    let state = new_state(opts.config).unwrap();
+    if opts.load {
+        let p = Predictor::load(
+            &model,
+            &Device::Cpu,
+            &tags_dir,
+            true,
+            opts.limits,
+            EngineConfig::default(),
+            &state.metrics.registry,
+        )
+        .unwrap();
+        let _ = state.predictor.set(Arc::new(p));
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(tagllm::http::serve(listener, state.clone()));
+    TestServer {
+        url,
+        state,
+        tags_dir,
+        _dir: dir,
+    }
+}
+
+/// A seeded tag bundle for the served model.
+pub struct TagSpec<'a> {
+    pub name: &'a str,
+    pub kind: TagKind,
+    pub version: u64,
+    pub num_vectors: usize,
+    pub head: Option<HeadSpec>,
+    pub template: Option<&'a str>,
+    pub seed: f64,
+}
+
+impl<'a> TagSpec<'a> {
+    pub fn domain(name: &'a str) -> Self {
+        Self {
+            name,
+            kind: TagKind::Domain,
+            version: 1,
+            num_vectors: 3,
+            head: None,
+            template: None,
+            seed: 1.0,
+        }
+    }
+    pub fn regression(name: &'a str, template: &'a str) -> Self {
+        Self {
+            name,
+            kind: TagKind::Function,
+            version: 1,
+            num_vectors: 4,
+            head: Some(HeadSpec::Regression {
+                target_mean: 10.0,
+                target_std: 2.0,
+            }),
+            template: Some(template),
+            seed: 2.0,
+        }
+    }
+}
+
+/// Deterministic vectors: `sin(seed * (i + 1) + 0.1 j)`, scaled like token embeddings.
+fn seeded(rows: usize, cols: usize, seed: f64) -> Tensor {
+    let v: Vec<f32> = (0..rows * cols)
+        .map(|k| ((seed * (k / cols + 1) as f64 + 0.1 * (k % cols) as f64).sin() * 0.5) as f32)
+        .collect();
+    Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+}
+
+pub fn bundle(spec: &TagSpec, fingerprint: &str, d: usize) -> TagBundle {
+    let head = spec.head.as_ref().map(|h| {
+        let k = match h {
+            HeadSpec::Regression { .. } => 1,
+            HeadSpec::Classification { labels } => labels.len(),
+        };
+        Head {
+            spec: h.clone(),
+            weight: seeded(k, d, spec.seed + 0.5),
+            bias: Tensor::zeros(k, DType::F32, &Device::Cpu).unwrap(),
+        }
+    });
+    TagBundle {
+        manifest: TagManifest {
+            name: spec.name.into(),
+            kind: spec.kind,
+            version: spec.version,
+            num_vectors: spec.num_vectors,
+            hidden_size: d,
+            base_model: fingerprint.into(),
+            head: spec.head.clone(),
+            template: spec.template.map(String::from),
+            domain_tags: vec![],
+            tensors_sha256: None,
+            provenance: serde_json::json!({"made_by": "tests"}),
+            metrics: serde_json::Value::Null,
+        },
+        vectors: seeded(spec.num_vectors, d, spec.seed),
+        head,
+        source: "bundle",
+    }
+}
+
+/// Writes a bundle into the server's tags dir and waits until the server serves that version.
+pub async fn install(server: &TestServer, spec: &TagSpec<'_>) {
+    let d = server.predictor().model.config().hidden_size;
+    bundle(spec, &server.fingerprint(), d)
+        .save(&server.tags_dir)
+        .unwrap();
+    wait_for(server, |set| {
+        set.get(spec.name)
+            .is_some_and(|b| b.version() == spec.version)
+    })
+    .await;
+}
+
+/// Polls the registry until `cond` holds (the watcher applies changes within a second).
+pub async fn wait_for(server: &TestServer, cond: impl Fn(&tagllm::tags::TagSet) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !cond(&server.predictor().registry.snapshot()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the registry never reached the expected state"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,714 @@
+//! The HTTP service over a real socket, on the tiny model: predictions equal the model run
+//! by hand, mixed batches equal single requests, tags hot-reload, and every error answers
+//! with the right status and shape.
+
+mod common;
+
+use std::time::Duration;
+
+use candle_core::Tensor;
+use common::server::{bundle, install, start, wait_for, Options, TagSpec};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tagllm::infer::{compose, Input};
+use tagllm::model::{rows_at, Mode};
+use tagllm::tags::{HeadSpec, Template};
+
+const QED_TPL: &str = "The molecule <SMILES> {smiles} has druglikeness <QED>";
+const LOGP_TPL: &str = "The molecule <SMILES> {smiles} has logP <LogP>";
+
+async fn post(url: &str, path: &str, body: Value) -> (StatusCode, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{url}{path}"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn get(url: &str, path: &str) -> (StatusCode, Value) {
+    let r = reqwest::get(format!("{url}{path}")).await.unwrap();
+    let status = r.status();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+fn assert_error(status: StatusCode, body: &Value, want: StatusCode, kind: &str, mentions: &str) {
+    assert_eq!(status, want, "{body}");
+    assert_eq!(body["error_type"], kind, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains(mentions),
+        "{body} should mention {mentions:?}"
+    );
+}
+
+/// What the model computes for one input, by hand: compose, one forward, the head.
+fn by_hand(server: &common::server::TestServer, template: &str, input: Input) -> f64 {
+    let p = server.predictor();
+    let set = p.registry.snapshot();
+    let c = compose(
+        &p.model,
+        &set,
+        &Template::parse(template),
+        &input,
+        None,
+        1024,
+    )
+    .unwrap();
+    let x = c.embed(&p.model, 0).unwrap().unsqueeze(0).unwrap();
+    let h = p
+        .model
+        .llama
+        .forward(&x, None, None, Mode::Differentiable)
+        .unwrap();
+    let (b, pos) = c.head.clone().unwrap();
+    let row = rows_at(&h, &[pos]).unwrap();
+    let head = b.head.as_ref().unwrap();
+    let out: Vec<f32> = row
+        .matmul(&head.weight.t().unwrap())
+        .unwrap()
+        .broadcast_add(&head.bias)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let HeadSpec::Regression {
+        target_mean,
+        target_std,
+    } = head.spec
+    else {
+        panic!()
+    };
+    out[0] as f64 * target_std + target_mean
+}
+
+async fn install_chem(server: &common::server::TestServer) {
+    install(server, &TagSpec::domain("SMILES")).await;
+    install(server, &TagSpec::regression("QED", QED_TPL)).await;
+    install(
+        server,
+        &TagSpec {
+            seed: 3.0,
+            ..TagSpec::regression("LogP", LOGP_TPL)
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_predictions_equal_the_model_run_by_hand() {
+    let s = start(Options::default()).await;
+    install_chem(&s).await;
+    let (status, body) = post(
+        &s.url,
+        "/predict",
+        json!({"function": "QED", "inputs": ["CCO", {"smiles": "c1ccccc1"}]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["tags"], json!({"QED": 1, "SMILES": 1}));
+    for (i, smiles) in ["CCO", "c1ccccc1"].iter().enumerate() {
+        let want = by_hand(&s, QED_TPL, Input::Text(smiles.to_string()));
+        let got = body["predictions"][i]["value"].as_f64().unwrap();
+        assert!(
+            (got - want).abs() < 1e-3,
+            "{smiles}: served {got}, by hand {want}"
+        );
+    }
+    // A free template composing the same tags reads the same head.
+    let (_, free) = post(
+        &s.url,
+        "/predict",
+        json!({"template": QED_TPL, "inputs": [{"smiles": "CCO"}]}),
+    )
+    .await;
+    assert!(
+        (free["predictions"][0]["value"].as_f64().unwrap()
+            - body["predictions"][0]["value"].as_f64().unwrap())
+        .abs()
+            < 1e-4
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_tag_batches_equal_single_requests() {
+    let s = start(Options::default()).await;
+    install_chem(&s).await;
+    let reqs: Vec<Value> = (0..12)
+        .map(|i| {
+            let f = if i % 2 == 0 { "QED" } else { "LogP" };
+            json!({"function": f, "inputs": ["C".repeat(i + 1)]})
+        })
+        .collect();
+    let mut alone = Vec::new();
+    for r in &reqs {
+        alone.push(
+            post(&s.url, "/predict", r.clone()).await.1["predictions"][0]["value"]
+                .as_f64()
+                .unwrap(),
+        );
+    }
+    let url = s.url.clone();
+    let together = futures_join(reqs.iter().map(|r| {
+        let (url, r) = (url.clone(), r.clone());
+        async move { post(&url, "/predict", r).await }
+    }))
+    .await;
+    for (i, (status, body)) in together.iter().enumerate() {
+        assert_eq!(*status, StatusCode::OK);
+        let v = body["predictions"][0]["value"].as_f64().unwrap();
+        assert!(
+            (v - alone[i]).abs() < 1e-3,
+            "request {i}: batched {v}, alone {}",
+            alone[i]
+        );
+    }
+}
+
+async fn futures_join<F: std::future::Future<Output = T> + Send + 'static, T: Send + 'static>(
+    futs: impl Iterator<Item = F>,
+) -> Vec<T> {
+    let handles: Vec<_> = futs.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_functions_share_the_prefix_and_match_separate_calls() {
+    let s = start(Options::default()).await;
+    install_chem(&s).await;
+    let inputs = json!(["CCO", "CC(=O)O"]);
+    let (status, both) = post(
+        &s.url,
+        "/predict",
+        json!({"functions": ["QED", "LogP"], "inputs": inputs}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{both}");
+    for f in ["QED", "LogP"] {
+        let (_, one) = post(&s.url, "/predict", json!({"function": f, "inputs": inputs})).await;
+        for i in 0..2 {
+            let a = both["predictions"][i][f]["value"].as_f64().unwrap();
+            let b = one["predictions"][i]["value"].as_f64().unwrap();
+            assert!(
+                (a - b).abs() < 1e-3,
+                "{f} input {i}: shared prefix {a}, separate {b}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classification_and_generation() {
+    let s = start(Options::default()).await;
+    let labels = vec!["low".to_string(), "mid".to_string(), "high".to_string()];
+    let spec = TagSpec {
+        head: Some(HeadSpec::Classification {
+            labels: labels.clone(),
+        }),
+        ..TagSpec::regression("Tox", "Is <Tox> {x}")
+    };
+    install(&s, &spec).await;
+    let (status, body) = post(
+        &s.url,
+        "/predict",
+        json!({"function": "Tox", "inputs": ["CCO"]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let p = &body["predictions"][0];
+    let scores = p["scores"].as_object().unwrap();
+    let total: f64 = scores.values().map(|v| v.as_f64().unwrap()).sum();
+    assert!((total - 1.0).abs() < 1e-6);
+    let best = scores
+        .iter()
+        .max_by(|a, b| a.1.as_f64().partial_cmp(&b.1.as_f64()).unwrap())
+        .unwrap()
+        .0;
+    assert_eq!(p["label"].as_str().unwrap(), best);
+
+    // No head: generation, greedy by default, equal to the model's own generate.
+    install(&s, &TagSpec::domain("Lang")).await;
+    let (status, body) = post(&s.url, "/predict", json!({"template": "<Lang> {x} then", "inputs": ["the cat"], "parameters": {"max_new_tokens": 5}})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let p = s.predictor();
+    let c = compose(
+        &p.model,
+        &p.registry.snapshot(),
+        &Template::parse("<Lang> {x} then"),
+        &Input::Text("the cat".into()),
+        None,
+        1024,
+    )
+    .unwrap();
+    let params = tagllm::model::GenerationParams {
+        max_new_tokens: 5,
+        ..Default::default()
+    };
+    let want = tagllm::model::generate(&p.model, &c.embed(&p.model, 0).unwrap(), &params).unwrap();
+    assert_eq!(body["predictions"][0]["ids"], json!(want.ids));
+    assert_eq!(body["predictions"][0]["text"], json!(want.text));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_add_replace_invalid_and_remove() {
+    let s = start(Options::default()).await;
+    install_chem(&s).await;
+    let (_, v1) = post(
+        &s.url,
+        "/predict",
+        json!({"function": "QED", "inputs": ["CCO"]}),
+    )
+    .await;
+    // Replace with version 2 (other vectors): served without restart, response names it.
+    install(
+        &s,
+        &TagSpec {
+            version: 2,
+            seed: 7.0,
+            ..TagSpec::regression("QED", QED_TPL)
+        },
+    )
+    .await;
+    let (_, v2) = post(
+        &s.url,
+        "/predict",
+        json!({"function": "QED", "inputs": ["CCO"]}),
+    )
+    .await;
+    assert_eq!(v2["tags"]["QED"], 2);
+    assert_ne!(v1["predictions"][0]["value"], v2["predictions"][0]["value"]);
+
+    // An invalid replacement (NaN vectors) is reported and version 2 keeps serving.
+    let d = s.predictor().model.config().hidden_size;
+    let mut bad = bundle(
+        &TagSpec {
+            version: 3,
+            ..TagSpec::regression("QED", QED_TPL)
+        },
+        &s.fingerprint(),
+        d,
+    );
+    bad.vectors = (bad.vectors.clone() * f64::NAN).unwrap();
+    bad.save(&s.tags_dir).unwrap();
+    wait_for(&s, |set| set.errors.contains_key("QED")).await;
+    let (_, tags) = get(&s.url, "/tags").await;
+    assert!(
+        tags["errors"]["QED"].as_str().unwrap().contains("NaN"),
+        "{tags}"
+    );
+    let (_, still) = post(
+        &s.url,
+        "/predict",
+        json!({"function": "QED", "inputs": ["CCO"]}),
+    )
+    .await;
+    assert_eq!(still["tags"]["QED"], 2);
+    assert_eq!(still["predictions"], v2["predictions"]);
+
+    // A tag for other base weights, and a bundle with broken JSON, are refused too.
+    let other = bundle(&TagSpec::domain("Other"), "0".repeat(64).as_str(), d);
+    other.save(&s.tags_dir).unwrap();
+    std::fs::create_dir_all(s.tags_dir.join("Broken")).unwrap();
+    std::fs::write(s.tags_dir.join("Broken/manifest.json"), b"{ not json").unwrap();
+    wait_for(&s, |set| {
+        set.errors.contains_key("Other") && set.errors.contains_key("Broken")
+    })
+    .await;
+    let set = s.predictor().registry.snapshot();
+    assert!(
+        set.errors["Other"].contains("other base weights"),
+        "{}",
+        set.errors["Other"]
+    );
+    assert!(set.get("Other").is_none() && set.get("Broken").is_none());
+
+    // Removal.
+    std::fs::remove_dir_all(s.tags_dir.join("LogP")).unwrap();
+    wait_for(&s, |set| set.get("LogP").is_none()).await;
+    let (status, body) = post(
+        &s.url,
+        "/predict",
+        json!({"function": "LogP", "inputs": ["CCO"]}),
+    )
+    .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation",
+        "unknown tag <LogP>",
+    );
+
+    // GET /tags/{name} gives the manifest.
+    let (status, qed) = get(&s.url, "/tags/QED").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(qed["manifest"]["version"], 2);
+    assert_eq!(qed["manifest"]["head"]["type"], "regression");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peft_prompt_tuning_directory_is_served_and_exported_back() {
+    let s = start(Options::default()).await;
+    let d = s.predictor().model.config().hidden_size;
+    let b = bundle(
+        &TagSpec {
+            num_vectors: 5,
+            ..TagSpec::domain("x")
+        },
+        &s.fingerprint(),
+        d,
+    );
+    b.export_peft(&s.tags_dir.join("Soft"), "tiny").unwrap();
+    wait_for(&s, |set| set.get("Soft").is_some()).await;
+    let served = s
+        .predictor()
+        .registry
+        .snapshot()
+        .get("Soft")
+        .unwrap()
+        .clone();
+    assert_eq!(served.source, "peft");
+    assert_eq!(
+        served.vectors.to_vec2::<f32>().unwrap(),
+        b.vectors.to_vec2::<f32>().unwrap()
+    );
+    let (status, body) = post(
+        &s.url,
+        "/predict",
+        json!({"function": "Soft", "inputs": ["the cat"], "parameters": {"max_new_tokens": 3}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // Its default template splices the soft prompt right before the input.
+    let p = s.predictor();
+    let set = p.registry.snapshot();
+    let c = compose(
+        &p.model,
+        &set,
+        &Template::parse("<Soft>{x}"),
+        &Input::Text("the cat".into()),
+        None,
+        1024,
+    )
+    .unwrap();
+    let want = Tensor::cat(&[&b.vectors, &p.model.embed_text("the cat").unwrap()], 0).unwrap();
+    let got = c.embed(&p.model, 0).unwrap();
+    assert_eq!(
+        got.to_vec2::<f32>().unwrap(),
+        want.to_vec2::<f32>().unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_json_errors() {
+    let opts = Options {
+        limits: tagllm::infer::Limits {
+            max_input_tokens: 80,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let s = start(opts).await;
+    install_chem(&s).await;
+    let u = &s.url;
+    let cases = [
+        (
+            json!({"function": "Nope", "inputs": ["CCO"]}),
+            "unknown tag <Nope>",
+        ),
+        (
+            json!({"template": "<SMILES> {smiles} <Missing>", "inputs": ["CCO"]}),
+            "unknown tag <Missing>",
+        ),
+        (
+            json!({"function": "QED", "inputs": [{"wrong": "CCO"}]}),
+            "`wrong`",
+        ),
+        (
+            json!({"template": "{a} and {b}", "inputs": [{"a": "x"}]}),
+            "missing value for slot {b}",
+        ),
+        (
+            json!({"template": "{a} and {b}", "inputs": ["x"]}),
+            "exactly one slot",
+        ),
+        (
+            json!({"function": "QED", "inputs": []}),
+            "inputs must not be empty",
+        ),
+        (
+            json!({"function": "QED", "inputs": ["C".repeat(200)]}),
+            "limit is 80",
+        ),
+        (
+            json!({"function": "SMILES", "inputs": ["CCO"]}),
+            "domain tag",
+        ),
+        (
+            json!({"function": "QED", "template": "x", "inputs": ["CCO"]}),
+            "exactly one of",
+        ),
+        (
+            json!({"template": "{x}", "inputs": ["a"], "parameters": {"max_new_tokens": 0}}),
+            "max_new_tokens",
+        ),
+        (
+            json!({"template": "{x}", "inputs": ["a"], "parameters": {"top_p": 2.0}}),
+            "top_p",
+        ),
+        (
+            json!({"function": "QED", "inputs": ["CCO"], "surprise": 1}),
+            "surprise",
+        ),
+    ];
+    for (body, mentions) in cases {
+        let (status, resp) = post(u, "/predict", body.clone()).await;
+        assert_error(
+            status,
+            &resp,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            mentions,
+        );
+    }
+    // Input values are never parsed for tags: a tag name inside an input is just text.
+    let (status, body) = post(
+        u,
+        "/predict",
+        json!({"function": "QED", "inputs": ["<Nope> CCO <QED>"]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let r = reqwest::Client::new()
+        .post(format!("{u}/predict"))
+        .header("content-type", "application/json")
+        .body("{oops")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error_type"],
+        "bad_request"
+    );
+    let big = json!({"function": "QED", "inputs": ["C".repeat(2 << 20)]});
+    let (status, resp) = post(u, "/predict", big).await;
+    assert_error(
+        status,
+        &resp,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        "size limit",
+    );
+    let (status, resp) = get(u, "/tags/Nope").await;
+    assert_error(status, &resp, StatusCode::NOT_FOUND, "not_found", "Nope");
+    let (status, resp) = get(u, "/no/such/route").await;
+    assert_error(status, &resp, StatusCode::NOT_FOUND, "not_found", "route");
+
+    // Overloaded: with every permit taken, a prediction gets 429.
+    let permits = s.state.permits.clone();
+    let held = permits.acquire_many(64).await.unwrap();
+    let (status, resp) = post(u, "/predict", json!({"function": "QED", "inputs": ["CCO"]})).await;
+    assert_error(
+        status,
+        &resp,
+        StatusCode::TOO_MANY_REQUESTS,
+        "overloaded",
+        "too many",
+    );
+    drop(held);
+    let (status, _) = post(u, "/predict", json!({"function": "QED", "inputs": ["CCO"]})).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_ready_until_the_model_is_loaded() {
+    let s = start(Options {
+        load: false,
+        ..Default::default()
+    })
+    .await;
+    let (status, _) = get(&s.url, "/health").await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = get(&s.url, "/ready").await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not_ready",
+        "loading",
+    );
+    let (status, body) = post(
+        &s.url,
+        "/predict",
+        json!({"template": "{x}", "inputs": ["a"]}),
+    )
+    .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not_ready",
+        "loading",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_guard_routes_and_admin_key_guards_changes() {
+    let config = tagllm::http::ServerConfig {
+        api_key: Some("user-key".into()),
+        admin_api_key: Some("admin-key".into()),
+        max_concurrent_requests: 8,
+        max_body_bytes: 1 << 20,
+    };
+    let s = start(Options {
+        config,
+        ..Default::default()
+    })
+    .await;
+    let c = reqwest::Client::new();
+    let call = |method: reqwest::Method, path: &str, key: Option<&str>| {
+        let mut r = c.request(method, format!("{}{path}", s.url));
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        r.send()
+    };
+    use reqwest::Method;
+    assert_eq!(
+        call(Method::GET, "/health", None).await.unwrap().status(),
+        StatusCode::OK
+    );
+    let r = call(Method::GET, "/tags", None).await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error_type"],
+        "unauthorized"
+    );
+    assert_eq!(
+        call(Method::GET, "/tags", Some("wrong"))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        call(Method::GET, "/tags", Some("user-key"))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    let r = call(Method::POST, "/tags/reload", Some("user-key"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    assert_eq!(r.json::<Value>().await.unwrap()["error_type"], "forbidden");
+    assert_eq!(
+        call(Method::POST, "/tags/reload", Some("admin-key"))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_does_not_break_the_batch() {
+    let s = start(Options::default()).await;
+    install_chem(&s).await;
+    // Long generations whose clients give up after 50 ms, next to normal predictions.
+    let quitter = reqwest::Client::builder()
+        .timeout(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let mut gone = Vec::new();
+    for _ in 0..4 {
+        let q = quitter.post(format!("{}/predict", s.url)).json(
+            &json!({"template": "{x}", "inputs": ["the"], "parameters": {"max_new_tokens": 400}}),
+        );
+        gone.push(tokio::spawn(q.send()));
+    }
+    let (status, body) = post(
+        &s.url,
+        "/predict",
+        json!({"function": "QED", "inputs": ["CCO"]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for g in gone {
+        assert!(
+            g.await.unwrap().is_err(),
+            "the impatient client should have timed out"
+        );
+    }
+    let want = by_hand(&s, QED_TPL, Input::Text("CCO".into()));
+    let (status, body) = post(
+        &s.url,
+        "/predict",
+        json!({"function": "QED", "inputs": ["CCO"]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!((body["predictions"][0]["value"].as_f64().unwrap() - want).abs() < 1e-3);
+    let (_, tags) = get(&s.url, "/tags").await;
+    assert_eq!(tags["tags"].as_array().unwrap().len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn info_tokenize_metrics_and_openapi() {
+    let s = start(Options::default()).await;
+    install_chem(&s).await;
+    let (status, info) = get(&s.url, "/info").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(info["model"]["fingerprint"], s.fingerprint());
+    let (status, tok) = post(&s.url, "/tokenize", json!({"text": "the <QED> 42"})).await;
+    assert_eq!(status, StatusCode::OK);
+    let want = s
+        .predictor()
+        .model
+        .tokenizer
+        .encode("the <QED> 42")
+        .unwrap();
+    assert_eq!(tok["ids"], json!(want));
+    post(
+        &s.url,
+        "/predict",
+        json!({"function": "QED", "inputs": ["CCO"]}),
+    )
+    .await;
+    let text = reqwest::get(format!("{}/metrics", s.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for metric in [
+        "tagllm_requests_total{route=\"/predict\",status=\"200\"}",
+        "tagllm_request_duration_seconds_bucket",
+        "tagllm_queue_depth",
+        "tagllm_batch_size_count",
+        "tagllm_tags_loaded 3",
+    ] {
+        assert!(text.contains(metric), "metrics lack {metric}:\n{text}");
+    }
+    let served = reqwest::get(format!("{}/openapi.json", s.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let checked_in = std::fs::read_to_string(common::root().join("openapi/openapi.json")).unwrap();
+    assert_eq!(
+        served.trim(),
+        checked_in.trim(),
+        "openapi/openapi.json drifted from the code: regenerate it with `cargo run -- openapi > openapi/openapi.json`"
+    );
+}
