@@ -1,6 +1,6 @@
 # The two commands a newcomer needs: `make serve` and `make test`. Both set up the default
 # model first (idempotent; the only network access tagllm ever makes).
-.PHONY: setup build test bench
+.PHONY: setup build serve test bench
 
 setup:
 	scripts/setup-model.sh
@@ -8,8 +8,12 @@ setup:
 build: setup
 	cargo build --release
 
+serve: build
+	./target/release/tagllm serve
+
 test: setup
 	cargo test
 
 bench: setup
 	cargo bench --bench core
+	cargo bench --bench serve

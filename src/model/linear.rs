@@ -10,25 +10,26 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor}
 
 #[derive(Debug, Clone)]
 pub struct FrozenLinear {
-    /// `[out, in]`, as stored by HF and GGUF.
-    weight: Tensor,
-    /// `[in, out]`: a transposed view of `weight` (no copy).
+    /// `[in, out]`, stored contiguous: gemm is markedly faster on it than on a transposed
+    /// view when few rows go through (prefill of one sequence, decoding).
     weight_t: Tensor,
 }
 
 impl FrozenLinear {
-    pub fn new(weight: Tensor) -> Result<Self> {
-        let weight = weight.contiguous()?;
-        let weight_t = weight.t()?;
-        Ok(Self { weight, weight_t })
+    /// `weight`: `[out, in]`, as stored by HF and GGUF.
+    pub fn new(weight: &Tensor) -> Result<Self> {
+        Ok(Self {
+            weight_t: weight.t()?.contiguous()?,
+        })
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// The weight as `[out, in]` (a view).
+    pub fn weight(&self) -> Tensor {
+        self.weight_t.t().expect("2-d weight")
     }
 
     pub fn out_features(&self) -> usize {
-        self.weight.dims()[0]
+        self.weight_t.dims()[1]
     }
 
     /// `x @ W^T` over the last dimension of `x` (any leading dimensions).
@@ -85,6 +86,6 @@ impl CustomOp1 for FrozenLinear {
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         // d(x W^T)/dx = grad W ; the weight gets no gradient: it is frozen.
-        Ok(Some(grad_res.matmul(&self.weight)?))
+        Ok(Some(grad_res.matmul(&self.weight_t.t()?)?))
     }
 }

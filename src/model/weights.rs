@@ -95,19 +95,19 @@ impl LlamaWeights {
             let gate_up = Tensor::cat(&[l.gate, l.up], 0)?;
             fused.push(LayerWeights {
                 attn_norm: f32_on(l.attn_norm, device)?,
-                qkv: FrozenLinear::new(f32_on(qkv, device)?)?,
-                o: FrozenLinear::new(f32_on(l.o, device)?)?,
+                qkv: FrozenLinear::new(&f32_on(qkv, device)?)?,
+                o: FrozenLinear::new(&f32_on(l.o, device)?)?,
                 ffn_norm: f32_on(l.ffn_norm, device)?,
-                gate_up: FrozenLinear::new(f32_on(gate_up, device)?)?,
-                down: FrozenLinear::new(f32_on(l.down, device)?)?,
+                gate_up: FrozenLinear::new(&f32_on(gate_up, device)?)?,
+                down: FrozenLinear::new(&f32_on(l.down, device)?)?,
             });
         }
         let lm_head = match lm_head {
             Some(w) if !cfg.tie_word_embeddings => {
                 expect_shape("lm_head", &w, &[cfg.vocab_size, d])?;
-                FrozenLinear::new(f32_on(w, device)?)?
+                FrozenLinear::new(&f32_on(w, device)?)?
             }
-            _ => FrozenLinear::new(embed.clone())?,
+            _ => FrozenLinear::new(&embed)?,
         };
         Ok(Self {
             embed,

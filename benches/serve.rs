@@ -1,0 +1,206 @@
+//! `/predict` under load on the default model: requests/s and p50/p99 latency of
+//! regression-style predictions (64-token inputs) at 1, 8 and 32 concurrent clients, with
+//! dynamic batching on and off, and the HTTP server's overhead over the bare engine.
+//!
+//! Run: `cargo bench --bench serve` (after scripts/setup-model.sh). The server runs
+//! in-process on a loopback port; the tag is synthetic (seeded vectors and head), which
+//! costs exactly what a trained one costs. Prints one JSON line per measurement.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::json;
+use tagllm::http::{new_state, ServerConfig};
+use tagllm::infer::{EngineConfig, Input, Limits, PredictRequest, Predictor};
+use tagllm::tags::{Head, HeadSpec, TagBundle, TagKind, TagManifest};
+
+const TEMPLATE: &str = "The SMILES of the molecule is <SMILES> {smiles}. The druglikeness is <QED>";
+
+fn tag(
+    name: &str,
+    kind: TagKind,
+    head: Option<HeadSpec>,
+    fingerprint: &str,
+    d: usize,
+) -> TagBundle {
+    let vectors = (Tensor::randn(0f32, 1.0, (10, d), &Device::Cpu).unwrap() * 0.05).unwrap();
+    let head = head.clone().map(|spec| Head {
+        spec,
+        weight: (Tensor::randn(0f32, 1.0, (1, d), &Device::Cpu).unwrap() * 0.01).unwrap(),
+        bias: Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap(),
+    });
+    TagBundle {
+        manifest: TagManifest {
+            name: name.into(),
+            kind,
+            version: 1,
+            num_vectors: 10,
+            hidden_size: d,
+            base_model: fingerprint.into(),
+            head: head.as_ref().map(|h| h.spec.clone()),
+            template: (kind == TagKind::Function).then(|| TEMPLATE.to_string()),
+            domain_tags: vec![],
+            tensors_sha256: None,
+            provenance: json!({"synthetic": "benchmark"}),
+            metrics: serde_json::Value::Null,
+        },
+        vectors,
+        head,
+        source: "bundle",
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Inputs whose composed sequence is 64 tokens (template + tags + SMILES).
+fn inputs(p: &Predictor) -> Vec<String> {
+    let fixed = p
+        .model
+        .tokenizer
+        .encode_fragment(
+            &TEMPLATE
+                .replace("<SMILES>", "")
+                .replace("<QED>", "")
+                .replace("{smiles}", ""),
+        )
+        .unwrap()
+        .len()
+        + 20;
+    let base = "CC(=O)Oc1ccccc1C(=O)OCCN(CC)CCOc1ccc(Cl)cc1C(=O)NCCCCOCC(F)(F)F";
+    (0..64)
+        .map(|i| {
+            let mut s: String = base.chars().cycle().skip(i).take(80).collect();
+            while p.model.tokenizer.encode_fragment(&s).unwrap().len() > 64 - fixed {
+                s.pop();
+            }
+            s
+        })
+        .collect()
+}
+
+async fn load(url: &str, clients: usize, per_client: usize, smiles: &[String]) -> (f64, Vec<f64>) {
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (client, url, smiles) = (client.clone(), url.to_string(), smiles.to_vec());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            for i in 0..per_client {
+                let body =
+                    json!({"function": "QED", "inputs": [smiles[(c * 7 + i) % smiles.len()]]});
+                let t = Instant::now();
+                let r = client
+                    .post(format!("{url}/predict"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+                r.bytes().await.unwrap();
+                lat.push(t.elapsed().as_secs_f64());
+            }
+            lat
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let secs = started.elapsed().as_secs_f64();
+    all.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (all.len() as f64 / secs, all)
+}
+
+#[tokio::main]
+async fn main() {
+    let model =
+        std::env::var("TAGLLM_MODEL").unwrap_or_else(|_| tagllm::model::DEFAULT_MODEL_PATH.into());
+    let tags_dir = tempfile::tempdir().unwrap();
+    for batching in [true, false] {
+        // Batching off: a one-token budget makes every request its own forward pass.
+        let engine = EngineConfig {
+            max_batch_tokens: if batching { 4096 } else { 1 },
+            ..Default::default()
+        };
+        let state = new_state(ServerConfig {
+            max_concurrent_requests: 256,
+            max_body_bytes: 1 << 20,
+            ..Default::default()
+        })
+        .unwrap();
+        let p = Predictor::load(
+            std::path::Path::new(&model),
+            &Device::Cpu,
+            tags_dir.path(),
+            false,
+            Limits::default(),
+            engine,
+            &state.metrics.registry,
+        )
+        .expect("run scripts/setup-model.sh first");
+        let (fp, d) = (p.model.fingerprint.clone(), p.model.config().hidden_size);
+        tag("SMILES", TagKind::Domain, None, &fp, d)
+            .save(tags_dir.path())
+            .unwrap();
+        tag(
+            "QED",
+            TagKind::Function,
+            Some(HeadSpec::Regression {
+                target_mean: 0.5,
+                target_std: 0.2,
+            }),
+            &fp,
+            d,
+        )
+        .save(tags_dir.path())
+        .unwrap();
+        p.registry.rescan();
+        let smiles = inputs(&p);
+        let p = Arc::new(p);
+        let _ = state.predictor.set(p.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(tagllm::http::serve(listener, state.clone()));
+
+        if batching {
+            // The bare engine, one request at a time, for the server's overhead.
+            let mut lat = Vec::new();
+            for i in 0..20 {
+                let req = PredictRequest {
+                    function: Some("QED".into()),
+                    functions: None,
+                    template: None,
+                    inputs: vec![Input::Text(smiles[i % smiles.len()].clone())],
+                    parameters: Default::default(),
+                };
+                let t = Instant::now();
+                p.predict(req).await.unwrap();
+                lat.push(t.elapsed().as_secs_f64());
+            }
+            lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            let (_, http) = load(&url, 1, 20, &smiles).await;
+            println!(
+                "{}",
+                json!({"bench": "server_overhead_c1", "engine_p50_ms": percentile(&lat, 0.5) * 1e3, "http_p50_ms": percentile(&http, 0.5) * 1e3, "overhead_ms": (percentile(&http, 0.5) - percentile(&lat, 0.5)) * 1e3})
+            );
+        }
+        for clients in [1usize, 8, 32] {
+            let per_client = match clients {
+                1 => 20,
+                8 => 8,
+                _ => 4,
+            };
+            load(&url, clients.min(4), 1, &smiles).await; // warm-up
+            let (rps, lat) = load(&url, clients, per_client, &smiles).await;
+            println!(
+                "{}",
+                json!({"bench": "predict", "batching": batching, "clients": clients, "requests_per_s": (rps * 100.0).round() / 100.0, "p50_ms": (percentile(&lat, 0.5) * 1e4).round() / 10.0, "p99_ms": (percentile(&lat, 0.99) * 1e4).round() / 10.0, "requests": lat.len()})
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
