@@ -253,6 +253,14 @@ async fn classification_and_generation() {
     let want = tagllm::model::generate(&p.model, &c.embed(&p.model, 0).unwrap(), &params).unwrap();
     assert_eq!(body["predictions"][0]["ids"], json!(want.ids));
     assert_eq!(body["predictions"][0]["text"], json!(want.text));
+
+    // A stop sequence cuts the text before it and ends decoding.
+    let last = want.text.chars().last().expect("some text").to_string();
+    let cut = want.text.find(&last).unwrap();
+    let (status, body) = post(&s.url, "/predict", json!({"template": "<Lang> {x} then", "inputs": ["the cat"], "parameters": {"max_new_tokens": 5, "stop": [last]}})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["predictions"][0]["text"], json!(want.text[..cut]));
+    assert_eq!(body["predictions"][0]["finish_reason"], "stop");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,11 @@
 //! The prediction engine: a queue drained by one inference thread that batches work across
 //! requests. Tags are just embeddings, so sequences with different tags share one padded
-//! forward pass. Work whose client went away is dropped before it runs.
+//! forward pass. Generations advance one token per iteration, interleaved with new work,
+//! so a long generation never holds up a regression request. Work whose client went away
+//! is dropped, before it runs or between tokens.
 
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::compose::{common_prefix, Composed};
 use super::heads::{apply_head, Prediction};
-use crate::model::{generate, rows_at, BaseModel, GenerationParams, Mode};
+use crate::model::{rows_at, BaseModel, Decoder, GenerationParams, Mode};
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -104,6 +108,24 @@ impl Engine {
     }
 }
 
+/// A request being worked on: head predictions are filled at once, generations one token
+/// per engine iteration, interleaved with everything else.
+struct InFlight {
+    work: Work,
+    preds: Vec<Vec<Option<Prediction>>>,
+    open_generations: usize,
+    failure: Option<String>,
+    started: Instant,
+    batch_size: usize,
+}
+
+struct ActiveGeneration {
+    flight: u64,
+    group: usize,
+    seq: usize,
+    decoder: Option<Decoder>,
+}
+
 fn run(
     model: Arc<BaseModel>,
     cfg: EngineConfig,
@@ -111,61 +133,168 @@ fn run(
     metrics: Arc<crate::infer::EngineMetrics>,
 ) {
     let mut pending: Option<Work> = None;
+    let mut flights: HashMap<u64, InFlight> = HashMap::new();
+    let mut generations: Vec<ActiveGeneration> = Vec::new();
+    let mut next_id = 0u64;
     loop {
-        let first = match pending.take() {
-            Some(w) => w,
-            None => match rx.blocking_recv() {
-                Some(w) => w,
+        // 1. Intake: block only when there is nothing else to do; then take whatever is
+        //    already queued, up to the token budget.
+        let mut intake = Vec::new();
+        if let Some(w) = pending.take() {
+            intake.push(w);
+        } else if flights.is_empty() {
+            match rx.blocking_recv() {
+                Some(w) => intake.push(w),
                 None => return,
-            },
-        };
-        // Take whatever else is already queued, up to the token budget.
-        let mut batch = vec![first];
-        let mut tokens = batch[0].padded_tokens();
+            }
+        }
+        let mut tokens: usize = intake.iter().map(Work::padded_tokens).sum();
         while let Ok(w) = rx.try_recv() {
-            if tokens + w.padded_tokens() > cfg.max_batch_tokens {
+            if !intake.is_empty() && tokens + w.padded_tokens() > cfg.max_batch_tokens {
                 pending = Some(w);
                 break;
             }
             tokens += w.padded_tokens();
-            batch.push(w);
+            intake.push(w);
         }
-        metrics.queue_depth.sub(batch.len() as i64);
+        metrics.queue_depth.sub(intake.len() as i64);
         // A client that went away costs nothing more.
-        batch.retain(|w| !w.reply.is_closed());
-        if batch.is_empty() {
-            continue;
+        intake.retain(|w| !w.reply.is_closed());
+
+        // 2. Every head sequence of the intake in shared forwards; generations start.
+        if !intake.is_empty() {
+            let started = Instant::now();
+            let n_seqs: usize = intake
+                .iter()
+                .flat_map(|w| &w.groups)
+                .map(|g| g.seqs.len())
+                .sum();
+            metrics.batch_size.observe(n_seqs as f64);
+            // A panic deep in a kernel must fail these requests, not the engine.
+            let heads = catch_unwind(AssertUnwindSafe(|| run_heads(&model, &cfg, &intake)))
+                .unwrap_or_else(|_| {
+                    intake
+                        .iter()
+                        .map(|_| Err(anyhow::anyhow!("internal error in the inference engine")))
+                        .collect()
+                });
+            for (work, result) in intake.into_iter().zip(heads) {
+                let id = next_id;
+                next_id += 1;
+                let (preds, mut failure) = match result {
+                    Ok(p) => (p, None),
+                    Err(e) => (Vec::new(), Some(format!("{e:#}"))),
+                };
+                let mut open = 0;
+                for (gi, g) in work.groups.iter().enumerate() {
+                    for (si, seq) in g.seqs.iter().enumerate().filter(|(_, s)| s.head.is_none()) {
+                        if failure.is_some() {
+                            break;
+                        }
+                        match seq
+                            .embed(&model, 0)
+                            .and_then(|e| Decoder::new(&model, &e, &work.params))
+                        {
+                            Ok(d) => {
+                                generations.push(ActiveGeneration {
+                                    flight: id,
+                                    group: gi,
+                                    seq: si,
+                                    decoder: Some(d),
+                                });
+                                open += 1;
+                            }
+                            Err(e) => failure = Some(format!("{e:#}")),
+                        }
+                    }
+                }
+                flights.insert(
+                    id,
+                    InFlight {
+                        work,
+                        preds,
+                        open_generations: open,
+                        failure,
+                        started,
+                        batch_size: n_seqs,
+                    },
+                );
+            }
         }
-        let started = Instant::now();
-        let n_seqs: usize = batch
-            .iter()
-            .flat_map(|w| &w.groups)
-            .map(|g| g.seqs.len())
-            .sum();
-        metrics.batch_size.observe(n_seqs as f64);
-        let results = run_batch(&model, &cfg, &batch);
-        let inference = started.elapsed();
-        for (work, result) in batch.into_iter().zip(results) {
-            let timings = Timings {
-                queue: started - work.enqueued,
-                inference,
-                batch_size: n_seqs,
+
+        // 3. One token for every generation in progress.
+        for g in generations.iter_mut() {
+            let Some(flight) = flights.get_mut(&g.flight) else {
+                continue;
             };
-            let _ = work
-                .reply
-                .send(result.map(|p| (p, timings)).map_err(|e| format!("{e:#}")));
+            if flight.failure.is_some() || flight.work.reply.is_closed() {
+                continue;
+            }
+            let Some(decoder) = g.decoder.as_mut() else {
+                continue;
+            };
+            let step = catch_unwind(AssertUnwindSafe(|| decoder.step(&model)))
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("internal error in the inference engine")));
+            match step {
+                Ok(false) => {}
+                Ok(true) => match g.decoder.take().expect("present").finish(&model) {
+                    Ok(out) => {
+                        flight.preds[g.group][g.seq] = Some(Prediction::Text {
+                            text: out.text,
+                            ids: out.ids,
+                            finish_reason: out.finish_reason,
+                        });
+                        flight.open_generations -= 1;
+                    }
+                    Err(e) => flight.failure = Some(format!("{e:#}")),
+                },
+                Err(e) => flight.failure = Some(format!("{e:#}")),
+            }
+        }
+        generations.retain(|g| g.decoder.is_some());
+
+        // 4. Answer what is complete; forget what nobody waits for any more.
+        let done: Vec<u64> = flights
+            .iter()
+            .filter(|(_, f)| {
+                f.failure.is_some() || f.open_generations == 0 || f.work.reply.is_closed()
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in done {
+            let f = flights.remove(&id).expect("listed");
+            generations.retain(|g| g.flight != id);
+            if f.work.reply.is_closed() {
+                continue;
+            }
+            let timings = Timings {
+                queue: f.started - f.work.enqueued,
+                inference: f.started.elapsed(),
+                batch_size: f.batch_size,
+            };
+            let result = match f.failure {
+                Some(e) => Err(e),
+                // No failure and no open generation: every slot should be filled.
+                None => f
+                    .preds
+                    .into_iter()
+                    .map(|g| g.into_iter().collect::<Option<Vec<_>>>())
+                    .collect::<Option<Vec<_>>>()
+                    .map(|p| (p, timings))
+                    .ok_or_else(|| "internal error: a sequence produced no prediction".to_string()),
+            };
+            let _ = f.work.reply.send(result);
         }
     }
 }
 
-/// Runs every sequence of every work item; returns per item, per group, per sequence.
-fn run_batch(
+/// Head predictions of every work item (generation slots stay empty). Groups with a long
+/// common prefix go through the prefix path; the rest are packed into padded forwards.
+fn run_heads(
     model: &BaseModel,
     cfg: &EngineConfig,
     batch: &[Work],
-) -> Vec<Result<Vec<Vec<Prediction>>>> {
-    // Head sequences of all items go through shared padded forwards; groups with a long
-    // common prefix go through the prefix path; generation runs per sequence.
+) -> Vec<Result<Vec<Vec<Option<Prediction>>>>> {
     let mut out: Vec<Vec<Vec<Option<Prediction>>>> = batch
         .iter()
         .map(|w| w.groups.iter().map(|g| vec![None; g.seqs.len()]).collect())
@@ -198,21 +327,6 @@ fn run_batch(
                 }
             } else {
                 plain.extend(heads.iter().map(|&i| (wi, gi, i)));
-            }
-            for (si, seq) in g.seqs.iter().enumerate().filter(|(_, s)| s.head.is_none()) {
-                match seq
-                    .embed(model, 0)
-                    .and_then(|e| generate(model, &e, &w.params))
-                {
-                    Ok(g) => {
-                        out[wi][gi][si] = Some(Prediction::Text {
-                            text: g.text,
-                            ids: g.ids,
-                            finish_reason: g.finish_reason,
-                        })
-                    }
-                    Err(e) => failures[wi] = Some(e),
-                }
             }
         }
     }
@@ -252,14 +366,7 @@ fn run_batch(
         .zip(failures)
         .map(|(groups, failure)| match failure {
             Some(e) => Err(e),
-            None => Ok(groups
-                .into_iter()
-                .map(|g| {
-                    g.into_iter()
-                        .map(|p| p.expect("every sequence ran"))
-                        .collect()
-                })
-                .collect()),
+            None => Ok(groups),
         })
         .collect()
 }

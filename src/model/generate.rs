@@ -1,12 +1,14 @@
 //! Autoregressive decoding from input embeddings with a KV cache, one sequence at a time.
 //! Sampling is candle-transformers' `LogitsProcessor` (greedy at temperature 0).
+//! `Decoder` advances one token per `step`, so a server can interleave many generations
+//! with other work; `generate` runs one to the end.
 
 use anyhow::{ensure, Result};
 use candle_core::{DType, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use serde::Serialize;
 
-use super::llama::Mode;
+use super::llama::{KvCache, Mode};
 use super::BaseModel;
 
 #[derive(Debug, Clone)]
@@ -16,7 +18,7 @@ pub struct GenerationParams {
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
     pub seed: u64,
-    /// Decoding stops when the text ends with one of these; it is cut from the text.
+    /// Decoding stops when the text contains one of these; the text is cut before it.
     pub stop: Vec<String>,
 }
 
@@ -59,54 +61,94 @@ fn sampler(p: &GenerationParams) -> LogitsProcessor {
     LogitsProcessor::from_sampling(p.seed, sampling)
 }
 
-/// Generates after a prompt given as embeddings `[s, d]` (tags may be spliced in).
-pub fn generate(
-    model: &BaseModel,
-    prompt: &Tensor,
-    params: &GenerationParams,
-) -> Result<Generation> {
-    let llama = &model.llama;
-    let (s, _) = prompt.dims2()?;
-    ensure!(s > 0, "empty prompt");
-    let mut cache = llama.new_cache();
-    let mut sampler = sampler(params);
-    let eos = model.tokenizer.eos_ids();
-    let mut ids = Vec::new();
-    let mut input = prompt.unsqueeze(0)?;
-    let mut finish = FinishReason::Length;
-    for _ in 0..params.max_new_tokens {
-        let hidden = llama.forward(&input, None, Some(&mut cache), Mode::Fast)?;
+/// One generation in progress.
+pub struct Decoder {
+    params: GenerationParams,
+    cache: KvCache,
+    sampler: LogitsProcessor,
+    ids: Vec<u32>,
+    /// What the next step feeds the model: the prompt first, then the last token.
+    input: Tensor,
+    text: String,
+    finish: Option<FinishReason>,
+}
+
+impl Decoder {
+    /// A decoder for a prompt given as embeddings `[s, d]` (tags may be spliced in).
+    pub fn new(model: &BaseModel, prompt: &Tensor, params: &GenerationParams) -> Result<Self> {
+        let (s, _) = prompt.dims2()?;
+        ensure!(s > 0, "empty prompt");
+        Ok(Self {
+            params: params.clone(),
+            cache: model.llama.new_cache(),
+            sampler: sampler(params),
+            ids: Vec::new(),
+            input: prompt.unsqueeze(0)?,
+            text: String::new(),
+            finish: (params.max_new_tokens == 0).then_some(FinishReason::Length),
+        })
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finish.is_some()
+    }
+
+    /// Runs the model once and samples one token. Returns whether decoding has finished.
+    pub fn step(&mut self, model: &BaseModel) -> Result<bool> {
+        if self.finish.is_some() {
+            return Ok(true);
+        }
+        let llama = &model.llama;
+        let hidden = llama.forward(&self.input, None, Some(&mut self.cache), Mode::Fast)?;
         let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?;
         let logits = llama.logits(&last)?.flatten_all()?.to_dtype(DType::F32)?;
-        let next = sampler.sample(&logits)?;
-        ids.push(next);
-        if eos.contains(&next) {
-            finish = FinishReason::Eos;
-            break;
-        }
-        if !params.stop.is_empty() {
-            let mut text = model.tokenizer.decode(&ids, false)?;
-            if let Some(cut) = params
+        let next = self.sampler.sample(&logits)?;
+        self.ids.push(next);
+        if model.tokenizer.eos_ids().contains(&next) {
+            self.finish = Some(FinishReason::Eos);
+        } else if !self.params.stop.is_empty() {
+            let text = model.tokenizer.decode(&self.ids, false)?;
+            if let Some(cut) = self
+                .params
                 .stop
                 .iter()
                 .filter_map(|st| text.find(st.as_str()))
                 .min()
             {
-                text.truncate(cut);
-                finish = FinishReason::Stop;
-                return Ok(Generation {
-                    ids,
-                    text,
-                    finish_reason: finish,
-                });
+                self.text = text[..cut].to_string();
+                self.finish = Some(FinishReason::Stop);
             }
         }
-        input = llama.embed_ids(&[next])?.unsqueeze(0)?;
+        if self.finish.is_none() && self.ids.len() >= self.params.max_new_tokens {
+            self.finish = Some(FinishReason::Length);
+        }
+        if self.finish.is_none() {
+            self.input = llama.embed_ids(&[next])?.unsqueeze(0)?;
+        }
+        Ok(self.finish.is_some())
     }
-    let text = model.tokenizer.decode(&ids, false)?;
-    Ok(Generation {
-        ids,
-        text,
-        finish_reason: finish,
-    })
+
+    pub fn finish(self, model: &BaseModel) -> Result<Generation> {
+        let finish_reason = self.finish.unwrap_or(FinishReason::Length);
+        let text = match finish_reason {
+            FinishReason::Stop => self.text,
+            _ => model.tokenizer.decode(&self.ids, false)?,
+        };
+        Ok(Generation {
+            ids: self.ids,
+            text,
+            finish_reason,
+        })
+    }
+}
+
+/// Generates after a prompt given as embeddings `[s, d]`, to the end.
+pub fn generate(
+    model: &BaseModel,
+    prompt: &Tensor,
+    params: &GenerationParams,
+) -> Result<Generation> {
+    let mut d = Decoder::new(model, prompt, params)?;
+    while !d.step(model)? {}
+    d.finish(model)
 }
