@@ -169,6 +169,7 @@ async fn main() {
         if batching {
             // The bare engine, one request at a time, for the server's overhead.
             let mut lat = Vec::new();
+            load(&url, 1, 3, &smiles).await; // warm-up
             for i in 0..20 {
                 let req = PredictRequest {
                     function: Some("QED".into()),

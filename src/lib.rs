@@ -5,3 +5,4 @@ pub mod http;
 pub mod infer;
 pub mod model;
 pub mod tags;
+pub mod train;

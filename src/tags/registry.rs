@@ -26,6 +26,14 @@ impl TagSet {
     pub fn get(&self, name: &str) -> Option<&Arc<TagBundle>> {
         self.tags.get(name)
     }
+
+    /// The same tags (shared), without the error list.
+    pub fn clone_tags(&self) -> TagSet {
+        TagSet {
+            tags: self.tags.clone(),
+            errors: BTreeMap::new(),
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone, Serialize, utoipa::ToSchema)]

@@ -1,0 +1,392 @@
+//! Training on the tiny model: every stage lowers its loss, stages chain (stage-1 tags
+//! frozen in stages 2 and 3), prefix reuse gives the gradients of full differentiation,
+//! trained bundles load and serve, and bad jobs or data get useful errors.
+
+mod common;
+
+use std::sync::Arc;
+
+use candle_core::quantized::GgmlDType;
+use candle_core::Device;
+use serde_json::json;
+use tagllm::model::BaseModel;
+use tagllm::tags::{BaseModelIdentity, Registry, TagSet};
+use tagllm::train::{Dataset, HeadKind, Hyperparameters, TrainJob, Trainer};
+
+fn tiny() -> (tempfile::TempDir, BaseModel) {
+    let dir = common::tempdir();
+    let path = dir.path().join("tiny.gguf");
+    tagllm::model::tiny::write_tiny_gguf(&path, GgmlDType::F32, 9, true).unwrap();
+    let m = BaseModel::load(&path, &Device::Cpu).unwrap();
+    (dir, m)
+}
+
+fn hyper(steps: usize, lr: f64) -> Hyperparameters {
+    Hyperparameters {
+        steps,
+        batch_size: 4,
+        learning_rate: lr,
+        warmup_ratio: 0.0,
+        num_vectors: 3,
+        ..Default::default()
+    }
+}
+
+fn molecules(n: usize) -> Dataset {
+    let lines: Vec<String> = (0..n)
+        .map(|i| {
+            let smiles = "CCO".repeat(1 + i % 4) + &"N".repeat(i % 3);
+            let y = smiles.len() as f64 / 4.0; // learnable from the input
+            let class = if smiles.contains('N') {
+                "amine"
+            } else {
+                "plain"
+            };
+            json!({"smiles": smiles, "y": y, "class": class, "name": format!("mol {}", i % 5)})
+                .to_string()
+        })
+        .collect();
+    Dataset::from_jsonl(&lines.join("\n")).unwrap()
+}
+
+fn text(n: usize) -> Dataset {
+    let texts = ["the cat sat", "then the cat ran", "the rat sat on the mat"];
+    let lines: Vec<String> = (0..n)
+        .map(|i| json!({"text": texts[i % 3]}).to_string())
+        .collect();
+    Dataset::from_jsonl(&lines.join("\n")).unwrap()
+}
+
+fn job(
+    stage: u8,
+    tags: &[&str],
+    template: &str,
+    target: Option<&str>,
+    head: HeadKind,
+    h: Hyperparameters,
+) -> TrainJob {
+    TrainJob {
+        stage,
+        tags: tags.iter().map(|s| s.to_string()).collect(),
+        template: template.into(),
+        target: target.map(String::from),
+        head,
+        hyperparameters: h,
+    }
+}
+
+fn loss_of(t: &Trainer) -> f64 {
+    t.evaluate().unwrap().0
+}
+
+/// Stage 1 on unlabelled text; returns a tag set holding the learned domain tag.
+fn stage1(m: &BaseModel, name: &str) -> Arc<TagSet> {
+    let j = job(
+        1,
+        &[name],
+        &format!("<{name}>{{text}}"),
+        None,
+        HeadKind::None,
+        hyper(25, 0.05),
+    );
+    let t = Trainer::new(m, Arc::new(TagSet::default()), j, &text(12), Some(&text(6))).unwrap();
+    let before = loss_of(&t);
+    let out = t.run(&mut |_| true).unwrap();
+    let after = out.eval["loss"].as_f64().unwrap();
+    assert!(
+        after < before,
+        "stage 1 should lower the LM loss: {before} -> {after}"
+    );
+    assert!(out.eval["perplexity"].as_f64().unwrap() > 1.0);
+    let mut set = TagSet::default();
+    for b in out.bundles {
+        set.tags.insert(b.name().to_string(), Arc::new(b));
+    }
+    Arc::new(set)
+}
+
+#[test]
+fn prefix_reuse_gives_the_gradients_of_full_differentiation() {
+    let (_d, m) = tiny();
+    let frozen = stage1(&m, "SMILES");
+    let j = job(
+        2,
+        &["QED"],
+        "A molecule: <SMILES> {smiles} has value <QED>",
+        Some("y"),
+        HeadKind::Regression,
+        hyper(1, 1e-3),
+    );
+    let t = Trainer::new(&m, frozen, j, &molecules(8), None).unwrap();
+    let full = t.gradients(&[0, 1, 2, 5], false).unwrap();
+    let reused = t.gradients(&[0, 1, 2, 5], true).unwrap();
+    assert_eq!(full.len(), 3); // tag vectors, head weight, head bias
+    for (a, b) in full.iter().zip(&reused) {
+        let scale = a
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let diff = common::max_abs_diff(a, b);
+        assert!(scale > 0.0, "a zero gradient proves nothing");
+        assert!(
+            diff <= 1e-4 * scale.max(1e-3),
+            "gradients differ by {diff} (scale {scale})"
+        );
+    }
+}
+
+#[test]
+fn stages_chain_and_each_lowers_its_loss() {
+    let (_d, m) = tiny();
+    let smiles = stage1(&m, "SMILES");
+
+    // Stage 2: regression with the stage-1 tag frozen.
+    let j = job(
+        2,
+        &["Size"],
+        "<SMILES> {smiles} size <Size>",
+        Some("y"),
+        HeadKind::Regression,
+        hyper(40, 0.05),
+    );
+    let t = Trainer::new(&m, smiles.clone(), j, &molecules(24), Some(&molecules(12))).unwrap();
+    let before = loss_of(&t);
+    let out = t.run(&mut |_| true).unwrap();
+    assert!(out.eval["mse"].as_f64().unwrap().is_finite());
+    assert!(
+        out.eval["loss"].as_f64().unwrap() < before,
+        "stage 2 regression: {before} -> {}",
+        out.eval["loss"]
+    );
+    let size = &out.bundles[0];
+    assert_eq!(size.manifest.domain_tags, vec!["SMILES"]);
+    assert_eq!(size.manifest.provenance["frozen_tags"]["SMILES"], 1);
+
+    // Stage 2: classification and generation heads.
+    let j = job(
+        2,
+        &["Kind"],
+        "<SMILES> {smiles} kind <Kind>",
+        Some("class"),
+        HeadKind::Classification,
+        hyper(30, 0.05),
+    );
+    let t = Trainer::new(&m, smiles.clone(), j, &molecules(24), Some(&molecules(12))).unwrap();
+    let before = loss_of(&t);
+    let out = t.run(&mut |_| true).unwrap();
+    assert!(out.eval["loss"].as_f64().unwrap() < before);
+    assert!(out.eval["accuracy"].as_f64().unwrap() >= 0.0);
+    let j = job(
+        2,
+        &["Name"],
+        "<SMILES> {smiles} is <Name>",
+        Some("name"),
+        HeadKind::None,
+        hyper(30, 0.05),
+    );
+    let t = Trainer::new(&m, smiles.clone(), j, &molecules(10), Some(&molecules(5))).unwrap();
+    let before = loss_of(&t);
+    let out = t.run(&mut |_| true).unwrap();
+    assert!(
+        out.eval["loss"].as_f64().unwrap() < before,
+        "generation target: {before} -> {}",
+        out.eval["loss"]
+    );
+
+    // Stage 3: a cross-domain template with two frozen domain tags.
+    let prose = stage1(&m, "Prose");
+    let mut both = (*smiles).clone_tags();
+    both.tags.extend(prose.tags.clone());
+    let j = job(
+        3,
+        &["Pair"],
+        "<Prose> {name} with <SMILES> {smiles} gives <Pair>",
+        Some("y"),
+        HeadKind::Regression,
+        hyper(30, 0.05),
+    );
+    let t = Trainer::new(&m, Arc::new(both), j, &molecules(24), Some(&molecules(12))).unwrap();
+    let before = loss_of(&t);
+    let out = t.run(&mut |_| true).unwrap();
+    assert!(
+        out.eval["loss"].as_f64().unwrap() < before,
+        "stage 3: {before} -> {}",
+        out.eval["loss"]
+    );
+}
+
+#[test]
+fn trained_bundles_are_served_by_the_registry() {
+    let (dir, m) = tiny();
+    let smiles = stage1(&m, "SMILES");
+    let j = job(
+        2,
+        &["Size"],
+        "<SMILES> {smiles} size <Size>",
+        Some("y"),
+        HeadKind::Regression,
+        hyper(5, 0.05),
+    );
+    let out = Trainer::new(&m, smiles.clone(), j, &molecules(8), Some(&molecules(4)))
+        .unwrap()
+        .run(&mut |_| true)
+        .unwrap();
+    let tags = dir.path().join("tags");
+    for b in smiles.tags.values() {
+        b.save(&tags).unwrap();
+    }
+    out.bundles[0].save(&tags).unwrap();
+    let reg = Registry::open(
+        &tags,
+        BaseModelIdentity {
+            fingerprint: m.fingerprint.clone(),
+            hidden_size: m.config().hidden_size,
+        },
+        Device::Cpu,
+    )
+    .unwrap();
+    let set = reg.snapshot();
+    assert!(set.errors.is_empty(), "{:?}", set.errors);
+    let size = set.get("Size").unwrap();
+    assert_eq!(
+        size.manifest.template.as_deref(),
+        Some("<SMILES> {smiles} size <Size>")
+    );
+    assert!(size.head.is_some());
+    assert_eq!(size.manifest.metrics, out.eval);
+}
+
+#[test]
+fn cancelling_stops_the_run() {
+    let (_d, m) = tiny();
+    let j = job(
+        1,
+        &["Dom"],
+        "<Dom>{text}",
+        None,
+        HeadKind::None,
+        hyper(50, 0.01),
+    );
+    let t = Trainer::new(&m, Arc::new(TagSet::default()), j, &text(6), None).unwrap();
+    let mut seen = 0;
+    let e = t.run(&mut |p| {
+        seen = p.step;
+        p.step < 3
+    });
+    assert!(e.err().unwrap().to_string().contains("cancelled at step 3"));
+    assert_eq!(seen, 3);
+}
+
+#[test]
+fn bad_jobs_and_data_get_useful_errors() {
+    let (_d, m) = tiny();
+    let empty = Arc::new(TagSet::default());
+    let err = |j: TrainJob, d: &Dataset| {
+        format!(
+            "{:#}",
+            Trainer::new(&m, empty.clone(), j, d, None)
+                .err()
+                .expect("should fail")
+        )
+    };
+    let h = || hyper(1, 1e-3);
+    assert!(err(
+        job(
+            2,
+            &["Q"],
+            "<SMILES> {smiles} <Q>",
+            Some("y"),
+            HeadKind::Regression,
+            h()
+        ),
+        &molecules(4)
+    )
+    .contains("unknown tag <SMILES>"));
+    assert!(err(
+        job(
+            2,
+            &["Q"],
+            "{smiles} <Q>",
+            Some("nope"),
+            HeadKind::Regression,
+            h()
+        ),
+        &molecules(4)
+    )
+    .contains("missing field `nope`"));
+    let bad =
+        Dataset::from_jsonl("{\"smiles\": \"C\", \"y\": 1}\n{\"smiles\": \"CC\", \"y\": \"high\"}")
+            .unwrap();
+    assert!(err(
+        job(
+            2,
+            &["Q"],
+            "{smiles} <Q>",
+            Some("y"),
+            HeadKind::Regression,
+            h()
+        ),
+        &bad
+    )
+    .contains("line 2: field `y` is not a number"));
+    assert!(err(
+        job(
+            2,
+            &["Q"],
+            "{nope} <Q>",
+            Some("y"),
+            HeadKind::Regression,
+            h()
+        ),
+        &molecules(4)
+    )
+    .contains("missing field `nope`"));
+    assert!(err(
+        job(2, &["Q"], "{smiles}", Some("y"), HeadKind::Regression, h()),
+        &molecules(4)
+    )
+    .contains("never uses <Q>"));
+    assert!(err(
+        job(1, &["D"], "<D>{text}", None, HeadKind::Regression, h()),
+        &text(2)
+    )
+    .contains("stage 1"));
+    assert!(err(
+        job(4, &["D"], "<D>{text}", None, HeadKind::None, h()),
+        &text(2)
+    )
+    .contains("stage must be 1, 2 or 3"));
+    let one = Dataset::from_jsonl("{\"smiles\": \"C\", \"class\": \"a\"}").unwrap();
+    assert!(err(
+        job(
+            2,
+            &["Q"],
+            "{smiles} <Q>",
+            Some("class"),
+            HeadKind::Classification,
+            h()
+        ),
+        &one
+    )
+    .contains("two distinct labels"));
+    assert!(err(
+        job(
+            2,
+            &["Q"],
+            "{smiles} <Q>",
+            Some("y"),
+            HeadKind::Regression,
+            Hyperparameters {
+                learning_rate: -1.0,
+                ..h()
+            }
+        ),
+        &molecules(4)
+    )
+    .contains("learning_rate"));
+}
