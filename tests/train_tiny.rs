@@ -91,7 +91,9 @@ fn stage1(m: &BaseModel, name: &str) -> Arc<TagSet> {
     );
     let t = Trainer::new(m, Arc::new(TagSet::default()), j, &text(12), Some(&text(6))).unwrap();
     let before = loss_of(&t);
-    let out = t.run(&mut |_| true).unwrap();
+    let out = t
+        .run(None, &mut |_: &tagllm::train::Progress| true)
+        .unwrap();
     let after = out.eval["loss"].as_f64().unwrap();
     assert!(
         after < before,
@@ -156,7 +158,9 @@ fn stages_chain_and_each_lowers_its_loss() {
     );
     let t = Trainer::new(&m, smiles.clone(), j, &molecules(24), Some(&molecules(12))).unwrap();
     let before = loss_of(&t);
-    let out = t.run(&mut |_| true).unwrap();
+    let out = t
+        .run(None, &mut |_: &tagllm::train::Progress| true)
+        .unwrap();
     assert!(out.eval["mse"].as_f64().unwrap().is_finite());
     assert!(
         out.eval["loss"].as_f64().unwrap() < before,
@@ -178,7 +182,9 @@ fn stages_chain_and_each_lowers_its_loss() {
     );
     let t = Trainer::new(&m, smiles.clone(), j, &molecules(24), Some(&molecules(12))).unwrap();
     let before = loss_of(&t);
-    let out = t.run(&mut |_| true).unwrap();
+    let out = t
+        .run(None, &mut |_: &tagllm::train::Progress| true)
+        .unwrap();
     assert!(out.eval["loss"].as_f64().unwrap() < before);
     assert!(out.eval["accuracy"].as_f64().unwrap() >= 0.0);
     let j = job(
@@ -191,7 +197,9 @@ fn stages_chain_and_each_lowers_its_loss() {
     );
     let t = Trainer::new(&m, smiles.clone(), j, &molecules(10), Some(&molecules(5))).unwrap();
     let before = loss_of(&t);
-    let out = t.run(&mut |_| true).unwrap();
+    let out = t
+        .run(None, &mut |_: &tagllm::train::Progress| true)
+        .unwrap();
     assert!(
         out.eval["loss"].as_f64().unwrap() < before,
         "generation target: {before} -> {}",
@@ -212,7 +220,9 @@ fn stages_chain_and_each_lowers_its_loss() {
     );
     let t = Trainer::new(&m, Arc::new(both), j, &molecules(24), Some(&molecules(12))).unwrap();
     let before = loss_of(&t);
-    let out = t.run(&mut |_| true).unwrap();
+    let out = t
+        .run(None, &mut |_: &tagllm::train::Progress| true)
+        .unwrap();
     assert!(
         out.eval["loss"].as_f64().unwrap() < before,
         "stage 3: {before} -> {}",
@@ -234,7 +244,7 @@ fn trained_bundles_are_served_by_the_registry() {
     );
     let out = Trainer::new(&m, smiles.clone(), j, &molecules(8), Some(&molecules(4)))
         .unwrap()
-        .run(&mut |_| true)
+        .run(None, &mut |_: &tagllm::train::Progress| true)
         .unwrap();
     let tags = dir.path().join("tags");
     for b in smiles.tags.values() {
@@ -274,7 +284,7 @@ fn cancelling_stops_the_run() {
     );
     let t = Trainer::new(&m, Arc::new(TagSet::default()), j, &text(6), None).unwrap();
     let mut seen = 0;
-    let e = t.run(&mut |p| {
+    let e = t.run(None, &mut |p: &tagllm::train::Progress| {
         seen = p.step;
         p.step < 3
     });
@@ -389,4 +399,68 @@ fn bad_jobs_and_data_get_useful_errors() {
         &molecules(4)
     )
     .contains("learning_rate"));
+}
+
+struct StopAfter {
+    stop_after: usize,
+    every: usize,
+    saved: Option<tagllm::train::Checkpoint>,
+}
+
+impl tagllm::train::Hooks for StopAfter {
+    fn progress(&mut self, p: &tagllm::train::Progress) -> bool {
+        p.step <= self.stop_after
+    }
+    fn every(&self) -> usize {
+        self.every
+    }
+    fn checkpoint(&mut self, c: &tagllm::train::Checkpoint) -> anyhow::Result<()> {
+        self.saved = Some(c.clone());
+        Ok(())
+    }
+}
+
+#[test]
+fn a_run_resumed_from_its_checkpoint_ends_exactly_like_an_uninterrupted_one() {
+    let (dir, m) = tiny();
+    let smiles = stage1(&m, "SMILES");
+    let make = || {
+        let j = job(
+            2,
+            &["Size"],
+            "<SMILES> {smiles} size <Size>",
+            Some("y"),
+            HeadKind::Regression,
+            hyper(10, 0.05),
+        );
+        Trainer::new(&m, smiles.clone(), j, &molecules(12), Some(&molecules(4))).unwrap()
+    };
+    let straight = make()
+        .run(None, &mut |_: &tagllm::train::Progress| true)
+        .unwrap();
+
+    let mut hooks = StopAfter {
+        stop_after: 5,
+        every: 5,
+        saved: None,
+    };
+    let err = make().run(None, &mut hooks).err().unwrap();
+    assert!(err.to_string().contains("cancelled at step 6"), "{err}");
+    let ckpt = hooks.saved.expect("a checkpoint at step 5");
+    assert_eq!(ckpt.step, 5);
+    // Through the file, as a worker would.
+    let path = dir.path().join("job.ckpt");
+    ckpt.save(&path).unwrap();
+    let ckpt = tagllm::train::Checkpoint::load(&path, &Device::Cpu).unwrap();
+    let resumed = make()
+        .run(Some(ckpt), &mut |p: &tagllm::train::Progress| {
+            assert!(p.step > 5, "resumed runs start after the checkpoint");
+            true
+        })
+        .unwrap();
+    assert_eq!(resumed.steps_run, 10);
+    let a = straight.bundles[0].vectors.to_vec2::<f32>().unwrap();
+    let b = resumed.bundles[0].vectors.to_vec2::<f32>().unwrap();
+    assert_eq!(a, b, "resumed training must match the uninterrupted run");
+    assert_eq!(straight.eval, resumed.eval);
 }

@@ -10,14 +10,15 @@ use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use super::checkpoint::Checkpoint;
 use super::data::{Dataset, Record};
 use super::metrics;
+use super::optim::AdamW;
 use super::schedule::cosine_with_warmup;
 use crate::infer::compose::{compose, Input, Piece};
 use crate::model::{BaseModel, KvCache, Mode};
@@ -92,6 +93,26 @@ pub struct Progress {
     /// Latest held-out evaluation.
     pub eval: Option<serde_json::Value>,
     pub best_eval_loss: Option<f64>,
+}
+
+/// What a run reports to, and asks of, whoever runs it.
+pub trait Hooks {
+    /// After every step; returning false cancels the run.
+    fn progress(&mut self, p: &Progress) -> bool;
+    /// Checkpoint every this many steps (0: only at the end).
+    fn every(&self) -> usize {
+        0
+    }
+    fn checkpoint(&mut self, _c: &Checkpoint) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Hooks from a progress closure alone.
+impl<F: FnMut(&Progress) -> bool> Hooks for F {
+    fn progress(&mut self, p: &Progress) -> bool {
+        self(p)
+    }
 }
 
 pub struct Trained {
@@ -618,37 +639,53 @@ impl<'a> Trainer<'a> {
         Ok((loss, m))
     }
 
-    /// Runs the optimisation. `on_progress` is called after every step; returning false
-    /// stops the run (cancellation) with an error.
-    pub fn run(mut self, on_progress: &mut dyn FnMut(&Progress) -> bool) -> Result<Trained> {
+    /// The examples of optimizer step `step`: a deterministic function of the seed and the
+    /// step, so a resumed run sees exactly the batches an uninterrupted one would.
+    fn batch_for(&self, step: usize, micro: usize) -> Vec<usize> {
+        let h = &self.job.hyperparameters;
+        let n = self.train.len();
+        let first = (step * h.grad_accum + micro) * h.batch_size;
+        (first..first + h.batch_size)
+            .map(|draw| {
+                let epoch = (draw / n) as u64;
+                let mut perm: Vec<usize> = (0..n).collect();
+                perm.shuffle(&mut StdRng::seed_from_u64(
+                    h.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ epoch,
+                ));
+                perm[draw % n]
+            })
+            .collect()
+    }
+
+    /// Runs (or, from `resume`, continues) the optimisation. `hooks.progress` is called
+    /// after every step (returning false cancels the run); `hooks.checkpoint` every
+    /// `hooks.every` steps and at the end.
+    pub fn run(mut self, resume: Option<Checkpoint>, hooks: &mut dyn Hooks) -> Result<Trained> {
         let h = self.job.hyperparameters.clone();
-        let params = ParamsAdamW {
-            lr: h.learning_rate,
-            weight_decay: h.weight_decay,
-            ..Default::default()
-        };
-        let mut opt = AdamW::new(self.vars(), params)?;
-        let mut rng = StdRng::seed_from_u64(h.seed);
-        let mut order: Vec<usize> = Vec::new();
+        let mut opt = AdamW::new(self.vars(), h.learning_rate, h.weight_decay)?;
         let mut best: Option<(f64, usize, Vec<Tensor>)> = None;
         let mut evals_without_gain = 0;
+        let mut first_step = 0;
+        if let Some(c) = resume {
+            self.restore(&c.params)?;
+            opt.restore(c.adam_t, c.adam_m, c.adam_v)?;
+            best = c.best;
+            evals_without_gain = c.evals_without_gain;
+            first_step = c.step;
+        }
         let mut last_eval = None;
-        let mut steps_run = 0;
-        for step in 0..h.steps {
+        let mut steps_run = first_step;
+        let stopped_early = |ewg: usize| h.patience > 0 && ewg >= h.patience;
+        for step in first_step..h.steps {
+            if stopped_early(evals_without_gain) {
+                break;
+            }
             let lr = cosine_with_warmup(step, h.steps, h.warmup_ratio, h.learning_rate);
-            opt.set_learning_rate(lr);
-            // Accumulate over micro-batches; the last backward's GradStore carries the mean.
-            let mut acc: Option<(Vec<Tensor>, candle_core::backprop::GradStore)> = None;
+            opt.lr = lr;
+            let mut sums: Option<Vec<Tensor>> = None;
             let mut loss_sum = 0.0;
-            for _ in 0..h.grad_accum {
-                let mut batch = Vec::with_capacity(h.batch_size);
-                while batch.len() < h.batch_size {
-                    if order.is_empty() {
-                        order = (0..self.train.len()).collect();
-                        order.shuffle(&mut rng);
-                    }
-                    batch.push(order.pop().expect("refilled"));
-                }
+            for micro in 0..h.grad_accum {
+                let batch = self.batch_for(step, micro);
                 let examples: Vec<&Example> = batch.iter().map(|&i| &self.train[i]).collect();
                 let loss = self.loss(
                     &examples,
@@ -666,27 +703,26 @@ impl<'a> Trainer<'a> {
                             .context("a learned parameter got no gradient")
                     })
                     .collect::<Result<Vec<_>>>()?;
-                acc = Some(match acc {
-                    None => (g, grads),
-                    Some((prev, _)) => (
-                        prev.iter()
-                            .zip(&g)
-                            .map(|(a, b)| a + b)
-                            .collect::<candle_core::Result<_>>()?,
-                        grads,
-                    ),
+                sums = Some(match sums {
+                    None => g,
+                    Some(prev) => prev
+                        .iter()
+                        .zip(&g)
+                        .map(|(a, b)| a + b)
+                        .collect::<candle_core::Result<_>>()?,
                 });
             }
-            let (sums, mut store) = acc.expect("grad_accum >= 1");
-            for (v, g) in self.vars().iter().zip(sums) {
-                store.insert(v.as_tensor(), (g / h.grad_accum as f64)?);
-            }
-            opt.step(&store)?;
+            let grads = sums
+                .expect("grad_accum >= 1")
+                .into_iter()
+                .map(|g| g / h.grad_accum as f64)
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            opt.step(&grads)?;
             steps_run = step + 1;
             let loss = loss_sum / h.grad_accum as f64;
             ensure!(
                 loss.is_finite(),
-                "the loss diverged at step {step} (try a lower learning_rate)"
+                "the loss diverged at step {steps_run} (try a lower learning_rate)"
             );
             let eval_now =
                 steps_run == h.steps || (h.eval_every > 0 && steps_run % h.eval_every == 0);
@@ -708,11 +744,24 @@ impl<'a> Trainer<'a> {
                 eval: last_eval.clone(),
                 best_eval_loss: best.as_ref().map(|b| b.0),
             };
-            if !on_progress(&progress) {
+            if !hooks.progress(&progress) {
                 bail!("cancelled at step {steps_run}");
             }
-            if h.patience > 0 && evals_without_gain >= h.patience {
-                break;
+            let every = hooks.every();
+            if (every > 0 && steps_run % every == 0)
+                || steps_run == h.steps
+                || stopped_early(evals_without_gain)
+            {
+                let (t, m, v) = opt.state();
+                hooks.checkpoint(&Checkpoint {
+                    step: steps_run,
+                    params: self.snapshot()?,
+                    adam_t: t,
+                    adam_m: m.to_vec(),
+                    adam_v: v.to_vec(),
+                    best: best.clone(),
+                    evals_without_gain,
+                })?;
             }
         }
         let best_step = match best {
