@@ -3,6 +3,7 @@
 
 pub mod http;
 pub mod infer;
+pub mod jobs;
 pub mod model;
 pub mod tags;
 pub mod train;

@@ -76,6 +76,12 @@ enum Command {
     },
     /// Runs the HTTP service: loads the model once, serves tags from --tags-dir.
     Serve(ServeArgs),
+    /// Runs a standalone training worker against a shared job store.
+    Worker(WorkerCmd),
+    /// Trains tags locally (a progress bar) and writes the bundles to --tags-dir.
+    Train(TrainCmd),
+    /// Prints the metrics of a function tag on a labelled JSONL file.
+    Eval(EvalCmd),
     /// Tag bundle utilities.
     Tags {
         #[command(subcommand)]
@@ -134,6 +140,119 @@ struct ServeArgs {
     /// Do not watch the tags directory (POST /tags/reload still rescans).
     #[arg(long, env = "TAGLLM_NO_WATCH")]
     no_watch: bool,
+    /// Job store: sqlite://PATH or postgres://... (default: SQLite in --data-dir).
+    #[arg(long, env = "TAGLLM_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Training files named by {"path": ...} must lie under this directory.
+    #[arg(long, env = "TAGLLM_DATA_ROOT")]
+    data_root: Option<PathBuf>,
+    /// Largest dataset accepted by POST /datasets or read from the data root, in bytes.
+    #[arg(long, env = "TAGLLM_MAX_DATASET_BYTES", default_value_t = 64 * 1024 * 1024)]
+    max_dataset_bytes: usize,
+    /// Do not run an embedded training worker (run `tagllm worker` elsewhere).
+    #[arg(long, env = "TAGLLM_NO_WORKER")]
+    no_worker: bool,
+    #[command(flatten)]
+    worker: WorkerArgs,
+}
+
+#[derive(clap::Args, Clone)]
+struct WorkerArgs {
+    /// A job whose worker stops heartbeating for this long is taken over by another.
+    #[arg(long, env = "TAGLLM_LEASE_SECONDS", default_value_t = 60)]
+    lease_seconds: u64,
+    /// Checkpoint a running job into the store every this many steps.
+    #[arg(long, env = "TAGLLM_CHECKPOINT_EVERY", default_value_t = 25)]
+    checkpoint_every: usize,
+}
+
+impl WorkerArgs {
+    fn config(&self) -> tagllm::jobs::WorkerConfig {
+        let lease = std::time::Duration::from_secs(self.lease_seconds.max(1));
+        tagllm::jobs::WorkerConfig {
+            lease,
+            heartbeat: (lease / 4).min(std::time::Duration::from_secs(2)),
+            checkpoint_every: self.checkpoint_every,
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct WorkerCmd {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The job store shared with the API servers.
+    #[arg(long, env = "TAGLLM_DATABASE_URL")]
+    database_url: String,
+    /// Where finished tags are published (shared with the API servers).
+    #[arg(long, env = "TAGLLM_TAGS_DIR", default_value = "tags")]
+    tags_dir: PathBuf,
+    #[command(flatten)]
+    worker: WorkerArgs,
+}
+
+#[derive(clap::Args)]
+struct TrainCmd {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, env = "TAGLLM_TAGS_DIR", default_value = "tags")]
+    tags_dir: PathBuf,
+    /// 1: domain tags; 2: a single-domain function tag; 3: cross-domain / multi-task.
+    #[arg(long)]
+    stage: u8,
+    /// The tag to learn (repeat for several domain tags in stage 1).
+    #[arg(long = "tag", required = true)]
+    tags: Vec<String>,
+    /// Default for stage 1: `<TAG>{text}`.
+    #[arg(long)]
+    template: Option<String>,
+    /// The labelled field (stages 2 and 3).
+    #[arg(long)]
+    target: Option<String>,
+    #[arg(long, value_parser = ["regression", "classification", "none"], default_value = "none")]
+    head: String,
+    /// JSONL training data.
+    #[arg(long)]
+    data: PathBuf,
+    /// JSONL held-out data.
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    #[arg(long, default_value_t = 1000)]
+    steps: usize,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    learning_rate: f64,
+    #[arg(long, default_value_t = 0.03)]
+    warmup_ratio: f64,
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    #[arg(long, default_value_t = 10)]
+    num_vectors: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 0)]
+    eval_every: usize,
+    #[arg(long, default_value_t = 0)]
+    patience: usize,
+}
+
+#[derive(clap::Args)]
+struct EvalCmd {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, env = "TAGLLM_TAGS_DIR", default_value = "tags")]
+    tags_dir: PathBuf,
+    /// A function tag with a head.
+    #[arg(long)]
+    function: String,
+    /// Labelled JSONL: the template's slots and the target field.
+    #[arg(long)]
+    data: PathBuf,
+    /// The labelled field (default: the target the tag was trained on).
+    #[arg(long)]
+    target: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -167,12 +286,16 @@ fn serve(args: ServeArgs) -> Result<()> {
         admin_api_key: args.admin_api_key.clone(),
         max_concurrent_requests: args.max_concurrent_requests,
         max_body_bytes: args.max_body_bytes,
+        max_dataset_bytes: args.max_dataset_bytes,
+        data_root: args.data_root.clone(),
     })?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port)).await?;
+        let db = args.database_url.clone().unwrap_or_else(|| format!("sqlite://{}", args.data_dir.join("tagllm.db").display()));
+        let _ = state.jobs.set(tagllm::jobs::JobStore::connect(&db).await?);
         tracing::info!(addr = %listener.local_addr()?, "listening; loading the model");
         let loading = state.clone();
         let limits = tagllm::infer::Limits {
@@ -182,12 +305,20 @@ fn serve(args: ServeArgs) -> Result<()> {
         };
         let engine = tagllm::infer::EngineConfig { max_batch_tokens: args.max_batch_tokens, ..Default::default() };
         let watch = !args.no_watch;
+        let worker = (!args.no_worker).then(|| args.worker.config());
+        let runtime = tokio::runtime::Handle::current();
         let model_path = args.model.model.clone();
         let tags_dir = args.tags_dir.clone();
         tokio::task::spawn_blocking(move || {
             match tagllm::infer::Predictor::load(&model_path, &device, &tags_dir, watch, limits, engine, &loading.metrics.registry) {
                 Ok(p) => {
                     tracing::info!(model = %p.model.name, tags = p.registry.snapshot().tags.len(), "ready");
+                    if let (Some(config), Some(store)) = (worker, loading.jobs.get()) {
+                        // Training runs on its own thread so predictions stay responsive.
+                        let w = tagllm::jobs::Worker { store: store.clone(), model: p.model.clone(), registry: p.registry.clone(), config, runtime };
+                        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                        std::thread::Builder::new().name("training-worker".into()).spawn(move || w.run(stop)).expect("spawning the worker");
+                    }
                     let _ = loading.predictor.set(std::sync::Arc::new(p));
                 }
                 Err(e) => {
@@ -200,10 +331,221 @@ fn serve(args: ServeArgs) -> Result<()> {
     })
 }
 
+fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,tower_http=warn".into()),
+        )
+        .try_init();
+}
+
+fn worker(cmd: WorkerCmd) -> Result<()> {
+    init_logging();
+    let device = device::parse_device(&cmd.model.device)?;
+    tracing::info!(device = %device::describe(&device), "loading the model");
+    let model = std::sync::Arc::new(BaseModel::load(&cmd.model.model, &device)?);
+    let identity = tagllm::tags::BaseModelIdentity {
+        fingerprint: model.fingerprint.clone(),
+        hidden_size: model.config().hidden_size,
+    };
+    let registry = tagllm::tags::Registry::open(&cmd.tags_dir, identity, device.clone())?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let store = rt.block_on(tagllm::jobs::JobStore::connect(&cmd.database_url))?;
+    let w = tagllm::jobs::Worker {
+        store,
+        model,
+        registry,
+        config: cmd.worker.config(),
+        runtime: rt.handle().clone(),
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    w.run(stop);
+    Ok(())
+}
+
+fn train(cmd: TrainCmd) -> Result<()> {
+    use tagllm::train::{Dataset, HeadKind, Hyperparameters, TrainJob, Trainer};
+    let m = cmd.model.load()?;
+    let identity = tagllm::tags::BaseModelIdentity {
+        fingerprint: m.fingerprint.clone(),
+        hidden_size: m.config().hidden_size,
+    };
+    let registry = tagllm::tags::Registry::open(&cmd.tags_dir, identity, m.device().clone())?;
+    let read = |p: &PathBuf| -> Result<Dataset> {
+        let text = std::fs::read_to_string(p)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))?;
+        Dataset::from_jsonl(&text).map_err(|e| anyhow::anyhow!("{}: {e:#}", p.display()))
+    };
+    let data = read(&cmd.data)?;
+    let eval = cmd.eval_data.as_ref().map(read).transpose()?;
+    let head = match cmd.head.as_str() {
+        "regression" => HeadKind::Regression,
+        "classification" => HeadKind::Classification,
+        _ => HeadKind::None,
+    };
+    let template = cmd.template.clone().unwrap_or_else(|| {
+        cmd.tags
+            .iter()
+            .map(|t| format!("<{t}>"))
+            .collect::<String>()
+            + "{text}"
+    });
+    let job = TrainJob {
+        stage: cmd.stage,
+        tags: cmd.tags.clone(),
+        template,
+        target: cmd.target.clone(),
+        head,
+        hyperparameters: Hyperparameters {
+            steps: cmd.steps,
+            batch_size: cmd.batch_size,
+            learning_rate: cmd.learning_rate,
+            warmup_ratio: cmd.warmup_ratio,
+            grad_accum: cmd.grad_accum,
+            num_vectors: cmd.num_vectors,
+            seed: cmd.seed,
+            weight_decay: 0.0,
+            eval_every: cmd.eval_every,
+            patience: cmd.patience,
+        },
+    };
+    let frozen = std::sync::Arc::new(registry.snapshot().clone_tags());
+    let trainer = Trainer::new(&m, frozen, job, &data, eval.as_ref())?;
+    let bar = indicatif::ProgressBar::new(cmd.steps as u64);
+    bar.set_style(indicatif::ProgressStyle::with_template(
+        "{bar:40} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
+    )?);
+    let trained = trainer.run(None, &mut |p: &tagllm::train::Progress| {
+        bar.set_position(p.step as u64);
+        let best = p
+            .best_eval_loss
+            .map(|b| format!(" best eval {b:.4}"))
+            .unwrap_or_default();
+        bar.set_message(format!("loss {:.4}{best}", p.loss));
+        true
+    })?;
+    bar.finish();
+    for b in &trained.bundles {
+        b.save(&cmd.tags_dir)?;
+        eprintln!(
+            "wrote {} v{} to {}",
+            b.name(),
+            b.version(),
+            cmd.tags_dir.join(b.name()).display()
+        );
+    }
+    println!(
+        "{}",
+        serde_json::json!({"tags": trained.bundles.iter().map(|b| b.name()).collect::<Vec<_>>(), "eval": trained.eval, "best_step": trained.best_step, "steps_run": trained.steps_run})
+    );
+    Ok(())
+}
+
+fn eval(cmd: EvalCmd) -> Result<()> {
+    use tagllm::infer::{compose, Input, Prediction};
+    use tagllm::tags::{HeadSpec, Template};
+    let m = cmd.model.load()?;
+    let identity = tagllm::tags::BaseModelIdentity {
+        fingerprint: m.fingerprint.clone(),
+        hidden_size: m.config().hidden_size,
+    };
+    let registry = tagllm::tags::Registry::open(&cmd.tags_dir, identity, m.device().clone())?;
+    let set = registry.snapshot();
+    let tag = set.get(&cmd.function).ok_or_else(|| {
+        anyhow::anyhow!("no tag <{}> in {}", cmd.function, cmd.tags_dir.display())
+    })?;
+    let head = tag
+        .head
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("<{}> has no head to evaluate", cmd.function))?;
+    let template = Template::parse(
+        tag.manifest
+            .template
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("<{}> has no template", cmd.function))?,
+    );
+    let target = cmd
+        .target
+        .clone()
+        .or_else(|| {
+            tag.manifest
+                .provenance
+                .get("target")
+                .and_then(|t| t.as_str())
+                .map(String::from)
+        })
+        .ok_or_else(|| anyhow::anyhow!("say which field holds the labels: --target"))?;
+    let data = tagllm::train::Dataset::from_jsonl(&std::fs::read_to_string(&cmd.data)?)?;
+    data.require_fields(&[target.as_str()])?;
+    let slots = template.slots();
+    let mut preds = Vec::new();
+    for chunk in data.records.chunks(16) {
+        let composed = chunk
+            .iter()
+            .map(|r| {
+                let input = Input::Slots(
+                    slots
+                        .iter()
+                        .filter_map(|s| r.get(*s).map(|v| (s.to_string(), v.clone())))
+                        .collect(),
+                );
+                compose(
+                    &m,
+                    &set,
+                    &template,
+                    &input,
+                    Some(&cmd.function),
+                    m.config().max_position_embeddings,
+                )
+                .map_err(anyhow::Error::from)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let refs: Vec<_> = composed.iter().collect();
+        preds.extend(tagllm::infer::engine::padded_heads(&m, &refs)?);
+    }
+    let metrics = match &head.spec {
+        HeadSpec::Regression { .. } => {
+            let want = data.numeric(&target)?;
+            let got: Vec<f64> = preds
+                .iter()
+                .map(|p| {
+                    if let Prediction::Value { value } = p {
+                        *value
+                    } else {
+                        f64::NAN
+                    }
+                })
+                .collect();
+            serde_json::to_value(tagllm::train::metrics::regression(&got, &want))?
+        }
+        HeadSpec::Classification { .. } => {
+            let right = preds
+                .iter()
+                .zip(&data.records)
+                .filter(
+                    |(p, r)| matches!(p, Prediction::Class { label, .. } if *label == r[&target]),
+                )
+                .count();
+            serde_json::json!({"accuracy": right as f64 / data.records.len() as f64, "n": data.records.len()})
+        }
+    };
+    println!(
+        "{}",
+        serde_json::json!({"tag": cmd.function, "version": tag.version(), "metrics": metrics})
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args)?,
+        Command::Worker(cmd) => worker(cmd)?,
+        Command::Train(cmd) => train(cmd)?,
+        Command::Eval(cmd) => eval(cmd)?,
         Command::Openapi => println!("{}", tagllm::http::openapi_json()),
         Command::Tags {
             command:

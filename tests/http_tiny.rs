@@ -575,6 +575,8 @@ async fn api_keys_guard_routes_and_admin_key_guards_changes() {
         admin_api_key: Some("admin-key".into()),
         max_concurrent_requests: 8,
         max_body_bytes: 1 << 20,
+        max_dataset_bytes: 1 << 20,
+        data_root: None,
     };
     let s = start(Options {
         config,

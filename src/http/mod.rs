@@ -1,6 +1,7 @@
 //! The HTTP surface: axum router, auth, metrics, OpenAPI, graceful shutdown.
 
 pub mod error;
+pub mod jobs_routes;
 pub mod routes;
 pub mod state;
 
@@ -24,7 +25,9 @@ pub use state::{AppState, HttpMetrics, ServerConfig};
 #[openapi(
     info(title = "tagllm", description = "Tag-LLM tags served on one frozen LLM"),
     paths(routes::health, routes::ready, routes::info, routes::list_tags, routes::get_tag,
-          routes::reload_tags, routes::tokenize, routes::predict, routes::metrics),
+          routes::reload_tags, routes::tokenize, routes::predict, routes::metrics,
+          jobs_routes::train, jobs_routes::list_jobs, jobs_routes::get_job, jobs_routes::job_events,
+          jobs_routes::cancel_job, jobs_routes::upload_dataset),
     modifiers(&Security)
 )]
 pub struct ApiDoc;
@@ -63,7 +66,7 @@ async fn auth(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Respo
     if path == "/health" {
         return next.run(req).await;
     }
-    let changes_state = req.method() == Method::POST && path.starts_with("/tags/");
+    let changes_state = req.method() != Method::GET && path != "/predict" && path != "/tokenize";
     let token = bearer(&req);
     let cfg = &s.config;
     let is = |key: &Option<String>| key.as_deref().is_some_and(|k| token == Some(k));
@@ -132,6 +135,18 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/tags/{name}", get(routes::get_tag))
         .route("/tokenize", post(routes::tokenize))
         .route("/predict", post(routes::predict))
+        .route("/train", post(jobs_routes::train))
+        .route("/jobs", get(jobs_routes::list_jobs))
+        .route(
+            "/jobs/{id}",
+            get(jobs_routes::get_job).delete(jobs_routes::cancel_job),
+        )
+        .route("/jobs/{id}/events", get(jobs_routes::job_events))
+        .route(
+            "/datasets",
+            post(jobs_routes::upload_dataset)
+                .layer(DefaultBodyLimit::max(state.config.max_dataset_bytes)),
+        )
         .route(
             "/openapi.json",
             get(|| async {
@@ -156,6 +171,7 @@ pub fn new_state(config: ServerConfig) -> anyhow::Result<Arc<AppState>> {
         permits: Arc::new(Semaphore::new(config.max_concurrent_requests.max(1))),
         config,
         predictor: OnceLock::new(),
+        jobs: OnceLock::new(),
         metrics: HttpMetrics::new()?,
     }))
 }

@@ -13,6 +13,10 @@ pub struct ServerConfig {
     pub admin_api_key: Option<String>,
     pub max_concurrent_requests: usize,
     pub max_body_bytes: usize,
+    /// `POST /datasets` bodies may be this large.
+    pub max_dataset_bytes: usize,
+    /// Training data named by `{"path": ...}` must lie under this directory.
+    pub data_root: Option<std::path::PathBuf>,
 }
 
 pub struct HttpMetrics {
@@ -54,11 +58,23 @@ pub struct AppState {
     pub config: ServerConfig,
     /// Set once the model is loaded; until then the service answers 503 "not ready".
     pub predictor: OnceLock<Arc<Predictor>>,
+    /// The job store, where training is enabled.
+    pub jobs: OnceLock<crate::jobs::JobStore>,
     pub permits: Arc<Semaphore>,
     pub metrics: HttpMetrics,
 }
 
 impl AppState {
+    pub fn jobs(&self) -> Result<&crate::jobs::JobStore, super::error::ApiError> {
+        self.jobs.get().ok_or_else(|| {
+            super::error::ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "not_ready",
+                "training is not enabled on this server (no job store)",
+            )
+        })
+    }
+
     pub fn predictor(&self) -> Result<&Arc<Predictor>, super::error::ApiError> {
         self.predictor
             .get()

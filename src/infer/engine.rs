@@ -375,8 +375,9 @@ fn batch_seq(batch: &[Work], (wi, gi, si): (usize, usize, usize)) -> &Composed {
     &batch[wi].groups[gi].seqs[si]
 }
 
-/// Right-pads `seqs` into one forward and applies each one's head at its readout.
-fn padded_heads(model: &BaseModel, seqs: &[&Composed]) -> Result<Vec<Prediction>> {
+/// Right-pads `seqs` into one forward and applies each one's head at its readout
+/// (every sequence must have a head).
+pub fn padded_heads(model: &BaseModel, seqs: &[&Composed]) -> Result<Vec<Prediction>> {
     let longest = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
     let (rows, mask) = pad_right(model, seqs, 0, longest)?;
     let hidden = model.llama.forward(&rows, Some(&mask), None, Mode::Fast)?;

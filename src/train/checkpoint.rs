@@ -98,3 +98,24 @@ impl Checkpoint {
         })
     }
 }
+
+impl Checkpoint {
+    /// The checkpoint as bytes (a safetensors file), e.g. to keep it in the job store.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let path =
+            std::env::temp_dir().join(format!("tagllm-ckpt-{}.safetensors", uuid::Uuid::new_v4()));
+        self.save(&path)?;
+        let bytes = std::fs::read(&path);
+        let _ = std::fs::remove_file(&path);
+        Ok(bytes?)
+    }
+
+    pub fn from_bytes(bytes: &[u8], device: &Device) -> Result<Self> {
+        let path =
+            std::env::temp_dir().join(format!("tagllm-ckpt-{}.safetensors", uuid::Uuid::new_v4()));
+        std::fs::write(&path, bytes)?;
+        let c = Self::load(&path, device);
+        let _ = std::fs::remove_file(&path);
+        c
+    }
+}

@@ -14,7 +14,41 @@ pub struct TestServer {
     pub url: String,
     pub state: Arc<AppState>,
     pub tags_dir: PathBuf,
+    pub data_root: PathBuf,
+    pub database_url: String,
+    pub model_path: PathBuf,
+    stop_worker: Arc<std::sync::atomic::AtomicBool>,
     pub _dir: tempfile::TempDir,
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop_worker
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A fresh job store: SQLite in `dir`, or, when `TAGLLM_TEST_DATABASE_URL` names a
+/// Postgres server, a new database of its own there (tests run in parallel and must not
+/// see each other's jobs).
+pub async fn fresh_database_url(dir: &Path) -> String {
+    match std::env::var("TAGLLM_TEST_DATABASE_URL") {
+        Ok(base) if base.starts_with("postgres") => {
+            use sqlx::Connection;
+            sqlx::any::install_default_drivers();
+            let name = format!("tagllm_test_{}", uuid::Uuid::new_v4().simple());
+            let mut admin = sqlx::AnyConnection::connect(&base)
+                .await
+                .expect("connecting to the test Postgres");
+            sqlx::query(&format!("CREATE DATABASE {name}"))
+                .execute(&mut admin)
+                .await
+                .unwrap();
+            let (prefix, _) = base.rsplit_once('/').expect("postgres URL with a database");
+            format!("{prefix}/{name}")
+        }
+        _ => format!("sqlite://{}", dir.join("jobs.db").display()),
+    }
 }
 
 impl TestServer {
@@ -37,6 +71,8 @@ pub struct Options {
     pub config: ServerConfig,
     pub limits: Limits,
     pub load: bool,
+    /// Run an embedded training worker.
+    pub worker: bool,
 }
 
 impl Default for Options {
@@ -46,23 +82,46 @@ impl Default for Options {
             config: ServerConfig {
                 max_concurrent_requests: 64,
                 max_body_bytes: 1 << 20,
+                max_dataset_bytes: 1 << 20,
                 ..Default::default()
             },
             limits: Limits::default(),
             load: true,
+            worker: true,
         }
+    }
+}
+
+pub fn test_worker_config() -> tagllm::jobs::WorkerConfig {
+    tagllm::jobs::WorkerConfig {
+        id: format!("test-worker-{}", uuid::Uuid::new_v4().simple()),
+        lease: std::time::Duration::from_secs(3),
+        poll: std::time::Duration::from_millis(50),
+        heartbeat: std::time::Duration::from_millis(200),
+        checkpoint_every: 2,
     }
 }
 
 pub async fn start(opts: Options) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
     let tags_dir = dir.path().join("tags");
+    let data_root = dir.path().join("data");
     std::fs::create_dir_all(&tags_dir).unwrap();
+    std::fs::create_dir_all(&data_root).unwrap();
     let model = opts
         .model
         .clone()
         .unwrap_or_else(|| write_tiny_model(dir.path()));
-    let state = new_state(opts.config).unwrap();
+    let mut config = opts.config;
+    config.data_root = Some(data_root.clone());
+    let state = new_state(config).unwrap();
+    let database_url = fresh_database_url(dir.path()).await;
+    let _ = state.jobs.set(
+        tagllm::jobs::JobStore::connect(&database_url)
+            .await
+            .unwrap(),
+    );
+    let stop_worker = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if opts.load {
         let p = Predictor::load(
             &model,
@@ -74,6 +133,17 @@ pub async fn start(opts: Options) -> TestServer {
             &state.metrics.registry,
         )
         .unwrap();
+        if opts.worker {
+            let w = tagllm::jobs::Worker {
+                store: state.jobs.get().unwrap().clone(),
+                model: p.model.clone(),
+                registry: p.registry.clone(),
+                config: test_worker_config(),
+                runtime: tokio::runtime::Handle::current(),
+            };
+            let stop = stop_worker.clone();
+            std::thread::spawn(move || w.run(stop));
+        }
         let _ = state.predictor.set(Arc::new(p));
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -83,6 +153,10 @@ pub async fn start(opts: Options) -> TestServer {
         url,
         state,
         tags_dir,
+        data_root,
+        database_url,
+        model_path: model,
+        stop_worker,
         _dir: dir,
     }
 }

@@ -1,0 +1,307 @@
+//! Training over HTTP: `POST /train`, `GET /jobs`, `GET /jobs/{id}`, `GET /jobs/{id}/events`,
+//! `DELETE /jobs/{id}`, `POST /datasets`. Everything that can be checked is checked before
+//! a job is queued, so a bad request is a 4xx now, not a failed job later.
+
+use std::convert::Infallible;
+use std::path::{Component, Path as FsPath};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::error::{ApiError, ErrorBody};
+use super::state::AppState;
+use crate::jobs::{DatasetInfo, DatasetRef, Job, JobSpec, JobState, JobStore, TrainRequest};
+use crate::train::{Dataset, Trainer};
+
+type Shared = State<Arc<AppState>>;
+
+#[derive(Serialize, ToSchema)]
+pub struct Accepted {
+    pub id: String,
+    #[schema(value_type = String)]
+    pub state: JobState,
+}
+
+/// The JSONL text of a dataset reference, and whether it must be stored with the job.
+async fn dataset_text(
+    s: &AppState,
+    store: &JobStore,
+    r: &DatasetRef,
+    what: &str,
+) -> Result<(String, Option<String>), ApiError> {
+    match r {
+        DatasetRef::Id { id } => {
+            let text = store
+                .dataset_content(id)
+                .await
+                .map_err(|e| ApiError::backend(format!("{e:#}")))?;
+            let text = text.ok_or_else(|| {
+                ApiError::validation(format!("{what}: no dataset with id `{id}`"))
+            })?;
+            Ok((text, Some(id.clone())))
+        }
+        DatasetRef::Path { path } => {
+            let root = s.config.data_root.as_ref().ok_or_else(|| {
+                ApiError::validation(format!(
+                    "{what}: this server has no data root; upload with POST /datasets"
+                ))
+            })?;
+            let rel = FsPath::new(path);
+            if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
+                return Err(ApiError::validation(format!(
+                    "{what}: `{path}` must be a relative path without `..`"
+                )));
+            }
+            let full = root.join(rel);
+            let (canon_root, canon) = (std::fs::canonicalize(root), std::fs::canonicalize(&full));
+            match (canon_root, canon) {
+                (Ok(r), Ok(f)) if f.starts_with(&r) => {}
+                _ => {
+                    return Err(ApiError::validation(format!(
+                        "{what}: no file `{path}` under the data root"
+                    )))
+                }
+            }
+            let meta = std::fs::metadata(&full)
+                .map_err(|e| ApiError::validation(format!("{what}: {e}")))?;
+            if meta.len() as usize > s.config.max_dataset_bytes {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!("{what}: `{path}` is over the dataset size limit"),
+                ));
+            }
+            let text = std::fs::read_to_string(&full)
+                .map_err(|e| ApiError::validation(format!("{what}: reading `{path}`: {e}")))?;
+            Ok((text, None))
+        }
+        DatasetRef::Records { records } => {
+            let lines: Vec<String> = records.iter().map(|r| r.to_string()).collect();
+            Ok((lines.join("\n"), None))
+        }
+    }
+}
+
+fn parse(text: &str, what: &str) -> Result<Dataset, ApiError> {
+    Dataset::from_jsonl(text).map_err(|e| ApiError::validation(format!("{what}: {e:#}")))
+}
+
+/// Queues a training job (stage 1, 2 or 3) after validating it against the model, the
+/// registered tags and the data.
+#[utoipa::path(post, path = "/train", request_body = TrainRequest,
+    responses((status = 202, body = Accepted), (status = 422, body = ErrorBody), (status = 413, body = ErrorBody),
+              (status = 503, body = ErrorBody)), security(("admin" = [])))]
+pub async fn train(
+    State(s): Shared,
+    body: Result<Json<TrainRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    let Json(req) = body?;
+    let store = s.jobs()?.clone();
+    let predictor = s.predictor()?.clone();
+    let job = req.to_job().map_err(ApiError::validation)?;
+    let (train_text, train_id) = dataset_text(&s, &store, &req.dataset, "dataset").await?;
+    let train_data = parse(&train_text, "dataset")?;
+    let eval = match &req.eval_dataset {
+        Some(r) => {
+            let (text, id) = dataset_text(&s, &store, r, "eval_dataset").await?;
+            let data = parse(&text, "eval_dataset")?;
+            Some((text, id, data))
+        }
+        None => None,
+    };
+    // Full validation: tags, template slots against the data, target against the head.
+    let check_job = job.clone();
+    let eval_data = eval.as_ref().map(|(_, _, d)| d.clone());
+    let frozen = Arc::new(predictor.registry.snapshot().clone_tags());
+    let model = predictor.model.clone();
+    let data = train_data.clone();
+    tokio::task::spawn_blocking(move || {
+        Trainer::new(&model, frozen, check_job, &data, eval_data.as_ref()).map(|_| ())
+    })
+    .await
+    .map_err(|e| ApiError::backend(e.to_string()))?
+    .map_err(|e| ApiError::validation(format!("{e:#}")))?;
+    let store_text = |text: String, id: Option<String>, n: usize| {
+        let store = store.clone();
+        async move {
+            match id {
+                Some(id) => Ok(id),
+                None => store
+                    .add_dataset(None, &text, n as i64)
+                    .await
+                    .map(|d| d.id)
+                    .map_err(|e| ApiError::backend(format!("{e:#}"))),
+            }
+        }
+    };
+    let dataset = store_text(train_text, train_id, train_data.records.len()).await?;
+    let eval_dataset = match eval {
+        Some((text, id, d)) => Some(store_text(text, id, d.records.len()).await?),
+        None => None,
+    };
+    let tag = job.tags.join(",");
+    let (stage, steps) = (job.stage as i64, job.hyperparameters.steps as i64);
+    let spec = serde_json::to_value(JobSpec {
+        job,
+        dataset,
+        eval_dataset,
+    })
+    .map_err(|e| ApiError::backend(e.to_string()))?;
+    let queued = store
+        .submit(stage, &tag, steps, &spec)
+        .await
+        .map_err(|e| ApiError::backend(format!("{e:#}")))?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Accepted {
+            id: queued.id,
+            state: queued.state,
+        }),
+    ))
+}
+
+#[derive(Deserialize, IntoParams)]
+pub struct JobFilter {
+    /// queued, running, succeeded, failed or cancelled.
+    pub state: Option<String>,
+    /// At most this many, newest first (default 100).
+    pub limit: Option<i64>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct JobList {
+    pub jobs: Vec<Job>,
+}
+
+/// Jobs, newest first, optionally in one state.
+#[utoipa::path(get, path = "/jobs", params(JobFilter), responses((status = 200, body = JobList), (status = 422, body = ErrorBody)))]
+pub async fn list_jobs(
+    State(s): Shared,
+    Query(f): Query<JobFilter>,
+) -> Result<Json<JobList>, ApiError> {
+    let state = match f.state.as_deref() {
+        Some(x) => Some(
+            JobState::parse(x)
+                .ok_or_else(|| ApiError::validation(format!("unknown state `{x}`")))?,
+        ),
+        None => None,
+    };
+    let jobs = s
+        .jobs()?
+        .list(state, f.limit.unwrap_or(100).clamp(1, 1000))
+        .await
+        .map_err(|e| ApiError::backend(format!("{e:#}")))?;
+    Ok(Json(JobList { jobs }))
+}
+
+async fn find(s: &AppState, id: &str) -> Result<Job, ApiError> {
+    s.jobs()?
+        .get(id)
+        .await
+        .map_err(|e| ApiError::backend(format!("{e:#}")))?
+        .ok_or_else(|| ApiError::not_found(format!("no job `{id}`")))
+}
+
+/// One job: state, stage, step / total, loss, best loss, eval metrics, ETA, error.
+#[utoipa::path(get, path = "/jobs/{id}", params(("id" = String, Path)), responses((status = 200, body = Job), (status = 404, body = ErrorBody)))]
+pub async fn get_job(State(s): Shared, Path(id): Path<String>) -> Result<Json<Job>, ApiError> {
+    Ok(Json(find(&s, &id).await?))
+}
+
+/// Cancels a job: at once when queued, at its next step when running.
+#[utoipa::path(delete, path = "/jobs/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = Job), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)), security(("admin" = [])))]
+pub async fn cancel_job(State(s): Shared, Path(id): Path<String>) -> Result<Json<Job>, ApiError> {
+    let job = find(&s, &id).await?;
+    if job.state.is_terminal() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("job `{id}` already ended ({})", job.state.as_str()),
+        ));
+    }
+    let job = s
+        .jobs()?
+        .cancel(&id)
+        .await
+        .map_err(|e| ApiError::backend(format!("{e:#}")))?
+        .ok_or_else(|| ApiError::not_found(format!("no job `{id}`")))?;
+    Ok(Json(job))
+}
+
+/// Server-sent events: the job (as in `GET /jobs/{id}`) each time it changes, until it ends.
+#[utoipa::path(get, path = "/jobs/{id}/events", params(("id" = String, Path)),
+    responses((status = 200, description = "text/event-stream of `progress` events carrying the job", body = Job), (status = 404, body = ErrorBody)))]
+pub async fn job_events(
+    State(s): Shared,
+    Path(id): Path<String>,
+) -> Result<Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    find(&s, &id).await?;
+    let store = s.jobs()?.clone();
+    let stream = futures_util::stream::unfold(
+        (store, id, None::<(i64, i64)>, false),
+        |(store, id, last, ended)| async move {
+            if ended {
+                return None;
+            }
+            loop {
+                let job = match store.get(&id).await {
+                    Ok(Some(j)) => j,
+                    _ => return None,
+                };
+                let key = (job.updated_at, job.step);
+                if last != Some(key) || job.state.is_terminal() {
+                    let done = job.state.is_terminal();
+                    let event = Event::default()
+                        .event("progress")
+                        .json_data(&job)
+                        .unwrap_or_default();
+                    return Some((Ok(event), (store, id, Some(key), done)));
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        },
+    );
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+#[derive(Deserialize, IntoParams)]
+pub struct UploadParams {
+    /// A name to remember the dataset by.
+    pub name: Option<String>,
+}
+
+/// Uploads a JSONL dataset (one JSON object per line); answers its id for `POST /train`.
+#[utoipa::path(post, path = "/datasets", params(UploadParams), request_body(content = String, content_type = "application/x-ndjson"),
+    responses((status = 201, body = DatasetInfo), (status = 422, body = ErrorBody), (status = 413, body = ErrorBody)), security(("admin" = [])))]
+pub async fn upload_dataset(
+    State(s): Shared,
+    Query(p): Query<UploadParams>,
+    body: Result<String, axum::extract::rejection::StringRejection>,
+) -> Result<(StatusCode, Json<DatasetInfo>), ApiError> {
+    let text = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "dataset is over the size limit",
+            )
+        } else {
+            ApiError::new(r.status(), "bad_request", r.body_text())
+        }
+    })?;
+    let store = s.jobs()?;
+    let data = parse(&text, "dataset")?;
+    let info = store
+        .add_dataset(p.name.as_deref(), &text, data.records.len() as i64)
+        .await
+        .map_err(|e| ApiError::backend(format!("{e:#}")))?;
+    Ok((StatusCode::CREATED, Json(info)))
+}

@@ -1,0 +1,79 @@
+//! The `POST /train` request and the normalised spec a worker runs.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::train::{HeadKind, Hyperparameters, TrainJob};
+
+/// Where training data comes from.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum DatasetRef {
+    /// A dataset uploaded with `POST /datasets`.
+    Id { id: String },
+    /// A JSONL file under the server's data root.
+    Path { path: String },
+    /// Records given inline.
+    Records {
+        #[schema(value_type = Vec<Object>)]
+        records: Vec<serde_json::Value>,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TrainRequest {
+    /// 1: domain tags on unlabelled text; 2: a single-domain function tag; 3: a
+    /// cross-domain or multi-task function tag.
+    pub stage: u8,
+    /// The tag to learn.
+    pub tag: Option<String>,
+    /// Several domain tags learned together (stage 1).
+    pub tags: Option<Vec<String>>,
+    /// Default: `<TAG>{text}` for stage 1.
+    pub template: Option<String>,
+    /// The labelled field (stages 2 and 3).
+    pub target: Option<String>,
+    #[serde(default = "no_head")]
+    #[schema(value_type = String)]
+    pub head: HeadKind,
+    pub dataset: DatasetRef,
+    pub eval_dataset: Option<DatasetRef>,
+    #[serde(default)]
+    pub hyperparameters: Hyperparameters,
+}
+
+fn no_head() -> HeadKind {
+    HeadKind::None
+}
+
+/// What the store keeps and a worker runs: the job with datasets resolved to stored ids.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct JobSpec {
+    pub job: TrainJob,
+    pub dataset: String,
+    pub eval_dataset: Option<String>,
+}
+
+impl TrainRequest {
+    pub fn to_job(&self) -> Result<TrainJob, String> {
+        let tags = match (&self.tag, &self.tags) {
+            (Some(t), None) => vec![t.clone()],
+            (None, Some(ts)) if !ts.is_empty() => ts.clone(),
+            _ => return Err("give `tag` (or, for stage 1, `tags`)".into()),
+        };
+        let template = match (&self.template, self.stage) {
+            (Some(t), _) => t.clone(),
+            (None, 1) => tags.iter().map(|t| format!("<{t}>")).collect::<String>() + "{text}",
+            (None, _) => return Err("stages 2 and 3 need a `template`".into()),
+        };
+        Ok(TrainJob {
+            stage: self.stage,
+            tags,
+            template,
+            target: self.target.clone(),
+            head: self.head,
+            hyperparameters: self.hyperparameters.clone(),
+        })
+    }
+}

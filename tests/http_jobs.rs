@@ -1,0 +1,305 @@
+//! Training over HTTP on the tiny model: jobs queue, run on the embedded worker, publish
+//! their tags (which /predict then serves), stream progress, cancel, and bad requests get
+//! useful 4xx errors. Runs against SQLite, or Postgres when TAGLLM_TEST_DATABASE_URL is set.
+
+mod common;
+
+use std::time::Duration;
+
+use common::server::{start, Options, TestServer};
+use futures_util::StreamExt;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+async fn call(method: reqwest::Method, url: String, body: Option<Value>) -> (StatusCode, Value) {
+    let mut r = reqwest::Client::new().request(method, url);
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let r = r.send().await.unwrap();
+    let status = r.status();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn post(s: &TestServer, path: &str, body: Value) -> (StatusCode, Value) {
+    call(
+        reqwest::Method::POST,
+        format!("{}{path}", s.url),
+        Some(body),
+    )
+    .await
+}
+
+async fn get(s: &TestServer, path: &str) -> (StatusCode, Value) {
+    call(reqwest::Method::GET, format!("{}{path}", s.url), None).await
+}
+
+async fn wait_state(s: &TestServer, id: &str, want: &str) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, job) = get(s, &format!("/jobs/{id}")).await;
+        if job["state"] == want {
+            return job;
+        }
+        assert!(
+            !["succeeded", "failed", "cancelled"].contains(&job["state"].as_str().unwrap()),
+            "job ended {}, wanted {want}: {job}",
+            job["state"]
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "job never reached {want}: {job}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn molecules(n: usize) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            let smiles = "CCO".repeat(1 + i % 4) + &"N".repeat(i % 3);
+            json!({"smiles": smiles, "qed": smiles.len() as f64 / 10.0})
+        })
+        .collect()
+}
+
+fn text(n: usize) -> Vec<Value> {
+    let texts = ["CCO and CCN", "c1ccccc1 ring", "CC(=O)O acid"];
+    (0..n).map(|i| json!({"text": texts[i % 3]})).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage2_job_submitted_over_http_publishes_a_tag_that_predict_serves() {
+    let s = start(Options::default()).await;
+    // Stage 1: the domain tag, from inline records.
+    let (status, acc) = post(
+        &s,
+        "/train",
+        json!({"stage": 1, "tag": "SMILES", "dataset": {"records": text(9)},
+        "hyperparameters": {"steps": 8, "batch_size": 3, "learning_rate": 0.01, "num_vectors": 3}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{acc}");
+    assert_eq!(acc["state"], "queued");
+    let job = wait_state(&s, acc["id"].as_str().unwrap(), "succeeded").await;
+    assert_eq!(job["published_version"], 1);
+    assert_eq!(job["step"], 8);
+
+    // Stage 2: uploaded training data, held-out data from a file under the data root.
+    let jsonl: String = molecules(16).iter().map(|r| r.to_string() + "\n").collect();
+    let r = reqwest::Client::new()
+        .post(format!("{}/datasets?name=mols", s.url))
+        .body(jsonl)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let ds: Value = r.json().await.unwrap();
+    assert_eq!(ds["records"], 16);
+    let eval: String = molecules(6).iter().map(|r| r.to_string() + "\n").collect();
+    std::fs::write(s.data_root.join("eval.jsonl"), eval).unwrap();
+    let (status, acc) = post(&s, "/train", json!({"stage": 2, "tag": "QED", "template": "<SMILES> {smiles} qed <QED>",
+        "target": "qed", "head": "regression", "dataset": {"id": ds["id"]}, "eval_dataset": {"path": "eval.jsonl"},
+        "hyperparameters": {"steps": 10, "batch_size": 4, "learning_rate": 0.01, "num_vectors": 3, "eval_every": 5}})).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{acc}");
+    let id = acc["id"].as_str().unwrap().to_string();
+
+    // Progress as server-sent events, until the job ends.
+    let events = reqwest::get(format!("{}/jobs/{id}/events", s.url))
+        .await
+        .unwrap();
+    assert_eq!(events.headers()["content-type"], "text/event-stream");
+    let mut body = events.bytes_stream();
+    let mut seen = String::new();
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(120), body.next())
+        .await
+        .expect("events keep coming")
+    {
+        seen.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        if seen.contains("\"state\":\"succeeded\"") {
+            break;
+        }
+    }
+    assert!(seen.contains("event: progress"), "{seen}");
+    let job = wait_state(&s, &id, "succeeded").await;
+    assert!(job["eval"]["mse"].is_number(), "{job}");
+    assert_eq!(job["attempts"], 1);
+
+    // The tag is served without a restart, with its head and the frozen domain tag.
+    let mut tag = Value::Null;
+    for _ in 0..100 {
+        tag = get(&s, "/tags/QED").await.1;
+        if tag["manifest"]["version"] == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(tag["manifest"]["head"]["type"], "regression", "{tag}");
+    assert_eq!(tag["manifest"]["domain_tags"], json!(["SMILES"]));
+    let (status, pred) = post(
+        &s,
+        "/predict",
+        json!({"function": "QED", "inputs": ["CCOCCO"]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{pred}");
+    assert!(pred["predictions"][0]["value"].is_number());
+    assert_eq!(pred["tags"], json!({"QED": 1, "SMILES": 1}));
+    let (_, list) = get(&s, "/jobs?state=succeeded").await;
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_job_can_be_cancelled() {
+    let s = start(Options::default()).await;
+    let (status, acc) = post(
+        &s,
+        "/train",
+        json!({"stage": 1, "tag": "Long", "dataset": {"records": text(6)},
+        "hyperparameters": {"steps": 1000000, "batch_size": 2, "num_vectors": 2}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{acc}");
+    let id = acc["id"].as_str().unwrap();
+    wait_state(&s, id, "running").await;
+    let (status, job) = call(
+        reqwest::Method::DELETE,
+        format!("{}/jobs/{id}", s.url),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(job["cancel_requested"], true);
+    let job = wait_state(&s, id, "cancelled").await;
+    assert!(job["step"].as_i64().unwrap() < 1000000);
+    assert!(
+        !s.tags_dir.join("Long").exists(),
+        "a cancelled job publishes nothing"
+    );
+    let (status, body) = call(
+        reqwest::Method::DELETE,
+        format!("{}/jobs/{id}", s.url),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(body["error_type"], "conflict");
+    // A queued job is cancelled at once (no worker here to pick it up).
+    let idle = start(Options {
+        worker: false,
+        ..Default::default()
+    })
+    .await;
+    let (_, acc) = post(&idle, "/train", json!({"stage": 1, "tag": "Q", "dataset": {"records": text(3)}, "hyperparameters": {"steps": 2}})).await;
+    let (status, job) = call(
+        reqwest::Method::DELETE,
+        format!("{}/jobs/{}", idle.url, acc["id"].as_str().unwrap()),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(job["state"], "cancelled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_training_requests_and_data_get_4xx_with_useful_messages() {
+    let s = start(Options {
+        worker: false,
+        ..Default::default()
+    })
+    .await;
+    let base = json!({"stage": 2, "tag": "QED", "template": "{smiles} qed <QED>", "target": "qed", "head": "regression", "dataset": {"records": molecules(4)}});
+    let with = |patch: Value| {
+        let mut b = base.clone();
+        for (k, v) in patch.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let cases = vec![
+        (
+            with(json!({"template": "<SMILES> {smiles} <QED>"})),
+            "unknown tag <SMILES>",
+        ),
+        (
+            with(json!({"template": "{name} <QED>"})),
+            "missing field `name`",
+        ),
+        (with(json!({"target": "nope"})), "missing field `nope`"),
+        (
+            with(
+                json!({"dataset": {"records": [{"smiles": "C", "qed": 0.1}, {"smiles": "CC", "qed": "high"}]}}),
+            ),
+            "line 2: field `qed` is not a number",
+        ),
+        (with(json!({"dataset": {"records": []}})), "empty"),
+        (
+            with(json!({"dataset": {"id": "no-such-id"}})),
+            "no dataset with id",
+        ),
+        (
+            with(json!({"dataset": {"path": "../../etc/passwd"}})),
+            "without `..`",
+        ),
+        (
+            with(json!({"dataset": {"path": "missing.jsonl"}})),
+            "no file `missing.jsonl`",
+        ),
+        (with(json!({"stage": 4})), "stage must be 1, 2 or 3"),
+        (with(json!({"template": null})), "need a `template`"),
+        (
+            with(json!({"hyperparameters": {"learning_rate": 0}})),
+            "learning_rate",
+        ),
+        (
+            with(
+                json!({"head": "classification", "dataset": {"records": [{"smiles": "C", "qed": "a"}]}}),
+            ),
+            "two distinct labels",
+        ),
+    ];
+    for (body, mentions) in cases {
+        let (status, resp) = post(&s, "/train", body.clone()).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body} -> {resp}");
+        assert_eq!(resp["error_type"], "validation");
+        assert!(
+            resp["error"].as_str().unwrap().contains(mentions),
+            "{resp} should mention {mentions:?}"
+        );
+    }
+    let (status, resp) = post(
+        &s,
+        "/train",
+        json!({"stage": 2, "tag": "QED", "surprise": true, "dataset": {"records": []}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{resp}");
+    let r = reqwest::Client::new()
+        .post(format!("{}/datasets", s.url))
+        .body("{\"a\": 1}\n{oops")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r.json::<Value>().await.unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .contains("line 2"));
+    let r = reqwest::Client::new()
+        .post(format!("{}/datasets", s.url))
+        .body("x".repeat(2 << 20))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let (status, resp) = get(&s, "/jobs/nope").await;
+    assert_eq!(
+        (status, resp["error_type"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+    let (status, _) = get(&s, "/jobs?state=sleeping").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    // Nothing was queued by any of it.
+    let (_, list) = get(&s, "/jobs").await;
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 0);
+}
