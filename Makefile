@@ -11,8 +11,11 @@ build: setup
 serve: build
 	./target/release/tagllm serve
 
+# Every test on SQLite, then the job-store tests again on a real local Postgres
+# (scripts/start-postgres.sh installs and starts one on 127.0.0.1:55432).
 test: setup
 	cargo test
+	TAGLLM_TEST_DATABASE_URL=$$(scripts/start-postgres.sh) cargo test --test http_jobs --test worker_kill
 
 bench: setup
 	cargo bench --bench core
