@@ -15,7 +15,7 @@ serve: build
 # (scripts/start-postgres.sh installs and starts one on 127.0.0.1:55432).
 test: setup
 	cargo test
-	TAGLLM_TEST_DATABASE_URL=$$(scripts/start-postgres.sh) cargo test --test http_jobs --test worker_kill
+	url=$$(scripts/start-postgres.sh) && TAGLLM_TEST_DATABASE_URL=$$url cargo test --test http_jobs --test worker_kill
 
 bench: setup
 	cargo bench --bench core

@@ -33,7 +33,7 @@ impl Drop for TestServer {
 /// see each other's jobs).
 pub async fn fresh_database_url(dir: &Path) -> String {
     match std::env::var("TAGLLM_TEST_DATABASE_URL") {
-        Ok(base) if base.starts_with("postgres") => {
+        Ok(base) if base.starts_with("postgres://") => {
             use sqlx::Connection;
             sqlx::any::install_default_drivers();
             let name = format!("tagllm_test_{}", uuid::Uuid::new_v4().simple());
@@ -47,7 +47,8 @@ pub async fn fresh_database_url(dir: &Path) -> String {
             let (prefix, _) = base.rsplit_once('/').expect("postgres URL with a database");
             format!("{prefix}/{name}")
         }
-        _ => format!("sqlite://{}", dir.join("jobs.db").display()),
+        Ok(other) => panic!("TAGLLM_TEST_DATABASE_URL must be a postgres:// URL, not {other:?}"),
+        Err(_) => format!("sqlite://{}", dir.join("jobs.db").display()),
     }
 }
 
