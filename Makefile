@@ -20,3 +20,4 @@ test: setup
 bench: setup
 	cargo bench --bench core
 	cargo bench --bench serve
+	cargo bench --bench train
