@@ -13,7 +13,9 @@ use candle_core::Device;
 use serde_json::json;
 use tagllm::model::BaseModel;
 use tagllm::tags::{TagBundle, TagKind, TagManifest, TagSet};
-use tagllm::train::{mean_embedding_init, Dataset, HeadKind, Hyperparameters, Progress, TrainJob, Trainer};
+use tagllm::train::{
+    mean_embedding_init, Dataset, HeadKind, Hyperparameters, Progress, TrainJob, Trainer,
+};
 
 const SMILES: &str = "CC(=O)Oc1ccccc1C(=O)OCCN(CC)CCOc1ccc(Cl)cc1C(=O)NCCCCOCC(F)(F)F";
 const PROTEIN: &str = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEKAVQVKVKALPDAQ";
@@ -62,17 +64,28 @@ fn seconds_per_step(m: &BaseModel, frozen: Arc<TagSet>, job: TrainJob, d: &Datas
     })
     .unwrap();
     // The first step warms caches and allocators; time the rest.
-    stamps[1..].windows(2).map(|w| (w[1] - w[0]).as_secs_f64()).sum::<f64>() / (stamps.len() - 2) as f64
+    stamps[1..]
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_secs_f64())
+        .sum::<f64>()
+        / (stamps.len() - 2) as f64
 }
 
 fn main() {
-    let path = std::env::var("TAGLLM_MODEL").unwrap_or_else(|_| tagllm::model::DEFAULT_MODEL_PATH.into());
-    let m = BaseModel::load(std::path::Path::new(&path), &Device::Cpu).expect("run scripts/setup-model.sh first");
+    let path =
+        std::env::var("TAGLLM_MODEL").unwrap_or_else(|_| tagllm::model::DEFAULT_MODEL_PATH.into());
+    let m = BaseModel::load(std::path::Path::new(&path), &Device::Cpu)
+        .expect("run scripts/setup-model.sh first");
     let mut set = TagSet::default();
     set.tags.insert("SMILES".into(), domain(&m, "SMILES"));
     set.tags.insert("Protein".into(), domain(&m, "Protein"));
     let set = Arc::new(set);
-    let h = Hyperparameters { steps: 5, batch_size: 8, warmup_ratio: 0.0, ..Default::default() };
+    let h = Hyperparameters {
+        steps: 5,
+        batch_size: 8,
+        warmup_ratio: 0.0,
+        ..Default::default()
+    };
     let job = |stage, tag: &str, template: &str, head| TrainJob {
         stage,
         tags: vec![tag.into()],
@@ -82,25 +95,67 @@ fn main() {
         hyperparameters: h.clone(),
     };
     let report = |name: &str, secs: f64, tokens: usize| {
-        println!("{}", json!({"bench": name, "seconds_per_step": (secs * 1000.0).round() / 1000.0, "batch": 8, "tokens_per_example": tokens}));
+        println!(
+            "{}",
+            json!({"bench": name, "seconds_per_step": (secs * 1000.0).round() / 1000.0, "batch": 8, "tokens_per_example": tokens})
+        );
     };
 
     // Stage 1: <SMILES> then 54 text tokens (64 positions), LM loss on the text.
     let text = tokens(&m, SMILES, 54);
-    let d1 = data((0..16).map(|i| json!({"text": text.chars().skip(i % 3).collect::<String>()})).collect());
+    let d1 = data(
+        (0..16)
+            .map(|i| json!({"text": text.chars().skip(i % 3).collect::<String>()}))
+            .collect(),
+    );
     let mut fresh = TagSet::default();
     fresh.tags.clear();
-    report("train_stage1", seconds_per_step(&m, Arc::new(fresh), job(1, "SMILES", "<SMILES>{text}", HeadKind::None), &d1), 64);
+    report(
+        "train_stage1",
+        seconds_per_step(
+            &m,
+            Arc::new(fresh),
+            job(1, "SMILES", "<SMILES>{text}", HeadKind::None),
+            &d1,
+        ),
+        64,
+    );
 
     // Stage 2: ~64 positions, the learned function tag at the end.
     let tpl2 = "# # Input: The SMILES of the molecule is <SMILES> {smiles}. \n# # Output: the quantitative estimate of druglikeness score is <QED>";
-    let fixed2 = m.tokenizer.encode_fragment(&tpl2.replace("<SMILES>", "").replace("<QED>", "").replace("{smiles}", "")).unwrap().len() + 20;
+    let fixed2 = m
+        .tokenizer
+        .encode_fragment(
+            &tpl2
+                .replace("<SMILES>", "")
+                .replace("<QED>", "")
+                .replace("{smiles}", ""),
+        )
+        .unwrap()
+        .len()
+        + 20;
     let smiles = tokens(&m, SMILES, 64 - fixed2);
     let d2 = data((0..16).map(|i| json!({"smiles": smiles.chars().skip(i % 3).collect::<String>(), "y": i as f64 / 16.0})).collect());
-    report("train_stage2", seconds_per_step(&m, set.clone(), job(2, "QED", tpl2, HeadKind::Regression), &d2), 64);
+    report(
+        "train_stage2",
+        seconds_per_step(
+            &m,
+            set.clone(),
+            job(2, "QED", tpl2, HeadKind::Regression),
+            &d2,
+        ),
+        64,
+    );
 
     // Stage 2 forward + backward, with and without prefix reuse.
-    let t = Trainer::new(&m, set.clone(), job(2, "QED", tpl2, HeadKind::Regression), &d2, None).unwrap();
+    let t = Trainer::new(
+        &m,
+        set.clone(),
+        job(2, "QED", tpl2, HeadKind::Regression),
+        &d2,
+        None,
+    )
+    .unwrap();
     let batch: Vec<usize> = (0..8).collect();
     for reuse in [true, false] {
         t.gradients(&batch, reuse).unwrap();
@@ -108,14 +163,37 @@ fn main() {
         for _ in 0..3 {
             t.gradients(&batch, reuse).unwrap();
         }
-        report(&format!("stage2_fwd_bwd_prefix_reuse_{reuse}"), started.elapsed().as_secs_f64() / 3.0, 64);
+        report(
+            &format!("stage2_fwd_bwd_prefix_reuse_{reuse}"),
+            started.elapsed().as_secs_f64() / 3.0,
+            64,
+        );
     }
 
     // Stage 3: protein + SMILES, two frozen domain tags, the function tag at the end.
     let tpl3 = "# # Input: The protein sequence is <Protein> {protein}. \nThe SMILES of the drug is <SMILES> {smiles}. \n# # Output: The binding affinity is <BA>";
-    let fixed3 = m.tokenizer.encode_fragment(&tpl3.replace("<Protein>", "").replace("<SMILES>", "").replace("<BA>", "").replace("{protein}", "").replace("{smiles}", "")).unwrap().len() + 30;
+    let fixed3 = m
+        .tokenizer
+        .encode_fragment(
+            &tpl3
+                .replace("<Protein>", "")
+                .replace("<SMILES>", "")
+                .replace("<BA>", "")
+                .replace("{protein}", "")
+                .replace("{smiles}", ""),
+        )
+        .unwrap()
+        .len()
+        + 30;
     let half = (64usize.saturating_sub(fixed3)) / 2;
-    let (p, s) = (tokens(&m, PROTEIN, half.max(4)), tokens(&m, SMILES, half.max(4)));
+    let (p, s) = (
+        tokens(&m, PROTEIN, half.max(4)),
+        tokens(&m, SMILES, half.max(4)),
+    );
     let d3 = data((0..16).map(|i| json!({"protein": p.chars().skip(i % 3).collect::<String>(), "smiles": s.clone(), "y": i as f64})).collect());
-    report("train_stage3", seconds_per_step(&m, set, job(3, "BA", tpl3, HeadKind::Regression), &d3), fixed3 + 2 * half);
+    report(
+        "train_stage3",
+        seconds_per_step(&m, set, job(3, "BA", tpl3, HeadKind::Regression), &d3),
+        fixed3 + 2 * half,
+    );
 }

@@ -13,9 +13,9 @@ use anyhow::Result;
 use candle_core::{DType, Tensor};
 use tokio::sync::{mpsc, oneshot};
 
-use super::compose::{common_prefix, Composed};
 use super::heads::{apply_head, Prediction};
 use crate::model::{rows_at, BaseModel, Decoder, GenerationParams, Mode};
+use crate::tags::compose::{common_prefix, Composed};
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {

@@ -1,7 +1,6 @@
-//! The prediction side: composing tags and inputs into sequences, the batching engine,
-//! heads, and the `predict` entry point the HTTP layer calls.
+//! The prediction side: the batching engine, heads, and the `predict` entry point the
+//! HTTP layer calls.
 
-pub mod compose;
 pub mod engine;
 pub mod heads;
 
@@ -12,7 +11,7 @@ use prometheus::{Histogram, HistogramOpts, IntGauge};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-pub use compose::{compose, ComposeError, Composed, Input};
+pub use crate::tags::compose::{compose, ComposeError, Composed, Input};
 pub use engine::{Engine, EngineConfig, Group, Timings};
 pub use heads::Prediction;
 

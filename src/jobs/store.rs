@@ -290,13 +290,15 @@ impl JobStore {
 
     pub async fn list(&self, state: Option<JobState>, limit: i64) -> Result<Vec<Job>> {
         let rows = match state {
-            Some(s) => sqlx::query(&format!(
+            Some(s) => {
+                sqlx::query(&format!(
                 "SELECT {JOB_COLUMNS} FROM jobs WHERE state = $1 ORDER BY created_at DESC LIMIT $2"
             ))
-            .bind(s.as_str())
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?,
+                .bind(s.as_str())
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+            }
             None => {
                 sqlx::query(&format!(
                     "SELECT {JOB_COLUMNS} FROM jobs ORDER BY created_at DESC LIMIT $1"

@@ -1,6 +1,8 @@
-//! Tags: bundles on disk, the hot-reloading registry, prompt templates.
+//! Tags: bundles on disk, the hot-reloading registry, prompt templates, and composing
+//! templates + tags + inputs into model input.
 
 pub mod bundle;
+pub mod compose;
 pub mod registry;
 pub mod template;
 

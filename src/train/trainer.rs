@@ -20,8 +20,8 @@ use super::data::{Dataset, Record};
 use super::metrics;
 use super::optim::AdamW;
 use super::schedule::cosine_with_warmup;
-use crate::infer::compose::{compose, Input, Piece};
 use crate::model::{BaseModel, KvCache, Mode};
+use crate::tags::compose::{compose, Input, Piece};
 use crate::tags::{Head, HeadSpec, TagBundle, TagKind, TagManifest, TagSet, Template};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

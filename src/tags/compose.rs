@@ -1,5 +1,7 @@
 //! Turns a template, tags and one input into the sequence the model reads: token ids and
 //! tag vectors, spliced in template order. Slot values are plain text, never parsed.
+//! Serving and training both compose through here, so a tag is trained on exactly the
+//! sequences it will be served with.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -7,8 +9,8 @@ use std::sync::Arc;
 use anyhow::Result;
 use candle_core::Tensor;
 
+use super::{Head, Segment, TagBundle, TagSet, Template};
 use crate::model::BaseModel;
-use crate::tags::{Head, Segment, TagBundle, TagSet, Template};
 
 /// One example's input: named slot values, or a bare string for a single-slot template.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
