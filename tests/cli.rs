@@ -120,28 +120,120 @@ fn train_then_eval_on_the_tiny_model() {
     let m = model.to_str().unwrap();
     let t = tags.to_str().unwrap();
     assert!(tagllm(&["tiny-model", "--out", m]).0);
-    let text: String = (0..6).map(|i| format!("{{\"text\": \"the cat {i} sat\"}}\n")).collect();
-    let labelled: String = (0..12).map(|i| format!("{{\"smiles\": \"{}\", \"y\": {}}}\n", "C".repeat(1 + i % 5), 1 + i % 5)).collect();
+    let text: String = (0..6)
+        .map(|i| format!("{{\"text\": \"the cat {i} sat\"}}\n"))
+        .collect();
+    let labelled: String = (0..12)
+        .map(|i| {
+            format!(
+                "{{\"smiles\": \"{}\", \"y\": {}}}\n",
+                "C".repeat(1 + i % 5),
+                1 + i % 5
+            )
+        })
+        .collect();
     std::fs::write(dir.path().join("text.jsonl"), text).unwrap();
     std::fs::write(dir.path().join("lab.jsonl"), labelled).unwrap();
     let path = |f: &str| dir.path().join(f).to_str().unwrap().to_string();
-    let (ok, out, err) = tagllm(&["train", "--model", m, "--tags-dir", t, "--stage", "1", "--tag", "Mol", "--data", &path("text.jsonl"), "--steps", "5", "--batch-size", "2", "--num-vectors", "2", "--learning-rate", "0.01"]);
+    let (ok, out, err) = tagllm(&[
+        "train",
+        "--model",
+        m,
+        "--tags-dir",
+        t,
+        "--stage",
+        "1",
+        "--tag",
+        "Mol",
+        "--data",
+        &path("text.jsonl"),
+        "--steps",
+        "5",
+        "--batch-size",
+        "2",
+        "--num-vectors",
+        "2",
+        "--learning-rate",
+        "0.01",
+    ]);
     assert!(ok, "{err}");
     assert_eq!(json(&out)["tags"], serde_json::json!(["Mol"]));
-    let (ok, out, err) = tagllm(&["train", "--model", m, "--tags-dir", t, "--stage", "2", "--tag", "Len", "--head", "regression", "--target", "y",
-        "--template", "<Mol> {smiles} has <Len>", "--data", &path("lab.jsonl"), "--eval-data", &path("lab.jsonl"), "--steps", "20", "--batch-size", "4", "--num-vectors", "2", "--learning-rate", "0.02"]);
+    let (ok, out, err) = tagllm(&[
+        "train",
+        "--model",
+        m,
+        "--tags-dir",
+        t,
+        "--stage",
+        "2",
+        "--tag",
+        "Len",
+        "--head",
+        "regression",
+        "--target",
+        "y",
+        "--template",
+        "<Mol> {smiles} has <Len>",
+        "--data",
+        &path("lab.jsonl"),
+        "--eval-data",
+        &path("lab.jsonl"),
+        "--steps",
+        "20",
+        "--batch-size",
+        "4",
+        "--num-vectors",
+        "2",
+        "--learning-rate",
+        "0.02",
+    ]);
     assert!(ok, "{err}");
     let trained = json(&out);
     assert!(tags.join("Len/manifest.json").exists() && tags.join("Len/tag.safetensors").exists());
-    let (ok, out, err) = tagllm(&["eval", "--model", m, "--tags-dir", t, "--function", "Len", "--data", &path("lab.jsonl")]);
+    let (ok, out, err) = tagllm(&[
+        "eval",
+        "--model",
+        m,
+        "--tags-dir",
+        t,
+        "--function",
+        "Len",
+        "--data",
+        &path("lab.jsonl"),
+    ]);
     assert!(ok, "{err}");
     let v = json(&out);
     assert_eq!(v["version"], 1);
     // The served tag on the same data reproduces the trainer's held-out metrics.
-    let (a, b) = (v["metrics"]["mse"].as_f64().unwrap(), trained["eval"]["mse"].as_f64().unwrap());
-    assert!((a - b).abs() < 1e-3 * b.max(1e-3), "eval {a} vs training {b}");
-    let (ok, _, err) = tagllm(&["train", "--model", m, "--tags-dir", t, "--stage", "2", "--tag", "Bad", "--head", "regression", "--target", "nope",
-        "--template", "<Mol> {smiles} <Bad>", "--data", &path("lab.jsonl"), "--steps", "1"]);
+    let (a, b) = (
+        v["metrics"]["mse"].as_f64().unwrap(),
+        trained["eval"]["mse"].as_f64().unwrap(),
+    );
+    assert!(
+        (a - b).abs() < 1e-3 * b.max(1e-3),
+        "eval {a} vs training {b}"
+    );
+    let (ok, _, err) = tagllm(&[
+        "train",
+        "--model",
+        m,
+        "--tags-dir",
+        t,
+        "--stage",
+        "2",
+        "--tag",
+        "Bad",
+        "--head",
+        "regression",
+        "--target",
+        "nope",
+        "--template",
+        "<Mol> {smiles} <Bad>",
+        "--data",
+        &path("lab.jsonl"),
+        "--steps",
+        "1",
+    ]);
     assert!(!ok);
     assert!(err.contains("missing field `nope`"), "{err}");
 }

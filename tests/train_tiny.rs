@@ -122,8 +122,16 @@ fn prefix_reuse_gives_the_gradients_of_full_differentiation() {
     let t = Trainer::new(&m, frozen, j, &molecules(8), None).unwrap();
     let full = t.gradients(&[0, 1, 2, 5], false).unwrap();
     let reused = t.gradients(&[0, 1, 2, 5], true).unwrap();
+    // Again, the prefixes now coming from the trainer's per-example cache.
+    let cached = t.gradients(&[2, 0, 1, 5], true).unwrap();
+    let cached_mixed = t.gradients(&[0, 1, 2, 5], true).unwrap();
     assert_eq!(full.len(), 3); // tag vectors, head weight, head bias
-    for (a, b) in full.iter().zip(&reused) {
+    let pairs = full
+        .iter()
+        .zip(&reused)
+        .chain(full.iter().zip(&cached))
+        .chain(full.iter().zip(&cached_mixed));
+    for (a, b) in pairs {
         let scale = a
             .abs()
             .unwrap()
@@ -421,7 +429,7 @@ impl tagllm::train::Hooks for StopAfter {
 }
 
 #[test]
-fn a_run_resumed_from_its_checkpoint_ends_exactly_like_an_uninterrupted_one() {
+fn a_run_resumed_from_its_checkpoint_ends_like_an_uninterrupted_one() {
     let (dir, m) = tiny();
     let smiles = stage1(&m, "SMILES");
     let make = || {
@@ -459,8 +467,18 @@ fn a_run_resumed_from_its_checkpoint_ends_exactly_like_an_uninterrupted_one() {
         })
         .unwrap();
     assert_eq!(resumed.steps_run, 10);
-    let a = straight.bundles[0].vectors.to_vec2::<f32>().unwrap();
-    let b = resumed.bundles[0].vectors.to_vec2::<f32>().unwrap();
-    assert_eq!(a, b, "resumed training must match the uninterrupted run");
-    assert_eq!(straight.eval, resumed.eval);
+    // Equal up to float rounding: frozen prefixes are batched differently once cached.
+    let diff = common::max_abs_diff(&straight.bundles[0].vectors, &resumed.bundles[0].vectors);
+    assert!(
+        diff < 1e-5,
+        "resumed training must match the uninterrupted run (differs by {diff})"
+    );
+    let (a, b) = (
+        straight.eval["loss"].as_f64().unwrap(),
+        resumed.eval["loss"].as_f64().unwrap(),
+    );
+    assert!(
+        (a - b).abs() < 1e-5 * a.abs().max(1.0),
+        "eval loss {a} vs {b}"
+    );
 }

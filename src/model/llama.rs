@@ -370,3 +370,95 @@ impl KvCache {
         })
     }
 }
+
+impl KvCache {
+    /// One single-sequence cache per sequence of this (right-padded) batch cache, each
+    /// trimmed to its real positions: to keep per-example prefixes and batch them again
+    /// later with [`KvCache::stack`].
+    pub fn split(&self) -> Result<Vec<KvCache>> {
+        (0..self.key_valid.len())
+            .map(|b| {
+                let valid = &self.key_valid[b];
+                let n = valid.iter().take_while(|&&v| v).count();
+                ensure!(valid[n..].iter().all(|&v| !v), "split needs right padding");
+                let layers = self
+                    .layers
+                    .iter()
+                    .map(|l| match l {
+                        Some((k, v)) => Ok(Some((
+                            k.narrow(0, b, 1)?.narrow(2, 0, n)?.contiguous()?,
+                            v.narrow(0, b, 1)?.narrow(2, 0, n)?.contiguous()?,
+                        ))),
+                        None => Ok(None),
+                    })
+                    .collect::<Result<_>>()?;
+                Ok(KvCache {
+                    layers,
+                    key_valid: vec![vec![true; n]],
+                    next_pos: vec![self.next_pos[b]],
+                })
+            })
+            .collect()
+    }
+
+    /// Stacks single-sequence caches into one batch cache; shorter ones are right-padded
+    /// with masked positions.
+    pub fn stack(caches: &[&KvCache], llama: &Llama) -> Result<KvCache> {
+        ensure!(
+            caches.iter().all(|c| c.key_valid.len() == 1),
+            "stack takes single-sequence caches"
+        );
+        let longest = caches.iter().map(|c| c.len()).max().unwrap_or(0);
+        let cfg = llama.config();
+        let empty = Tensor::zeros(
+            (1, cfg.num_kv_heads, 0, cfg.head_dim),
+            DType::F32,
+            llama.device(),
+        )?;
+        let pad = |t: &Tensor| -> Result<Tensor> {
+            let n = t.dim(2)?;
+            if n == longest {
+                return Ok(t.clone());
+            }
+            let z = Tensor::zeros(
+                (1, cfg.num_kv_heads, longest - n, cfg.head_dim),
+                t.dtype(),
+                t.device(),
+            )?;
+            Ok(Tensor::cat(&[t, &z], 2)?)
+        };
+        let layers = (0..cfg.num_layers)
+            .map(|li| {
+                let (ks, vs): (Vec<Tensor>, Vec<Tensor>) = caches
+                    .iter()
+                    .map(|c| match &c.layers[li] {
+                        Some((k, v)) => Ok((pad(k)?, pad(v)?)),
+                        None => Ok((pad(&empty)?, pad(&empty)?)),
+                    })
+                    .collect::<Result<Vec<_>>>()?
+                    .into_iter()
+                    .unzip();
+                Ok(Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)))
+            })
+            .collect::<Result<_>>()?;
+        let key_valid = caches.iter().map(|c| {
+            let mut v = c.key_valid[0].clone();
+            v.resize(longest, false);
+            v
+        });
+        Ok(KvCache {
+            layers,
+            key_valid: key_valid.collect(),
+            next_pos: caches.iter().map(|c| c.next_pos[0]).collect(),
+        })
+    }
+
+    /// Bytes held by the cached keys and values.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .sum()
+    }
+}

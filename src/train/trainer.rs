@@ -6,7 +6,7 @@
 //! rest of the sequence is differentiated. Same gradients, a fraction of the work.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -136,6 +136,8 @@ enum Outputs {
 }
 
 struct Example {
+    /// Unique across the training and evaluation sets: the key of its cached prefix.
+    id: usize,
     pieces: Vec<Piece>,
     /// Index of the first learned tag row: everything before it is frozen.
     first_learned: usize,
@@ -157,7 +159,19 @@ pub struct Trainer<'a> {
     train: Vec<Example>,
     eval: Vec<Example>,
     eval_values: Vec<f64>,
+    /// Keys/values of each example's frozen prefix: they never change during a run, so
+    /// after the first epoch a step computes only the part from the learned tag on.
+    prefixes: Mutex<PrefixCache>,
 }
+
+/// Prefix caches kept within a memory budget (those that do not fit are recomputed).
+#[derive(Default)]
+struct PrefixCache {
+    by_example: HashMap<usize, Arc<KvCache>>,
+    bytes: usize,
+}
+
+const PREFIX_CACHE_BYTES: usize = 1 << 30;
 
 /// The paper's initialisation: the mean token embedding, rescaled to the average token
 /// norm, repeated `p` times.
@@ -338,17 +352,24 @@ impl<'a> Trainer<'a> {
             train: Vec::new(),
             eval: Vec::new(),
             eval_values: Vec::new(),
+            prefixes: Mutex::new(PrefixCache::default()),
         };
-        trainer.train = trainer.examples(data, &template, &compose_set)?;
+        trainer.train = trainer.examples(data, &template, &compose_set, 0)?;
         if let Some(e) = eval {
             e.require_fields(&slots)?;
-            trainer.eval = trainer.examples(e, &template, &compose_set)?;
+            trainer.eval = trainer.examples(e, &template, &compose_set, trainer.train.len())?;
         }
         trainer.eval_values = trainer.eval.iter().map(|e| e.value).collect();
         Ok(trainer)
     }
 
-    fn examples(&self, data: &Dataset, template: &Template, set: &TagSet) -> Result<Vec<Example>> {
+    fn examples(
+        &self,
+        data: &Dataset,
+        template: &Template,
+        set: &TagSet,
+        id_base: usize,
+    ) -> Result<Vec<Example>> {
         let slots = template.slots();
         let max = self.model.config().max_position_embeddings;
         let function = (!matches!(self.target, Target::Lm)).then(|| self.job.tags[0].as_str());
@@ -364,7 +385,7 @@ impl<'a> Trainer<'a> {
                     .iter()
                     .position(|p| matches!(p, Piece::TagRow { name, .. } if self.learned.contains_key(name)))
                     .expect("the template uses a learned tag");
-                let mut ex = Example { pieces: Vec::new(), first_learned, readout: c.head.as_ref().map(|(_, p)| *p), lm: Vec::new(), value: 0.0, class: 0 };
+                let mut ex = Example { id: id_base + i, pieces: Vec::new(), first_learned, readout: c.head.as_ref().map(|(_, p)| *p), lm: Vec::new(), value: 0.0, class: 0 };
                 let field = self.job.target.as_deref().unwrap_or("");
                 match &self.target {
                     Target::Lm => {
@@ -472,11 +493,40 @@ impl<'a> Trainer<'a> {
     ) -> Result<(Tensor, Vec<usize>)> {
         let llama = &self.model.llama;
         if reuse_prefix && batch.iter().any(|e| e.first_learned > 0) {
-            let prefixes: Vec<&[Piece]> =
-                batch.iter().map(|e| &e.pieces[..e.first_learned]).collect();
-            let (x, m) = self.padded(&prefixes)?;
-            let mut cache: KvCache = llama.new_cache();
-            llama.forward(&x, Some(&m), Some(&mut cache), Mode::Fast)?;
+            let mut caches: HashMap<usize, Arc<KvCache>> = HashMap::new();
+            let missing: Vec<&&Example> = {
+                let kept = self.prefixes.lock().expect("prefix cache lock");
+                batch
+                    .iter()
+                    .filter(|e| match kept.by_example.get(&e.id) {
+                        Some(c) => {
+                            caches.insert(e.id, c.clone());
+                            false
+                        }
+                        None => true,
+                    })
+                    .collect()
+            };
+            if !missing.is_empty() {
+                let prefixes: Vec<&[Piece]> = missing
+                    .iter()
+                    .map(|e| &e.pieces[..e.first_learned])
+                    .collect();
+                let (x, m) = self.padded(&prefixes)?;
+                let mut cache: KvCache = llama.new_cache();
+                llama.forward(&x, Some(&m), Some(&mut cache), Mode::Fast)?;
+                let mut kept = self.prefixes.lock().expect("prefix cache lock");
+                for (e, c) in missing.iter().zip(cache.split()?) {
+                    let c = Arc::new(c);
+                    if kept.bytes + c.bytes() <= PREFIX_CACHE_BYTES {
+                        kept.bytes += c.bytes();
+                        kept.by_example.insert(e.id, c.clone());
+                    }
+                    caches.insert(e.id, c);
+                }
+            }
+            let ordered: Vec<&KvCache> = batch.iter().map(|e| caches[&e.id].as_ref()).collect();
+            let mut cache = KvCache::stack(&ordered, llama)?;
             let suffixes: Vec<&[Piece]> =
                 batch.iter().map(|e| &e.pieces[e.first_learned..]).collect();
             let (x, m) = self.padded(&suffixes)?;
