@@ -99,10 +99,18 @@ fn main() {
         head,
         hyperparameters: h.clone(),
     };
+    let round = |x: f64| (x * 1000.0).round() / 1000.0;
     let report = |name: &str, secs: f64, tokens: usize| {
         println!(
             "{}",
-            json!({"bench": name, "seconds_per_step": (secs * 1000.0).round() / 1000.0, "batch": 8, "tokens_per_example": tokens})
+            json!({"bench": name, "seconds_per_step": round(secs), "batch": 8, "tokens_per_example": tokens})
+        );
+    };
+    let report2 = |name: &str, (first, steady): (f64, f64), tokens: usize| {
+        println!(
+            "{}",
+            json!({"bench": name, "seconds_per_step": round(steady), "first_epoch_seconds_per_step": round(first),
+                   "batch": 8, "tokens_per_example": tokens})
         );
     };
 
