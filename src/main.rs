@@ -345,10 +345,7 @@ fn worker(cmd: WorkerCmd) -> Result<()> {
     let device = device::parse_device(&cmd.model.device)?;
     tracing::info!(device = %device::describe(&device), "loading the model");
     let model = std::sync::Arc::new(BaseModel::load(&cmd.model.model, &device)?);
-    let identity = tagllm::tags::BaseModelIdentity {
-        fingerprint: model.fingerprint.clone(),
-        hidden_size: model.config().hidden_size,
-    };
+    let identity = tagllm::tags::BaseModelIdentity::of(&model);
     let registry = tagllm::tags::Registry::open(&cmd.tags_dir, identity, device.clone())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -369,10 +366,7 @@ fn worker(cmd: WorkerCmd) -> Result<()> {
 fn train(cmd: TrainCmd) -> Result<()> {
     use tagllm::train::{Dataset, HeadKind, Hyperparameters, TrainJob, Trainer};
     let m = cmd.model.load()?;
-    let identity = tagllm::tags::BaseModelIdentity {
-        fingerprint: m.fingerprint.clone(),
-        hidden_size: m.config().hidden_size,
-    };
+    let identity = tagllm::tags::BaseModelIdentity::of(&m);
     let registry = tagllm::tags::Registry::open(&cmd.tags_dir, identity, m.device().clone())?;
     let read = |p: &PathBuf| -> Result<Dataset> {
         let text = std::fs::read_to_string(p)
@@ -448,10 +442,7 @@ fn eval(cmd: EvalCmd) -> Result<()> {
     use tagllm::infer::{compose, Input, Prediction};
     use tagllm::tags::{HeadSpec, Template};
     let m = cmd.model.load()?;
-    let identity = tagllm::tags::BaseModelIdentity {
-        fingerprint: m.fingerprint.clone(),
-        hidden_size: m.config().hidden_size,
-    };
+    let identity = tagllm::tags::BaseModelIdentity::of(&m);
     let registry = tagllm::tags::Registry::open(&cmd.tags_dir, identity, m.device().clone())?;
     let set = registry.snapshot();
     let tag = set.get(&cmd.function).ok_or_else(|| {
@@ -557,10 +548,7 @@ fn main() -> Result<()> {
                 },
         } => {
             let m = model.load()?;
-            let identity = tagllm::tags::BaseModelIdentity {
-                fingerprint: m.fingerprint.clone(),
-                hidden_size: m.config().hidden_size,
-            };
+            let identity = tagllm::tags::BaseModelIdentity::of(&m);
             let bundle =
                 tagllm::tags::TagBundle::load(&tags_dir.join(&name), &identity, m.device())?;
             bundle.export_peft(&out, &m.name)?;

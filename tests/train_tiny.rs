@@ -259,15 +259,7 @@ fn trained_bundles_are_served_by_the_registry() {
         b.save(&tags).unwrap();
     }
     out.bundles[0].save(&tags).unwrap();
-    let reg = Registry::open(
-        &tags,
-        BaseModelIdentity {
-            fingerprint: m.fingerprint.clone(),
-            hidden_size: m.config().hidden_size,
-        },
-        Device::Cpu,
-    )
-    .unwrap();
+    let reg = Registry::open(&tags, BaseModelIdentity::of(&m), Device::Cpu).unwrap();
     let set = reg.snapshot();
     assert!(set.errors.is_empty(), "{:?}", set.errors);
     let size = set.get("Size").unwrap();

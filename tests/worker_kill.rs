@@ -123,10 +123,7 @@ async fn sigkill_mid_job_resumes_from_the_checkpoint_and_publishes_once() {
     let m = &s.predictor().model;
     let reg = Registry::open(
         &s.tags_dir,
-        BaseModelIdentity {
-            fingerprint: m.fingerprint.clone(),
-            hidden_size: m.config().hidden_size,
-        },
+        BaseModelIdentity::of(m),
         candle_core::Device::Cpu,
     )
     .unwrap();

@@ -141,10 +141,7 @@ impl Predictor {
         metrics: &prometheus::Registry,
     ) -> anyhow::Result<Self> {
         let model = Arc::new(BaseModel::load(model_path, device)?);
-        let identity = crate::tags::BaseModelIdentity {
-            fingerprint: model.fingerprint.clone(),
-            hidden_size: model.config().hidden_size,
-        };
+        let identity = crate::tags::BaseModelIdentity::of(&model);
         let registry = Registry::open(tags_dir, identity, device.clone())?;
         let watcher = if watch { Some(registry.watch()?) } else { None };
         let engine = Engine::start(

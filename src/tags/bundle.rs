@@ -83,6 +83,15 @@ pub struct BaseModelIdentity {
     pub hidden_size: usize,
 }
 
+impl BaseModelIdentity {
+    pub fn of(model: &crate::model::BaseModel) -> Self {
+        Self {
+            fingerprint: model.fingerprint.clone(),
+            hidden_size: model.config().hidden_size,
+        }
+    }
+}
+
 fn all_finite(t: &Tensor) -> Result<bool> {
     let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     Ok(v.iter().all(|x| x.is_finite()))

@@ -624,6 +624,11 @@ impl<'a> Trainer<'a> {
             &batch,
             &self.outputs(&batch, Mode::Differentiable, reuse_prefix)?,
         )?;
+        self.grads_of(&loss)
+    }
+
+    /// Gradients of `loss` with respect to every learned parameter, in `vars()` order.
+    fn grads_of(&self, loss: &Tensor) -> Result<Vec<Tensor>> {
         let grads = loss.backward()?;
         self.vars()
             .iter()
@@ -742,17 +747,7 @@ impl<'a> Trainer<'a> {
                     &self.outputs(&examples, Mode::Differentiable, true)?,
                 )?;
                 loss_sum += loss.to_scalar::<f32>()? as f64;
-                let grads = loss.backward()?;
-                let g = self
-                    .vars()
-                    .iter()
-                    .map(|v| {
-                        grads
-                            .get(v.as_tensor())
-                            .cloned()
-                            .context("a learned parameter got no gradient")
-                    })
-                    .collect::<Result<Vec<_>>>()?;
+                let g = self.grads_of(&loss)?;
                 sums = Some(match sums {
                     None => g,
                     Some(prev) => prev
