@@ -5,6 +5,8 @@
 //! model throws away (as much work again as the forward matmul). `FrozenLinear` is a custom
 //! op whose backward only returns the gradient with respect to its input.
 
+use std::sync::{Arc, OnceLock};
+
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
 
@@ -13,6 +15,9 @@ pub struct FrozenLinear {
     /// `[in, out]`, stored contiguous: gemm is markedly faster on it than on a transposed
     /// view when few rows go through (prefill of one sequence, decoding).
     weight_t: Tensor,
+    /// `[out, in]` contiguous, for the backward pass (~30% faster there than the
+    /// transposed view). Made on first use, so serving never holds the second copy.
+    weight_rows: Arc<OnceLock<Tensor>>,
 }
 
 impl FrozenLinear {
@@ -20,7 +25,16 @@ impl FrozenLinear {
     pub fn new(weight: &Tensor) -> Result<Self> {
         Ok(Self {
             weight_t: weight.t()?.contiguous()?,
+            weight_rows: Arc::new(OnceLock::new()),
         })
+    }
+
+    /// Like `new`, for a weight the caller keeps anyway (the tied embedding): its `[out, in]`
+    /// layout serves the backward pass at no extra memory.
+    pub fn sharing(weight: &Tensor) -> Result<Self> {
+        let this = Self::new(weight)?;
+        let _ = this.weight_rows.set(weight.contiguous()?);
+        Ok(this)
     }
 
     /// The weight as `[out, in]` (a view).
@@ -86,6 +100,13 @@ impl CustomOp1 for FrozenLinear {
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         // d(x W^T)/dx = grad W ; the weight gets no gradient: it is frozen.
-        Ok(Some(grad_res.matmul(&self.weight_t.t()?)?))
+        let rows = match self.weight_rows.get() {
+            Some(w) => w,
+            None => {
+                let w = self.weight_t.t()?.contiguous()?;
+                self.weight_rows.get_or_init(|| w)
+            }
+        };
+        Ok(Some(grad_res.matmul(rows)?))
     }
 }

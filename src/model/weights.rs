@@ -107,7 +107,7 @@ impl LlamaWeights {
                 expect_shape("lm_head", &w, &[cfg.vocab_size, d])?;
                 FrozenLinear::new(&f32_on(w, device)?)?
             }
-            _ => FrozenLinear::new(&embed)?,
+            _ => FrozenLinear::sharing(&embed)?,
         };
         Ok(Self {
             embed,
