@@ -75,8 +75,26 @@ fn job(
     }
 }
 
-fn loss_of(t: &Trainer) -> f64 {
-    t.evaluate().unwrap().0
+/// Trains `j` and checks that the held-out loss went down.
+fn train_lowers(
+    m: &BaseModel,
+    frozen: Arc<TagSet>,
+    j: TrainJob,
+    data: &Dataset,
+    eval: &Dataset,
+) -> tagllm::train::Trained {
+    let what = format!("stage {} <{}>", j.stage, j.tags[0]);
+    let t = Trainer::new(m, frozen, j, data, Some(eval)).unwrap();
+    let before = t.evaluate().unwrap().0;
+    let out = t
+        .run(None, &mut |_: &tagllm::train::Progress| true)
+        .unwrap();
+    let after = out.eval["loss"].as_f64().unwrap();
+    assert!(
+        after < before,
+        "{what} should lower the held-out loss: {before} -> {after}"
+    );
+    out
 }
 
 /// Stage 1 on unlabelled text; returns a tag set holding the learned domain tag.
@@ -89,16 +107,7 @@ fn stage1(m: &BaseModel, name: &str) -> Arc<TagSet> {
         HeadKind::None,
         hyper(25, 0.05),
     );
-    let t = Trainer::new(m, Arc::new(TagSet::default()), j, &text(12), Some(&text(6))).unwrap();
-    let before = loss_of(&t);
-    let out = t
-        .run(None, &mut |_: &tagllm::train::Progress| true)
-        .unwrap();
-    let after = out.eval["loss"].as_f64().unwrap();
-    assert!(
-        after < before,
-        "stage 1 should lower the LM loss: {before} -> {after}"
-    );
+    let out = train_lowers(m, Arc::new(TagSet::default()), j, &text(12), &text(6));
     assert!(out.eval["perplexity"].as_f64().unwrap() > 1.0);
     let mut set = TagSet::default();
     for b in out.bundles {
@@ -164,17 +173,8 @@ fn stages_chain_and_each_lowers_its_loss() {
         HeadKind::Regression,
         hyper(40, 0.05),
     );
-    let t = Trainer::new(&m, smiles.clone(), j, &molecules(24), Some(&molecules(12))).unwrap();
-    let before = loss_of(&t);
-    let out = t
-        .run(None, &mut |_: &tagllm::train::Progress| true)
-        .unwrap();
+    let out = train_lowers(&m, smiles.clone(), j, &molecules(24), &molecules(12));
     assert!(out.eval["mse"].as_f64().unwrap().is_finite());
-    assert!(
-        out.eval["loss"].as_f64().unwrap() < before,
-        "stage 2 regression: {before} -> {}",
-        out.eval["loss"]
-    );
     let size = &out.bundles[0];
     assert_eq!(size.manifest.domain_tags, vec!["SMILES"]);
     assert_eq!(size.manifest.provenance["frozen_tags"]["SMILES"], 1);
@@ -188,12 +188,7 @@ fn stages_chain_and_each_lowers_its_loss() {
         HeadKind::Classification,
         hyper(30, 0.05),
     );
-    let t = Trainer::new(&m, smiles.clone(), j, &molecules(24), Some(&molecules(12))).unwrap();
-    let before = loss_of(&t);
-    let out = t
-        .run(None, &mut |_: &tagllm::train::Progress| true)
-        .unwrap();
-    assert!(out.eval["loss"].as_f64().unwrap() < before);
+    let out = train_lowers(&m, smiles.clone(), j, &molecules(24), &molecules(12));
     assert!(out.eval["accuracy"].as_f64().unwrap() >= 0.0);
     let j = job(
         2,
@@ -203,16 +198,7 @@ fn stages_chain_and_each_lowers_its_loss() {
         HeadKind::None,
         hyper(30, 0.05),
     );
-    let t = Trainer::new(&m, smiles.clone(), j, &molecules(10), Some(&molecules(5))).unwrap();
-    let before = loss_of(&t);
-    let out = t
-        .run(None, &mut |_: &tagllm::train::Progress| true)
-        .unwrap();
-    assert!(
-        out.eval["loss"].as_f64().unwrap() < before,
-        "generation target: {before} -> {}",
-        out.eval["loss"]
-    );
+    train_lowers(&m, smiles.clone(), j, &molecules(10), &molecules(5));
 
     // Stage 3: a cross-domain template with two frozen domain tags.
     let prose = stage1(&m, "Prose");
@@ -226,16 +212,7 @@ fn stages_chain_and_each_lowers_its_loss() {
         HeadKind::Regression,
         hyper(30, 0.05),
     );
-    let t = Trainer::new(&m, Arc::new(both), j, &molecules(24), Some(&molecules(12))).unwrap();
-    let before = loss_of(&t);
-    let out = t
-        .run(None, &mut |_: &tagllm::train::Progress| true)
-        .unwrap();
-    assert!(
-        out.eval["loss"].as_f64().unwrap() < before,
-        "stage 3: {before} -> {}",
-        out.eval["loss"]
-    );
+    train_lowers(&m, Arc::new(both), j, &molecules(24), &molecules(12));
 }
 
 #[test]
