@@ -178,7 +178,11 @@ fn main() {
             t.gradients(&batch, reuse).unwrap();
         }
         report(
-            &format!("stage2_fwd_bwd_prefix_reuse_{reuse}"),
+            if reuse {
+                "stage2_fwd_bwd_cached_prefix"
+            } else {
+                "stage2_fwd_bwd_all_differentiated"
+            },
             started.elapsed().as_secs_f64() / 3.0,
             64,
         );

@@ -54,7 +54,7 @@ async fn sigkill_mid_job_resumes_from_the_checkpoint_and_publishes_once() {
     let texts = ["CCO and CCN", "c1ccccc1 ring", "CC(=O)O acid", "the cat"];
     let records: Vec<Value> = (0..8).map(|i| json!({"text": texts[i % 4]})).collect();
     let body = json!({"stage": 1, "tag": "Dom", "dataset": {"records": records},
-        "hyperparameters": {"steps": 600, "batch_size": 2, "learning_rate": 0.01, "num_vectors": 2}});
+        "hyperparameters": {"steps": 1500, "batch_size": 2, "learning_rate": 0.01, "num_vectors": 2}});
     let r = reqwest::Client::new()
         .post(format!("{}/train", s.url))
         .json(&body)
@@ -111,7 +111,7 @@ async fn sigkill_mid_job_resumes_from_the_checkpoint_and_publishes_once() {
         finished["resumed_from_step"].as_i64().unwrap() >= 5,
         "resumed from a checkpoint, not from scratch: {finished}"
     );
-    assert_eq!(finished["step"], 600);
+    assert_eq!(finished["step"], 1500);
     assert_eq!(finished["published_version"], 1);
 
     // Exactly one complete bundle, which validates and loads.
