@@ -451,3 +451,33 @@ fn a_run_resumed_from_its_checkpoint_ends_like_an_uninterrupted_one() {
         "eval loss {a} vs {b}"
     );
 }
+
+#[test]
+fn without_an_eval_set_a_tenth_of_the_data_is_held_out() {
+    let (_d, m) = tiny();
+    let j = job(
+        1,
+        &["Dom"],
+        "<Dom>{text}",
+        None,
+        HeadKind::None,
+        hyper(2, 0.01),
+    );
+    let t = Trainer::new(&m, Arc::new(TagSet::default()), j, &text(30), None).unwrap();
+    assert_eq!(t.train_len(), 27);
+    let out = t
+        .run(None, &mut |_: &tagllm::train::Progress| true)
+        .unwrap();
+    assert_eq!(out.eval["n"], 3, "{}", out.eval);
+    // Small datasets keep every example for training.
+    let j = job(
+        1,
+        &["Dom"],
+        "<Dom>{text}",
+        None,
+        HeadKind::None,
+        hyper(2, 0.01),
+    );
+    let t = Trainer::new(&m, Arc::new(TagSet::default()), j, &text(9), None).unwrap();
+    assert_eq!(t.train_len(), 9);
+}

@@ -173,6 +173,9 @@ struct PrefixCache {
 
 const PREFIX_CACHE_BYTES: usize = 1 << 30;
 
+/// Without an eval set, training data this large gives up 10% for held-out evaluation.
+const HOLD_OUT_MIN_EXAMPLES: usize = 10;
+
 /// The paper's initialisation: the mean token embedding, rescaled to the average token
 /// norm, repeated `p` times.
 pub fn mean_embedding_init(model: &BaseModel, p: usize) -> Result<Tensor> {
@@ -355,9 +358,27 @@ impl<'a> Trainer<'a> {
             prefixes: Mutex::new(PrefixCache::default()),
         };
         trainer.train = trainer.examples(data, &template, &compose_set, 0)?;
-        if let Some(e) = eval {
-            e.require_fields(&slots)?;
-            trainer.eval = trainer.examples(e, &template, &compose_set, trainer.train.len())?;
+        match eval {
+            Some(e) => {
+                e.require_fields(&slots)?;
+                trainer.eval = trainer.examples(e, &template, &compose_set, trainer.train.len())?;
+            }
+            // No held-out set given: hold out a seeded 10% (at most 200) of the training data.
+            None if trainer.train.len() >= HOLD_OUT_MIN_EXAMPLES => {
+                let n = (trainer.train.len() / 10).clamp(1, 200);
+                let mut order: Vec<usize> = (0..trainer.train.len()).collect();
+                order.shuffle(&mut StdRng::seed_from_u64(trainer.job.hyperparameters.seed));
+                let held: std::collections::HashSet<usize> = order[..n].iter().copied().collect();
+                for (i, ex) in std::mem::take(&mut trainer.train).into_iter().enumerate() {
+                    if held.contains(&i) {
+                        &mut trainer.eval
+                    } else {
+                        &mut trainer.train
+                    }
+                    .push(ex);
+                }
+            }
+            None => {}
         }
         trainer.eval_values = trainer.eval.iter().map(|e| e.value).collect();
         Ok(trainer)
