@@ -411,3 +411,46 @@ fn bad_model_files_get_clear_errors() {
     let e = load_err(&hf);
     assert!(e.contains("unsupported architecture"), "{e}");
 }
+
+#[test]
+fn batched_decoding_equals_decoding_each_sequence_alone() {
+    use tagllm::model::Decoder;
+    let dir = tempdir();
+    let m = tiny_gguf(dir.path(), GgmlDType::Q8_0, 17);
+    let params = GenerationParams {
+        max_new_tokens: 12,
+        ..Default::default()
+    };
+    let prompts = ["the cat", "then a rat ran on", "CC"];
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            generate(&m, &m.embed_text(p).unwrap(), &params)
+                .unwrap()
+                .ids
+        })
+        .collect();
+    let mut decoders: Vec<Decoder> = prompts
+        .iter()
+        .map(|p| Decoder::new(&m, &m.embed_text(p).unwrap(), &params).unwrap())
+        .collect();
+    // Start them at different times, as requests arrive, so caches have different lengths.
+    decoders[0].step(&m).unwrap();
+    decoders[0].step(&m).unwrap();
+    decoders[1].step(&m).unwrap();
+    loop {
+        let mut live: Vec<&mut Decoder> =
+            decoders.iter_mut().filter(|d| !d.is_finished()).collect();
+        if live.is_empty() {
+            break;
+        }
+        for r in Decoder::step_many(&mut live, &m) {
+            r.unwrap();
+        }
+    }
+    let batched: Vec<Vec<u32>> = decoders
+        .into_iter()
+        .map(|d| d.finish(&m).unwrap().ids)
+        .collect();
+    assert_eq!(batched, alone);
+}

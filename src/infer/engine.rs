@@ -1,7 +1,8 @@
 //! The prediction engine: a queue drained by one inference thread that batches work across
 //! requests. Tags are just embeddings, so sequences with different tags share one padded
-//! forward pass. Generations advance one token per iteration, interleaved with new work,
-//! so a long generation never holds up a regression request. Work whose client went away
+//! forward pass. Generations advance one token per iteration, all of them in one batched
+//! forward, interleaved with new work, so a long generation never holds up a regression
+//! request. Work whose client went away
 //! is dropped, before it runs or between tokens.
 
 use std::collections::HashMap;
@@ -222,19 +223,33 @@ fn run(
             }
         }
 
-        // 3. One token for every generation in progress.
-        for g in generations.iter_mut() {
-            let Some(flight) = flights.get_mut(&g.flight) else {
-                continue;
-            };
-            if flight.failure.is_some() || flight.work.reply.is_closed() {
-                continue;
-            }
-            let Some(decoder) = g.decoder.as_mut() else {
-                continue;
-            };
-            let step = catch_unwind(AssertUnwindSafe(|| decoder.step(&model)))
-                .unwrap_or_else(|_| Err(anyhow::anyhow!("internal error in the inference engine")));
+        // 3. One token for every generation in progress, in one batched forward.
+        generations.retain(|g| {
+            flights
+                .get(&g.flight)
+                .is_some_and(|f| f.failure.is_none() && !f.work.reply.is_closed())
+        });
+        let results = {
+            let mut decoders: Vec<&mut Decoder> = generations
+                .iter_mut()
+                .filter_map(|g| g.decoder.as_mut())
+                .collect();
+            let n = decoders.len();
+            catch_unwind(AssertUnwindSafe(|| {
+                Decoder::step_many(&mut decoders, &model)
+            }))
+            .unwrap_or_else(|_| {
+                (0..n)
+                    .map(|_| Err(anyhow::anyhow!("internal error in the inference engine")))
+                    .collect()
+            })
+        };
+        for (g, step) in generations
+            .iter_mut()
+            .filter(|g| g.decoder.is_some())
+            .zip(results)
+        {
+            let flight = flights.get_mut(&g.flight).expect("kept above");
             match step {
                 Ok(false) => {}
                 Ok(true) => match g.decoder.take().expect("present").finish(&model) {

@@ -101,8 +101,66 @@ impl Decoder {
         let llama = &model.llama;
         let hidden = llama.forward(&self.input, None, Some(&mut self.cache), Mode::Fast)?;
         let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?;
-        let logits = llama.logits(&last)?.flatten_all()?.to_dtype(DType::F32)?;
-        let next = self.sampler.sample(&logits)?;
+        let logits = llama.logits(&last)?.flatten_all()?;
+        self.advance(model, &logits)
+    }
+
+    /// Past its prompt, a decoder feeds one token per step: such steps batch.
+    fn decoding(&self) -> bool {
+        self.finish.is_none() && !self.cache.is_empty() && self.input.dim(1).is_ok_and(|n| n == 1)
+    }
+
+    /// Advances every decoder by one token. Decoders past their prompt share one batched
+    /// forward (their caches are stacked, then split again); the others step alone.
+    pub fn step_many(decoders: &mut [&mut Decoder], model: &BaseModel) -> Vec<Result<bool>> {
+        let batched: Vec<usize> = (0..decoders.len())
+            .filter(|&i| decoders[i].decoding())
+            .collect();
+        let mut out: Vec<Option<Result<bool>>> = (0..decoders.len()).map(|_| None).collect();
+        if batched.len() >= 2 {
+            let mut run = || -> Result<Vec<Tensor>> {
+                let caches: Vec<&KvCache> = batched.iter().map(|&i| &decoders[i].cache).collect();
+                let mut cache = KvCache::stack(&caches, &model.llama)?;
+                let inputs: Vec<&Tensor> = batched.iter().map(|&i| &decoders[i].input).collect();
+                let hidden = model.llama.forward(
+                    &Tensor::cat(&inputs, 0)?,
+                    None,
+                    Some(&mut cache),
+                    Mode::Fast,
+                )?;
+                let logits = model.llama.logits(&hidden)?;
+                let mut parts = cache.split()?.into_iter();
+                let mut rows = Vec::with_capacity(batched.len());
+                for (j, &i) in batched.iter().enumerate() {
+                    decoders[i].cache = parts.next().expect("one cache per sequence");
+                    rows.push(logits.get(j)?.flatten_all()?);
+                }
+                Ok(rows)
+            };
+            match run() {
+                Ok(rows) => {
+                    for (&i, row) in batched.iter().zip(rows) {
+                        out[i] = Some(decoders[i].advance(model, &row));
+                    }
+                }
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    for &i in &batched {
+                        out[i] = Some(Err(anyhow::anyhow!(msg.clone())));
+                    }
+                }
+            }
+        }
+        decoders
+            .iter_mut()
+            .zip(out)
+            .map(|(d, o)| o.unwrap_or_else(|| d.step(model)))
+            .collect()
+    }
+
+    /// Samples the next token from `logits` `[vocab]` and updates the state.
+    fn advance(&mut self, model: &BaseModel, logits: &Tensor) -> Result<bool> {
+        let next = self.sampler.sample(&logits.to_dtype(DType::F32)?)?;
         self.ids.push(next);
         if model.tokenizer.eos_ids().contains(&next) {
             self.finish = Some(FinishReason::Eos);
@@ -123,7 +181,7 @@ impl Decoder {
             self.finish = Some(FinishReason::Length);
         }
         if self.finish.is_none() {
-            self.input = llama.embed_ids(&[next])?.unsqueeze(0)?;
+            self.input = model.llama.embed_ids(&[next])?.unsqueeze(0)?;
         }
         Ok(self.finish.is_some())
     }

@@ -372,23 +372,43 @@ impl KvCache {
 }
 
 impl KvCache {
-    /// One single-sequence cache per sequence of this (right-padded) batch cache, each
-    /// trimmed to its real positions: to keep per-example prefixes and batch them again
-    /// later with [`KvCache::stack`].
+    /// One single-sequence cache per sequence of this batch cache, each reduced to its
+    /// real (non-padding) positions: to keep per-example prefixes, or per-generation
+    /// caches, and batch them again later with [`KvCache::stack`].
     pub fn split(&self) -> Result<Vec<KvCache>> {
         (0..self.key_valid.len())
             .map(|b| {
-                let valid = &self.key_valid[b];
-                let n = valid.iter().take_while(|&&v| v).count();
-                ensure!(valid[n..].iter().all(|&v| !v), "split needs right padding");
+                let keep: Vec<u32> = self.key_valid[b]
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, v)| **v)
+                    .map(|(i, _)| i as u32)
+                    .collect();
+                let n = keep.len();
+                // Right padding keeps a prefix (a cheap narrow); anything else is gathered.
+                let prefix = keep.iter().enumerate().all(|(j, &i)| j as u32 == i);
+                let keep = Tensor::from_vec(
+                    keep,
+                    n,
+                    self.layers
+                        .iter()
+                        .flatten()
+                        .next()
+                        .map_or(&Device::Cpu, |(k, _)| k.device()),
+                )?;
+                let take = |t: &Tensor| -> Result<Tensor> {
+                    let row = t.narrow(0, b, 1)?;
+                    Ok(if prefix {
+                        row.narrow(2, 0, n)?.contiguous()?
+                    } else {
+                        row.index_select(&keep, 2)?
+                    })
+                };
                 let layers = self
                     .layers
                     .iter()
                     .map(|l| match l {
-                        Some((k, v)) => Ok(Some((
-                            k.narrow(0, b, 1)?.narrow(2, 0, n)?.contiguous()?,
-                            v.narrow(0, b, 1)?.narrow(2, 0, n)?.contiguous()?,
-                        ))),
+                        Some((k, v)) => Ok(Some((take(k)?, take(v)?))),
                         None => Ok(None),
                     })
                     .collect::<Result<_>>()?;
