@@ -82,6 +82,9 @@ enum Command {
     Train(TrainCmd),
     /// Prints the metrics of a function tag on a labelled JSONL file.
     Eval(EvalCmd),
+    /// Prints the frozen model's final hidden state at the last position of each composed
+    /// record, one JSON array per line (features for a linear probe).
+    Embed(EmbedCmd),
     /// Tag bundle utilities.
     Tags {
         #[command(subcommand)]
@@ -131,12 +134,13 @@ struct ServeArgs {
     /// Request body size limit in bytes; larger bodies get 413.
     #[arg(long, env = "TAGLLM_MAX_BODY_BYTES", default_value_t = 2 * 1024 * 1024)]
     max_body_bytes: usize,
-    /// Bearer token required on every route but /health.
-    #[arg(long, env = "TAGLLM_API_KEY")]
-    api_key: Option<String>,
+    /// Bearer token required on every route but /health and /ready (empty: none, as when unset,
+    /// so that `TAGLLM_API_KEY=` in an env file means no key).
+    #[arg(long, env = "TAGLLM_API_KEY", value_parser = non_empty_key)]
+    api_key: Option<NonEmptyKey>,
     /// Bearer token required for routes that change state (tag reload, ...).
-    #[arg(long, env = "TAGLLM_ADMIN_API_KEY")]
-    admin_api_key: Option<String>,
+    #[arg(long, env = "TAGLLM_ADMIN_API_KEY", value_parser = non_empty_key)]
+    admin_api_key: Option<NonEmptyKey>,
     /// Do not watch the tags directory (POST /tags/reload still rescans).
     #[arg(long, env = "TAGLLM_NO_WATCH")]
     no_watch: bool,
@@ -236,6 +240,10 @@ struct TrainCmd {
     eval_every: usize,
     #[arg(long, default_value_t = 0)]
     patience: usize,
+    /// Appends one JSON line per step (step, loss, learning rate, eval metrics when
+    /// evaluated, seconds since start): the loss curve.
+    #[arg(long)]
+    log: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -253,6 +261,20 @@ struct EvalCmd {
     /// The labelled field (default: the target the tag was trained on).
     #[arg(long)]
     target: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct EmbedCmd {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, env = "TAGLLM_TAGS_DIR", default_value = "tags")]
+    tags_dir: PathBuf,
+    /// e.g. `The molecule {smiles} has druglikeness` (tags allowed).
+    #[arg(long)]
+    template: String,
+    /// JSONL with the template's slots.
+    #[arg(long)]
+    data: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -276,14 +298,14 @@ fn serve(args: ServeArgs) -> Result<()> {
         )
         .init();
     let loopback = args.host == "127.0.0.1" || args.host == "localhost" || args.host == "::1";
-    if !loopback && args.api_key.is_none() {
+    if !loopback && args.api_key.as_ref().and_then(|k| k.0.as_ref()).is_none() {
         tracing::warn!(host = %args.host, "listening beyond loopback without --api-key: anyone who can reach it can use it");
     }
     let device = device::parse_device(&args.model.device)?;
     std::fs::create_dir_all(&args.data_dir)?;
     let state = tagllm::http::new_state(tagllm::http::ServerConfig {
-        api_key: args.api_key.clone(),
-        admin_api_key: args.admin_api_key.clone(),
+        api_key: args.api_key.clone().and_then(|k| k.0),
+        admin_api_key: args.admin_api_key.clone().and_then(|k| k.0),
         max_concurrent_requests: args.max_concurrent_requests,
         max_body_bytes: args.max_body_bytes,
         max_dataset_bytes: args.max_dataset_bytes,
@@ -412,7 +434,21 @@ fn train(cmd: TrainCmd) -> Result<()> {
     bar.set_style(indicatif::ProgressStyle::with_template(
         "{bar:40} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
     )?);
+    let mut log = cmd
+        .log
+        .as_ref()
+        .map(|p| std::fs::OpenOptions::new().create(true).append(true).open(p))
+        .transpose()?;
+    let started = std::time::Instant::now();
     let trained = trainer.run(None, &mut |p: &tagllm::train::Progress| {
+        if let Some(f) = log.as_mut() {
+            use std::io::Write;
+            let line = serde_json::json!({"step": p.step, "loss": p.loss, "learning_rate": p.learning_rate,
+                "eval": p.eval, "seconds": started.elapsed().as_secs_f64()});
+            if let Err(e) = writeln!(f, "{line}") {
+                eprintln!("warning: cannot write the training log: {e}");
+            }
+        }
         bar.set_position(p.step as u64);
         let best = p
             .best_eval_loss
@@ -530,6 +566,43 @@ fn eval(cmd: EvalCmd) -> Result<()> {
     Ok(())
 }
 
+/// An API key flag whose empty value means "no key".
+#[derive(Clone)]
+struct NonEmptyKey(Option<String>);
+
+fn non_empty_key(s: &str) -> Result<NonEmptyKey, String> {
+    Ok(NonEmptyKey((!s.is_empty()).then(|| s.to_string())))
+}
+
+fn embed(cmd: EmbedCmd) -> Result<()> {
+    use std::io::Write;
+    use tagllm::infer::{compose, Input};
+    let m = cmd.model.load()?;
+    let identity = tagllm::tags::BaseModelIdentity::of(&m);
+    let registry = tagllm::tags::Registry::open(&cmd.tags_dir, identity, m.device().clone())?;
+    let set = registry.snapshot();
+    let template = tagllm::tags::Template::parse(&cmd.template);
+    let slots = template.slots();
+    let data = tagllm::train::Dataset::from_jsonl(&std::fs::read_to_string(&cmd.data)?)?;
+    data.require_fields(&slots)?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for chunk in data.records.chunks(16) {
+        let composed = chunk
+            .iter()
+            .map(|r| {
+                let input = Input::Slots(slots.iter().map(|s| (s.to_string(), r[*s].clone())).collect());
+                compose(&m, &set, &template, &input, None, m.config().max_position_embeddings)
+                    .map_err(anyhow::Error::from)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let refs: Vec<_> = composed.iter().collect();
+        for row in tagllm::infer::engine::padded_last_hidden(&m, &refs)? {
+            writeln!(out, "{}", serde_json::to_string(&row)?)?;
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -537,6 +610,7 @@ fn main() -> Result<()> {
         Command::Worker(cmd) => worker(cmd)?,
         Command::Train(cmd) => train(cmd)?,
         Command::Eval(cmd) => eval(cmd)?,
+        Command::Embed(cmd) => embed(cmd)?,
         Command::Openapi => println!("{}", tagllm::http::openapi_json()),
         Command::Tags {
             command:

@@ -592,10 +592,13 @@ async fn api_keys_guard_routes_and_admin_key_guards_changes() {
         r.send()
     };
     use reqwest::Method;
-    assert_eq!(
-        call(Method::GET, "/health", None).await.unwrap().status(),
-        StatusCode::OK
-    );
+    for probe in ["/health", "/ready"] {
+        assert_eq!(
+            call(Method::GET, probe, None).await.unwrap().status(),
+            StatusCode::OK,
+            "{probe} needs no key"
+        );
+    }
     let r = call(Method::GET, "/tags", None).await.unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::GgmlDType;
 use candle_core::Device;
-use serde_json::json;
+use serde_json::{json, Value};
 use tagllm::model::BaseModel;
 use tagllm::tags::{BaseModelIdentity, Registry, TagSet};
 use tagllm::train::{Dataset, HeadKind, Hyperparameters, TrainJob, Trainer};
@@ -472,4 +472,57 @@ fn without_an_eval_set_a_tenth_of_the_data_is_held_out() {
     );
     let t = Trainer::new(&m, Arc::new(TagSet::default()), j, &text(9), None).unwrap();
     assert_eq!(t.train_len(), 9);
+}
+
+/// Multi-task data (one translation direction per record, say) carries its own template
+/// per record: the records below differ only in their template, so the held-out accuracy
+/// is perfect only if every record is composed with its own.
+#[test]
+fn records_may_carry_their_own_template() {
+    let (_d, m) = tiny();
+    let mut both = (*stage1(&m, "SMILES")).clone_tags();
+    both.tags.extend(stage1(&m, "Prose").tags.clone());
+    let both = Arc::new(both);
+    let forward = "<Prose> {text} <Dir> <SMILES>";
+    let backward = "<SMILES> {text} <Dir> <Prose>";
+    let records = |n: usize| {
+        let lines: Vec<String> = (0..n)
+            .map(|i| {
+                let (template, label) = if i % 2 == 0 { (forward, "fwd") } else { (backward, "bwd") };
+                json!({"text": "the cat sat", "dir": label, "template": template}).to_string()
+            })
+            .collect();
+        Dataset::from_jsonl(&lines.join("\n")).unwrap()
+    };
+    let j = job(3, &["Dir"], forward, Some("dir"), HeadKind::Classification, hyper(40, 0.05));
+    let out = train_lowers(&m, both.clone(), j.clone(), &records(16), &records(8));
+    assert_eq!(out.eval["accuracy"].as_f64().unwrap(), 1.0, "{}", out.eval);
+    // The published tag keeps the job's template as its default.
+    assert_eq!(out.bundles[0].manifest.template.as_deref(), Some(forward));
+
+    // Every record template is checked like the job's.
+    let err = |data: Dataset| {
+        format!(
+            "{:#}",
+            Trainer::new(&m, both.clone(), j.clone(), &data, None)
+                .err()
+                .expect("should fail")
+        )
+    };
+    let one = |template: &str, text: Value| {
+        Dataset::from_values(&[json!({"text": "x", "dir": "fwd"}), {
+            let mut r = json!({"dir": "bwd", "template": template});
+            if !text.is_null() {
+                r["text"] = text;
+            }
+            r
+        }])
+        .unwrap()
+    };
+    let e = err(one("<Prose> {text}", json!("y")));
+    assert!(e.contains("template \"<Prose> {text}\" never uses <Dir>"), "{e}");
+    let e = err(one("<Nope> {text} <Dir>", json!("y")));
+    assert!(e.contains("unknown tag <Nope>"), "{e}");
+    let e = err(one("<Prose> {text} <Dir>", Value::Null));
+    assert!(e.contains("line 2: missing field `text`"), "{e}");
 }

@@ -59,11 +59,12 @@ fn bearer(req: &Request) -> Option<&str> {
         .strip_prefix("Bearer ")
 }
 
-/// `--api-key` guards every route but `/health`; `--admin-api-key` additionally guards
-/// everything that changes state.
+/// `--api-key` guards every route but the probes (`/health`, `/ready`: orchestrators
+/// call them without keys, and they reveal nothing); `--admin-api-key` additionally
+/// guards everything that changes state.
 async fn auth(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
-    if path == "/health" {
+    if path == "/health" || path == "/ready" {
         return next.run(req).await;
     }
     let changes_state = req.method() != Method::GET && path != "/predict" && path != "/tokenize";

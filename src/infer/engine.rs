@@ -400,6 +400,16 @@ pub fn padded_heads(model: &BaseModel, seqs: &[&Composed]) -> Result<Vec<Predict
     read_heads(seqs, &rows_at(&hidden, &readouts)?)
 }
 
+/// The final hidden state at each sequence's last position (the features a linear probe
+/// on the frozen model reads), as one padded batch.
+pub fn padded_last_hidden(model: &BaseModel, seqs: &[&Composed]) -> Result<Vec<Vec<f32>>> {
+    let longest = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+    let (rows, mask) = pad_right(model, seqs, 0, longest)?;
+    let hidden = model.llama.forward(&rows, Some(&mask), None, Mode::Fast)?;
+    let last: Vec<usize> = seqs.iter().map(|s| s.len() - 1).collect();
+    Ok(rows_at(&hidden, &last)?.to_vec2::<f32>()?)
+}
+
 /// The common prefix once (batch 1, cached), then every suffix in one padded batch.
 fn shared_prefix_heads(
     model: &BaseModel,

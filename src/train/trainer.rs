@@ -187,6 +187,11 @@ pub fn mean_embedding_init(model: &BaseModel, p: usize) -> Result<Tensor> {
     Ok(row.unsqueeze(0)?.repeat((p, 1))?)
 }
 
+/// A record may carry its own template under this field (multi-task data such as one
+/// translation direction per record); the job's template is the default and the one
+/// the published tag keeps.
+pub const RECORD_TEMPLATE_FIELD: &str = "template";
+
 fn restrict(record: &Record, slots: &[&str]) -> Input {
     Input::Slots(
         slots
@@ -225,34 +230,62 @@ impl<'a> Trainer<'a> {
             "num_vectors must be in 1..=256"
         );
         ensure!(!job.tags.is_empty(), "name the tag(s) to learn");
-        let template = Template::parse(&job.template);
-        for t in &job.tags {
-            ensure!(
-                crate::tags::template::is_valid_tag_name(t),
-                "`{t}` is not a valid tag name"
-            );
-            ensure!(
-                template.tags().contains(&t.as_str()),
-                "the template never uses <{t}>"
-            );
+        // Every template the data uses: the job's, and any a record carries itself.
+        let mut templates = vec![job.template.clone()];
+        for r in data.records.iter().chain(eval.iter().flat_map(|e| e.records.iter())) {
+            if let Some(t) = r.get(RECORD_TEMPLATE_FIELD) {
+                if !templates.contains(t) {
+                    templates.push(t.clone());
+                }
+            }
         }
-        for t in template.tags() {
-            if !job.tags.iter().any(|l| l == t) {
-                let b = frozen.get(t).with_context(|| {
-                    format!("unknown tag <{t}>: train it first or fix the template")
-                })?;
+        let per_record = templates.len() > 1;
+        for text in &templates {
+            let template = Template::parse(text);
+            let which = if per_record { format!("template {text:?}") } else { "the template".to_string() };
+            for t in &job.tags {
                 ensure!(
-                    b.manifest.kind == TagKind::Domain || job.stage == 3,
-                    "<{t}> is a function tag; only stage 3 composes with other function tags"
+                    crate::tags::template::is_valid_tag_name(t),
+                    "`{t}` is not a valid tag name"
+                );
+                ensure!(template.tags().contains(&t.as_str()), "{which} never uses <{t}>");
+            }
+            for t in template.tags() {
+                if !job.tags.iter().any(|l| l == t) {
+                    let b = frozen.get(t).with_context(|| {
+                        format!("unknown tag <{t}>: train it first or fix the template")
+                    })?;
+                    ensure!(
+                        b.manifest.kind == TagKind::Domain || job.stage == 3,
+                        "<{t}> is a function tag; only stage 3 composes with other function tags"
+                    );
+                }
+            }
+            let slots = template.slots();
+            ensure!(!slots.is_empty(), "{which} has no {{slot}} for the data");
+            if let Some(field) = job.target.as_deref() {
+                ensure!(
+                    !slots.contains(&field),
+                    "the target `{field}` must not also be a template slot"
+                );
+            }
+            if job.stage == 2 {
+                let domains = template
+                    .tags()
+                    .iter()
+                    .filter(|t| !job.tags.iter().any(|l| l == *t))
+                    .count();
+                ensure!(
+                    domains <= 1,
+                    "stage 2 is single-domain: {which} has {domains} other tags (use stage 3)"
                 );
             }
         }
+        let template = Template::parse(&job.template);
         let slots = template.slots();
-        ensure!(
-            !slots.is_empty(),
-            "the template has no {{slot}} for the data"
-        );
-        data.require_fields(&slots)?;
+        if !per_record {
+            data.require_fields(&slots)?;
+        }
         let target = match (job.stage, job.head) {
             (1, HeadKind::None) => {
                 ensure!(
@@ -271,10 +304,6 @@ impl<'a> Trainer<'a> {
                     .target
                     .as_deref()
                     .context("stages 2 and 3 need `target`: the labelled field")?;
-                ensure!(
-                    !slots.contains(&field),
-                    "the target `{field}` must not also be a template slot"
-                );
                 match head {
                     HeadKind::Regression => {
                         let v = data.numeric(field)?;
@@ -296,18 +325,6 @@ impl<'a> Trainer<'a> {
                 }
             }
         };
-        if job.stage == 2 {
-            let domains = template
-                .tags()
-                .iter()
-                .filter(|t| !job.tags.iter().any(|l| l == *t))
-                .count();
-            ensure!(
-                domains <= 1,
-                "stage 2 is single-domain: the template has {domains} other tags (use stage 3)"
-            );
-        }
-
         // Learned tags join the frozen ones under their names, as placeholders, so that
         // examples compose exactly as they will be served.
         let d = model.config().hidden_size;
@@ -360,7 +377,9 @@ impl<'a> Trainer<'a> {
         trainer.train = trainer.examples(data, &template, &compose_set, 0)?;
         match eval {
             Some(e) => {
-                e.require_fields(&slots)?;
+                if !per_record {
+                    e.require_fields(&slots)?;
+                }
                 trainer.eval = trainer.examples(e, &template, &compose_set, trainer.train.len())?;
             }
             // No held-out set given: hold out a seeded 10% (at most 200) of the training data.
@@ -391,7 +410,6 @@ impl<'a> Trainer<'a> {
         set: &TagSet,
         id_base: usize,
     ) -> Result<Vec<Example>> {
-        let slots = template.slots();
         let max = self.model.config().max_position_embeddings;
         let function = (!matches!(self.target, Target::Lm)).then(|| self.job.tags[0].as_str());
         let eos = self.model.tokenizer.eos_ids().first().copied();
@@ -399,6 +417,12 @@ impl<'a> Trainer<'a> {
             .iter()
             .enumerate()
             .map(|(i, r)| {
+                let own = r.get(RECORD_TEMPLATE_FIELD).map(|t| Template::parse(t));
+                let template = own.as_ref().unwrap_or(template);
+                let slots = template.slots();
+                if let Some(missing) = slots.iter().find(|s| !r.contains_key(**s)) {
+                    bail!("line {}: missing field `{missing}`", i + 1);
+                }
                 let c = compose(self.model, set, template, &restrict(r, &slots), function, max)
                     .map_err(|e| anyhow::anyhow!("line {}: {e}", i + 1))?;
                 let mut pieces = c.pieces.clone();
