@@ -1,6 +1,6 @@
 # The two commands a newcomer needs: `make serve` and `make test`. Both set up the default
 # model first (idempotent; the only network access tagllm ever makes).
-.PHONY: setup build serve test bench
+.PHONY: setup build serve test bench reproduce
 
 setup:
 	scripts/setup-model.sh
@@ -21,3 +21,11 @@ bench: setup
 	cargo bench --bench core
 	cargo bench --bench serve
 	cargo bench --bench train
+
+# The Tag-LLM reproduction: datasets from pinned packages, every tag trained with
+# `tagllm train`, then baselines and the results table (README: Reproduction).
+reproduce: build
+	python3 -m pip install -q -r scripts/repro/requirements.txt
+	python3 scripts/repro/prepare_data.py --check
+	python3 scripts/repro/train_tags.py
+	python3 scripts/repro/evaluate.py
