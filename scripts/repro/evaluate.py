@@ -174,6 +174,27 @@ class Server:
         self.proc.wait(30)
 
 
+class Memo:
+    """Results of finished steps (keyed by what they depend on, tag versions included), so
+    that a rerun after a crash or a retrained tag redoes only what changed."""
+
+    def __init__(self, path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.exists() else {}
+
+    def __call__(self, key, compute):
+        if key not in self.data:
+            self.data[key] = compute()
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.data))
+            os.replace(tmp, self.path)
+        return self.data[key]
+
+
+def tag_key(runs, *tags):
+    return ",".join(f"{t}@{json.loads((runs / 'tags' / t / 'manifest.json').read_text())['version']}" for t in tags)
+
+
 def chunks(rows, n):
     return [rows[i : i + n] for i in range(0, len(rows), n)]
 
@@ -274,6 +295,8 @@ def main():
     if args.baselines_only:
         return
 
+    memo = Memo(runs / "evaluation_cache.json")
+    present = {p.name for p in (runs / "tags").iterdir()}  # what the server below loads
     server = Server(runs, args.port)
     try:
         # Tags with heads (and the no-domain ablation).
@@ -283,17 +306,19 @@ def main():
             ("Descriptor", "Descriptor", desc, ["protein"], "blosum1", {"test": "test"}),
             ("BA", "BA", ba, ["protein", "smiles"], "affinity", {"test": "test"}),
         ]:
-            if not (runs / "tags" / tag).exists():
+            if tag not in present:
                 print(f"{tag}: not trained, skipped", file=sys.stderr)
                 continue
             print(f"<{tag}> ...", file=sys.stderr, flush=True)
-            R[task][f"<{tag}>"] = {k: regression(head_values(server, tag, d[v], slots), [r[target] for r in d[v]]) for k, v in tests.items()}
+            R[task][f"<{tag}>"] = memo(tag_key(runs, tag), lambda: {
+                k: regression(head_values(server, tag, d[v], slots), [r[target] for r in d[v]]) for k, v in tests.items()})
 
         # No head: the function tag generates the number as text.
-        if (runs / "tags" / "QEDText").exists():
+        if "QEDText" in present:
             print("<QEDText> ...", file=sys.stderr, flush=True)
             rows = qed["test"][:TEXT_N]
-            texts = generate(server, lambda r: "The molecule <SMILES> {smiles} has druglikeness <QEDText>", rows, ["smiles"], 8)
+            texts = memo(tag_key(runs, "QEDText"), lambda: generate(
+                server, lambda r: "The molecule <SMILES> {smiles} has druglikeness <QEDText>", rows, ["smiles"], 8))
             vals, parsed = parse_numbers(texts, float(np.mean([r["qed"] for r in qed["train"]])))
             R["QED"]["<QEDText> (no head)"] = {"test": {**regression(vals, [r["qed"] for r in rows]), "parsed": parsed,
                                                          "examples": texts[:5]}}
@@ -306,19 +331,20 @@ def main():
             ("BA", ba, ["protein", "smiles"], "affinity", "What is the KIBA binding affinity score (a number between 10 and 15) of the molecule {smiles} to the protein {protein}? Answer with the number only."),
         ]:
             rows = d["test"][:PROMPTED_N]
-            texts = generate(server, lambda r: chat(question), rows, slots, 10)
+            texts = memo(f"prompted {task}", lambda: generate(server, lambda r: chat(question), rows, slots, 10))
             vals, parsed = parse_numbers(texts, float(np.mean([r[target] for r in d["train"]])))
             R[task]["base model prompted"] = {"test": {**regression(vals, [r[target] for r in rows]), "parsed": parsed, "examples": texts[:5]}}
 
         # Translation, including zero-shot pairs.
-        if (runs / "tags" / "Translate").exists():
+        if "Translate" in present:
             import sacrebleu
 
             print("translation ...", file=sys.stderr, flush=True)
             test = load("data/translate/test.jsonl")
-            tagged = generate(server, lambda r: r["template"], test, ["text"], 32)
-            base = generate(server, lambda r: chat(f"Translate this {LANG_NAMES[r['pair'][:2]]} text to {LANG_NAMES[r['pair'][3:]]}: {{text}}"),
-                            test, ["text"], 32)
+            tagged = memo(tag_key(runs, "Translate", *[l.upper() for l in LANG_NAMES]),
+                          lambda: generate(server, lambda r: r["template"], test, ["text"], 32))
+            base = memo("prompted Translate", lambda: generate(server, lambda r: chat(f"Translate this {LANG_NAMES[r['pair'][:2]]} text to {LANG_NAMES[r['pair'][3:]]}: {{text}}"),
+                            test, ["text"], 32))
             R["Translate"] = {}
             for pair in sorted({r["pair"] for r in test}):
                 idx = [i for i, r in enumerate(test) if r["pair"] == pair]
