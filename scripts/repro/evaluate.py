@@ -212,12 +212,18 @@ def generate(server, template_of, rows, slots, max_new_tokens, stop=("\n",)):
 
 
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+SPECIAL = re.compile(r"<\|[^|]*\|>.*", re.S)
+
+
+def clean(text):
+    """The answer: up to the first special token (`<|im_end|>` ends a chat turn)."""
+    return SPECIAL.sub("", text).strip()
 
 
 def parse_numbers(texts, fallback):
     vals, ok = [], 0
     for t in texts:
-        m = NUMBER.search(t)
+        m = NUMBER.search(clean(t))
         v = float(m.group()) if m else float("nan")
         if m and math.isfinite(v):
             ok += 1
@@ -331,7 +337,8 @@ def main():
             ("BA", ba, ["protein", "smiles"], "affinity", "What is the KIBA binding affinity score (a number between 10 and 15) of the molecule {smiles} to the protein {protein}? Answer with the number only."),
         ]:
             rows = d["test"][:PROMPTED_N]
-            texts = memo(f"prompted {task}", lambda: generate(server, lambda r: chat(question), rows, slots, 10))
+            # The answer is begun for the model, so that it goes straight to a number.
+            texts = memo(f"prompted {task} v2", lambda: generate(server, lambda r: chat(question) + "The answer is ", rows, slots, 8))
             vals, parsed = parse_numbers(texts, float(np.mean([r[target] for r in d["train"]])))
             R[task]["base model prompted"] = {"test": {**regression(vals, [r[target] for r in rows]), "parsed": parsed, "examples": texts[:5]}}
 
@@ -351,8 +358,8 @@ def main():
                 refs = [[test[i]["target"] for i in idx]]
                 R["Translate"][pair] = {
                     "n": len(idx),
-                    "<Translate>": sacrebleu.corpus_chrf([tagged[i].strip() for i in idx], refs).score,
-                    "base model prompted": sacrebleu.corpus_chrf([base[i].strip() for i in idx], refs).score,
+                    "<Translate>": sacrebleu.corpus_chrf([clean(tagged[i]) for i in idx], refs).score,
+                    "base model prompted": sacrebleu.corpus_chrf([clean(base[i]) for i in idx], refs).score,
                     "examples": [(test[i]["text"], tagged[i], base[i], test[i]["target"]) for i in idx[:3]],
                 }
     finally:
