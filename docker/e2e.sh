@@ -72,6 +72,9 @@ wait_for 60 "postgres healthy" healthy postgres
 shipped=$(find tags -mindepth 2 -maxdepth 2 -name manifest.json | wc -l)
 served=$(get /tags | field "len(v['tags'])")
 [ "$served" -eq "$shipped" ] || fail "the api serves $served tags, the image ships $shipped"
+if [ -f tags/QED/manifest.json ]; then # the shipped tag answers out of the box
+    post /predict '{"function": "QED", "inputs": [{"smiles": "CCO"}]}' >/dev/null || fail "the shipped <QED> does not answer"
+fi
 
 # A small regression task with no domain tag, so the test does not depend on tags/.
 records='[{"smiles":"CCO","y":0.3},{"smiles":"c1ccccc1","y":0.6},{"smiles":"CC(=O)O","y":0.4},
