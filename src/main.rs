@@ -437,7 +437,12 @@ fn train(cmd: TrainCmd) -> Result<()> {
     let mut log = cmd
         .log
         .as_ref()
-        .map(|p| std::fs::OpenOptions::new().create(true).append(true).open(p))
+        .map(|p| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+        })
         .transpose()?;
     let started = std::time::Instant::now();
     let trained = trainer.run(None, &mut |p: &tagllm::train::Progress| {
@@ -590,9 +595,21 @@ fn embed(cmd: EmbedCmd) -> Result<()> {
         let composed = chunk
             .iter()
             .map(|r| {
-                let input = Input::Slots(slots.iter().map(|s| (s.to_string(), r[*s].clone())).collect());
-                compose(&m, &set, &template, &input, None, m.config().max_position_embeddings)
-                    .map_err(anyhow::Error::from)
+                let input = Input::Slots(
+                    slots
+                        .iter()
+                        .map(|s| (s.to_string(), r[*s].clone()))
+                        .collect(),
+                );
+                compose(
+                    &m,
+                    &set,
+                    &template,
+                    &input,
+                    None,
+                    m.config().max_position_embeddings,
+                )
+                .map_err(anyhow::Error::from)
             })
             .collect::<Result<Vec<_>>>()?;
         let refs: Vec<_> = composed.iter().collect();

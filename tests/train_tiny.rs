@@ -489,13 +489,24 @@ fn records_may_carry_their_own_template() {
     let records = |n: usize| {
         let lines: Vec<String> = (0..n)
             .map(|i| {
-                let (template, label) = if i % 2 == 0 { (forward, "fwd") } else { (backward, "bwd") };
+                let (template, label) = if i % 2 == 0 {
+                    (forward, "fwd")
+                } else {
+                    (backward, "bwd")
+                };
                 json!({"text": "the cat sat", "dir": label, "template": template}).to_string()
             })
             .collect();
         Dataset::from_jsonl(&lines.join("\n")).unwrap()
     };
-    let j = job(3, &["Dir"], forward, Some("dir"), HeadKind::Classification, hyper(40, 0.05));
+    let j = job(
+        3,
+        &["Dir"],
+        forward,
+        Some("dir"),
+        HeadKind::Classification,
+        hyper(40, 0.05),
+    );
     let out = train_lowers(&m, both.clone(), j.clone(), &records(16), &records(8));
     assert_eq!(out.eval["accuracy"].as_f64().unwrap(), 1.0, "{}", out.eval);
     // The published tag keeps the job's template as its default.
@@ -521,7 +532,10 @@ fn records_may_carry_their_own_template() {
         .unwrap()
     };
     let e = err(one("<Prose> {text}", json!("y")));
-    assert!(e.contains("template \"<Prose> {text}\" never uses <Dir>"), "{e}");
+    assert!(
+        e.contains("template \"<Prose> {text}\" never uses <Dir>"),
+        "{e}"
+    );
     let e = err(one("<Nope> {text} <Dir>", json!("y")));
     assert!(e.contains("unknown tag <Nope>"), "{e}");
     let e = err(one("<Prose> {text} <Dir>", Value::Null));

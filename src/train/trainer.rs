@@ -232,7 +232,11 @@ impl<'a> Trainer<'a> {
         ensure!(!job.tags.is_empty(), "name the tag(s) to learn");
         // Every template the data uses: the job's, and any a record carries itself.
         let mut templates = vec![job.template.clone()];
-        for r in data.records.iter().chain(eval.iter().flat_map(|e| e.records.iter())) {
+        for r in data
+            .records
+            .iter()
+            .chain(eval.iter().flat_map(|e| e.records.iter()))
+        {
             if let Some(t) = r.get(RECORD_TEMPLATE_FIELD) {
                 if !templates.contains(t) {
                     templates.push(t.clone());
@@ -242,13 +246,20 @@ impl<'a> Trainer<'a> {
         let per_record = templates.len() > 1;
         for text in &templates {
             let template = Template::parse(text);
-            let which = if per_record { format!("template {text:?}") } else { "the template".to_string() };
+            let which = if per_record {
+                format!("template {text:?}")
+            } else {
+                "the template".to_string()
+            };
             for t in &job.tags {
                 ensure!(
                     crate::tags::template::is_valid_tag_name(t),
                     "`{t}` is not a valid tag name"
                 );
-                ensure!(template.tags().contains(&t.as_str()), "{which} never uses <{t}>");
+                ensure!(
+                    template.tags().contains(&t.as_str()),
+                    "{which} never uses <{t}>"
+                );
             }
             for t in template.tags() {
                 if !job.tags.iter().any(|l| l == t) {
