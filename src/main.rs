@@ -387,9 +387,7 @@ fn worker(cmd: WorkerCmd) -> Result<()> {
 
 fn train(cmd: TrainCmd) -> Result<()> {
     use tagllm::train::{Dataset, HeadKind, Hyperparameters, TrainJob, Trainer};
-    let m = cmd.model.load()?;
-    let identity = tagllm::tags::BaseModelIdentity::of(&m);
-    let registry = tagllm::tags::Registry::open(&cmd.tags_dir, identity, m.device().clone())?;
+    let (m, tags) = model_and_tags(&cmd.model, &cmd.tags_dir)?;
     let read = |p: &PathBuf| -> Result<Dataset> {
         let text = std::fs::read_to_string(p)
             .map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))?;
@@ -428,7 +426,7 @@ fn train(cmd: TrainCmd) -> Result<()> {
             patience: cmd.patience,
         },
     };
-    let frozen = std::sync::Arc::new(registry.snapshot().clone_tags());
+    let frozen = std::sync::Arc::new(tags.clone_tags());
     let trainer = Trainer::new(&m, frozen, job, &data, eval.as_ref())?;
     let bar = indicatif::ProgressBar::new(cmd.steps as u64);
     bar.set_style(indicatif::ProgressStyle::with_template(
@@ -480,12 +478,9 @@ fn train(cmd: TrainCmd) -> Result<()> {
 }
 
 fn eval(cmd: EvalCmd) -> Result<()> {
-    use tagllm::infer::{compose, Input, Prediction};
+    use tagllm::infer::Prediction;
     use tagllm::tags::{HeadSpec, Template};
-    let m = cmd.model.load()?;
-    let identity = tagllm::tags::BaseModelIdentity::of(&m);
-    let registry = tagllm::tags::Registry::open(&cmd.tags_dir, identity, m.device().clone())?;
-    let set = registry.snapshot();
+    let (m, set) = model_and_tags(&cmd.model, &cmd.tags_dir)?;
     let tag = set.get(&cmd.function).ok_or_else(|| {
         anyhow::anyhow!("no tag <{}> in {}", cmd.function, cmd.tags_dir.display())
     })?;
@@ -512,32 +507,9 @@ fn eval(cmd: EvalCmd) -> Result<()> {
         .ok_or_else(|| anyhow::anyhow!("say which field holds the labels: --target"))?;
     let data = tagllm::train::Dataset::from_jsonl(&std::fs::read_to_string(&cmd.data)?)?;
     data.require_fields(&[target.as_str()])?;
-    let slots = template.slots();
-    let mut preds = Vec::new();
-    for chunk in data.records.chunks(16) {
-        let composed = chunk
-            .iter()
-            .map(|r| {
-                let input = Input::Slots(
-                    slots
-                        .iter()
-                        .filter_map(|s| r.get(*s).map(|v| (s.to_string(), v.clone())))
-                        .collect(),
-                );
-                compose(
-                    &m,
-                    &set,
-                    &template,
-                    &input,
-                    Some(&cmd.function),
-                    m.config().max_position_embeddings,
-                )
-                .map_err(anyhow::Error::from)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let refs: Vec<_> = composed.iter().collect();
-        preds.extend(tagllm::infer::engine::padded_heads(&m, &refs)?);
-    }
+    let preds = in_batches(&m, &set, &template, &data, Some(&cmd.function), |seqs| {
+        tagllm::infer::engine::padded_heads(&m, seqs)
+    })?;
     let metrics = match &head.spec {
         HeadSpec::Regression { .. } => {
             let want = data.numeric(&target)?;
@@ -581,43 +553,59 @@ fn non_empty_key(s: &str) -> Result<NonEmptyKey, String> {
 
 fn embed(cmd: EmbedCmd) -> Result<()> {
     use std::io::Write;
-    use tagllm::infer::{compose, Input};
-    let m = cmd.model.load()?;
-    let identity = tagllm::tags::BaseModelIdentity::of(&m);
-    let registry = tagllm::tags::Registry::open(&cmd.tags_dir, identity, m.device().clone())?;
-    let set = registry.snapshot();
+    let (m, set) = model_and_tags(&cmd.model, &cmd.tags_dir)?;
     let template = tagllm::tags::Template::parse(&cmd.template);
-    let slots = template.slots();
     let data = tagllm::train::Dataset::from_jsonl(&std::fs::read_to_string(&cmd.data)?)?;
-    data.require_fields(&slots)?;
+    data.require_fields(&template.slots())?;
+    let rows = in_batches(&m, &set, &template, &data, None, |seqs| {
+        tagllm::infer::engine::padded_last_hidden(&m, seqs)
+    })?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for row in rows {
+        writeln!(out, "{}", serde_json::to_string(&row)?)?;
+    }
+    Ok(())
+}
+
+/// The model and the tags in `tags_dir`: what `train`, `eval` and `embed` start from.
+fn model_and_tags(
+    model: &ModelArgs,
+    tags_dir: &std::path::Path,
+) -> Result<(
+    tagllm::model::BaseModel,
+    std::sync::Arc<tagllm::tags::TagSet>,
+)> {
+    let m = model.load()?;
+    let identity = tagllm::tags::BaseModelIdentity::of(&m);
+    let registry = tagllm::tags::Registry::open(tags_dir, identity, m.device().clone())?;
+    let tags = registry.snapshot();
+    Ok((m, tags))
+}
+
+/// Composes every record with `template` and runs `forward` on batches of 16.
+fn in_batches<T>(
+    m: &tagllm::model::BaseModel,
+    set: &tagllm::tags::TagSet,
+    template: &tagllm::tags::Template,
+    data: &tagllm::train::Dataset,
+    function: Option<&str>,
+    forward: impl Fn(&[&tagllm::infer::Composed]) -> Result<Vec<T>>,
+) -> Result<Vec<T>> {
+    let slots = template.slots();
+    let mut out = Vec::with_capacity(data.records.len());
     for chunk in data.records.chunks(16) {
         let composed = chunk
             .iter()
             .map(|r| {
-                let input = Input::Slots(
-                    slots
-                        .iter()
-                        .map(|s| (s.to_string(), r[*s].clone()))
-                        .collect(),
-                );
-                compose(
-                    &m,
-                    &set,
-                    &template,
-                    &input,
-                    None,
-                    m.config().max_position_embeddings,
-                )
-                .map_err(anyhow::Error::from)
+                let input = tagllm::train::data::slot_input(r, &slots);
+                let max = m.config().max_position_embeddings;
+                tagllm::infer::compose(m, set, template, &input, function, max)
+                    .map_err(anyhow::Error::from)
             })
             .collect::<Result<Vec<_>>>()?;
-        let refs: Vec<_> = composed.iter().collect();
-        for row in tagllm::infer::engine::padded_last_hidden(&m, &refs)? {
-            writeln!(out, "{}", serde_json::to_string(&row)?)?;
-        }
+        out.extend(forward(&composed.iter().collect::<Vec<_>>())?);
     }
-    Ok(())
+    Ok(out)
 }
 
 fn main() -> Result<()> {

@@ -113,28 +113,24 @@ def expert_baselines(task, data):
     from sklearn.neighbors import KNeighborsRegressor
 
     tr, va, te, target, featurize = data
-    Xtr, Xva = featurize(tr), featurize(va)
-    ytr, yva = np.array([r[target] for r in tr]), np.array([r[target] for r in va])
+    X = {"train": featurize(tr), "val": featurize(va), **{split: featurize(rows) for split, rows in te.items()}}
+    y = {"train": [r[target] for r in tr], "val": [r[target] for r in va], **{s: [r[target] for r in rows] for s, rows in te.items()}}
+    ytr, yva = np.array(y["train"]), np.array(y["val"])
+    # k-NN compares fingerprints as bit sets (Jaccard); compositions stay real-valued.
+    bits = task != "Descriptor"
     families = {
         "ridge": [(f"alpha={a}", lambda a=a: Ridge(alpha=a)) for a in [0.01, 0.1, 1, 10, 100]],
-        "k-NN": [(f"k={k}", lambda k=k: KNeighborsRegressor(n_neighbors=k, metric="jaccard" if task != "Descriptor" else "euclidean",
+        "k-NN": [(f"k={k}", lambda k=k: KNeighborsRegressor(n_neighbors=k, metric="jaccard" if bits else "euclidean",
                                                                      weights="distance"))
                  for k in [5, 10, 20]],
         "gradient boosting": [(f"lr={lr}", lambda lr=lr: HistGradientBoostingRegressor(learning_rate=lr, max_iter=300, random_state=0))
                               for lr in [0.05, 0.1]],
     }
-    out = {"mean": {split: regression([ytr.mean()] * len(rows), [r[target] for r in rows]) for split, rows in te.items()}}
+    out = {"mean": {split: regression([ytr.mean()] * len(rows), y[split]) for split, rows in te.items()}}
     for fam, models in families.items():
-        Xk = (Xtr > 0) if fam == "k-NN" and task != "Descriptor" else Xtr
-        Xvk = (Xva > 0) if fam == "k-NN" and task != "Descriptor" else Xva
-        _, setting, model = fit_select(models, Xk, ytr, Xvk, yva)
-        res = {}
-        for split, rows in te.items():
-            X = featurize(rows)
-            X = (X > 0) if fam == "k-NN" and task != "Descriptor" else X
-            res[split] = regression(model.predict(X), [r[target] for r in rows])
-            res[split]["setting"] = setting
-        out[fam] = res
+        view = (lambda M: M > 0) if fam == "k-NN" and bits else (lambda M: M)
+        _, setting, model = fit_select(models, view(X["train"]), ytr, view(X["val"]), yva)
+        out[fam] = {split: {**regression(model.predict(view(X[split])), y[split]), "setting": setting} for split in te}
     return out
 
 

@@ -15,11 +15,14 @@ Everything is seeded; the same packages give byte-identical files. data/SHA256SU
 them, and `--check` compares against the committed copy in scripts/repro/SHA256SUMS.
 """
 import argparse
+import csv
 import gettext
 import gzip
 import hashlib
+import io
 import json
 import random
+import re
 import subprocess
 import sys
 import zipfile
@@ -144,9 +147,6 @@ def proteins(debs, out: Path):
 
 
 def affinity(cache: Path, out: Path):
-    import csv
-    import io
-
     with zipfile.ZipFile(cache / "pydebiaseddta-0.1.0-py3-none-any.whl") as z:
         for split in ["train", "val", "test"]:
             text = z.read(f"pydebiaseddta/data/dta/dta_sample_data/{split}.csv").decode()
@@ -170,7 +170,7 @@ def languages(cache: Path, debs, out: Path):
             catalogs[lang] = {}
             # Django's own catalog and every contrib app's (admin, auth, ...), sorted by path.
             for mo in sorted(n for n in z.namelist() if n.endswith(".mo") and f"/locale/{lang}/LC_MESSAGES/" in n):
-                cat = gettext.GNUTranslations(io_bytes(z.read(mo)))._catalog
+                cat = gettext.GNUTranslations(io.BytesIO(z.read(mo)))._catalog
                 for k, v in cat.items():
                     if isinstance(k, str) and k and v and "%" not in k and "{" not in k and "\n" not in k:
                         catalogs[lang].setdefault(k, v)
@@ -205,12 +205,6 @@ def languages(cache: Path, debs, out: Path):
     write_jsonl(out / "translate/test.jsonl", pairs(test_ids, TRANSLATE_TRAINED + TRANSLATE_ZERO_SHOT))
 
 
-def io_bytes(b):
-    import io
-
-    return io.BytesIO(b)
-
-
 def freedict(stem: Path):
     """(English headword, first translation) pairs of a dictd database."""
     alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
@@ -220,8 +214,6 @@ def freedict(stem: Path):
         for c in s:
             v = v * 64 + alphabet.index(c)
         return v
-
-    import re
 
     data = gzip.open(str(stem) + ".dict.dz").read()
     pairs = []

@@ -6,8 +6,21 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Result};
 use serde_json::Value;
 
+use crate::tags::compose::Input;
+
 /// One example: field name -> text (numbers are kept as their JSON text).
 pub type Record = BTreeMap<String, String>;
+
+/// The composition input of a record: its values for `slots` (a missing one is left out,
+/// for composition to report).
+pub fn slot_input(record: &Record, slots: &[&str]) -> Input {
+    Input::Slots(
+        slots
+            .iter()
+            .filter_map(|s| record.get(*s).map(|v| (s.to_string(), v.clone())))
+            .collect(),
+    )
+}
 
 #[derive(Debug, Clone, Default)]
 pub struct Dataset {

@@ -16,12 +16,12 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::Checkpoint;
-use super::data::{Dataset, Record};
+use super::data::{slot_input, Dataset, Record};
 use super::metrics;
 use super::optim::AdamW;
 use super::schedule::cosine_with_warmup;
 use crate::model::{BaseModel, KvCache, Mode};
-use crate::tags::compose::{compose, Input, Piece};
+use crate::tags::compose::{compose, Piece};
 use crate::tags::{Head, HeadSpec, TagBundle, TagKind, TagManifest, TagSet, Template};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -192,13 +192,26 @@ pub fn mean_embedding_init(model: &BaseModel, p: usize) -> Result<Tensor> {
 /// the published tag keeps.
 pub const RECORD_TEMPLATE_FIELD: &str = "template";
 
-fn restrict(record: &Record, slots: &[&str]) -> Input {
-    Input::Slots(
-        slots
-            .iter()
-            .filter_map(|s| record.get(*s).map(|v| (s.to_string(), v.clone())))
-            .collect(),
-    )
+/// Checks that every record has the slots of its own template (or of the job's), with
+/// the error `require_fields` gives.
+fn require_slots(
+    data: &Dataset,
+    templates: &BTreeMap<String, Template>,
+    default: &str,
+) -> Result<()> {
+    for (i, r) in data.records.iter().enumerate() {
+        let template = &templates[record_template(r, default)];
+        if let Some(missing) = template.slots().into_iter().find(|s| !r.contains_key(*s)) {
+            bail!("line {}: missing field `{missing}`", i + 1);
+        }
+    }
+    Ok(())
+}
+
+fn record_template<'r>(record: &'r Record, default: &'r str) -> &'r str {
+    record
+        .get(RECORD_TEMPLATE_FIELD)
+        .map_or(default, String::as_str)
 }
 
 impl<'a> Trainer<'a> {
@@ -244,8 +257,12 @@ impl<'a> Trainer<'a> {
             }
         }
         let per_record = templates.len() > 1;
+        let parsed: BTreeMap<String, Template> = templates
+            .iter()
+            .map(|t| (t.clone(), Template::parse(t)))
+            .collect();
         for text in &templates {
-            let template = Template::parse(text);
+            let template = &parsed[text];
             let which = if per_record {
                 format!("template {text:?}")
             } else {
@@ -292,11 +309,7 @@ impl<'a> Trainer<'a> {
                 );
             }
         }
-        let template = Template::parse(&job.template);
-        let slots = template.slots();
-        if !per_record {
-            data.require_fields(&slots)?;
-        }
+        require_slots(data, &parsed, &job.template)?;
         let target = match (job.stage, job.head) {
             (1, HeadKind::None) => {
                 ensure!(
@@ -385,13 +398,11 @@ impl<'a> Trainer<'a> {
             eval_values: Vec::new(),
             prefixes: Mutex::new(PrefixCache::default()),
         };
-        trainer.train = trainer.examples(data, &template, &compose_set, 0)?;
+        trainer.train = trainer.examples(data, &parsed, &compose_set, 0)?;
         match eval {
             Some(e) => {
-                if !per_record {
-                    e.require_fields(&slots)?;
-                }
-                trainer.eval = trainer.examples(e, &template, &compose_set, trainer.train.len())?;
+                require_slots(e, &parsed, &trainer.job.template)?;
+                trainer.eval = trainer.examples(e, &parsed, &compose_set, trainer.train.len())?;
             }
             // No held-out set given: hold out a seeded 10% (at most 200) of the training data.
             None if trainer.train.len() >= HOLD_OUT_MIN_EXAMPLES => {
@@ -414,10 +425,12 @@ impl<'a> Trainer<'a> {
         Ok(trainer)
     }
 
+    /// `templates`: every template the data uses, parsed (the job's included); the
+    /// records' slots are already checked.
     fn examples(
         &self,
         data: &Dataset,
-        template: &Template,
+        templates: &BTreeMap<String, Template>,
         set: &TagSet,
         id_base: usize,
     ) -> Result<Vec<Example>> {
@@ -428,13 +441,9 @@ impl<'a> Trainer<'a> {
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                let own = r.get(RECORD_TEMPLATE_FIELD).map(|t| Template::parse(t));
-                let template = own.as_ref().unwrap_or(template);
-                let slots = template.slots();
-                if let Some(missing) = slots.iter().find(|s| !r.contains_key(**s)) {
-                    bail!("line {}: missing field `{missing}`", i + 1);
-                }
-                let c = compose(self.model, set, template, &restrict(r, &slots), function, max)
+                let template = &templates[record_template(r, &self.job.template)];
+                let input = slot_input(r, &template.slots());
+                let c = compose(self.model, set, template, &input, function, max)
                     .map_err(|e| anyhow::anyhow!("line {}: {e}", i + 1))?;
                 let mut pieces = c.pieces.clone();
                 let first_learned = pieces
