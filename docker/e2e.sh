@@ -4,9 +4,11 @@
 #
 #   docker/e2e.sh            build the base and the images (cached), then run every step
 #
-# Steps: compose up and wait for health; a stage-2 job submitted to the api runs on the
+# Steps: compose up from empty volumes twice in a row, the first time with two api
+# replicas (the shared tags volume is seeded once, race-free, by tags-init); a stage-2 job submitted to the api runs on the
 # worker from the Postgres queue and publishes its tag; the api hot-loads it and serves it;
-# after an api restart the tag and the job history are still there; a worker killed
+# after an api restart the tag and the job history are still there; after an image upgrade
+# (rebuild, `up -d`) the tag the job published is still there and served; a worker killed
 # mid-job is started again and the job resumes from its checkpoint and finishes;
 # `compose down` leaves no container behind. Any failure prints the logs and exits 1.
 set -euo pipefail
@@ -18,10 +20,11 @@ export COMPOSE_PROJECT_NAME=tagllm-e2e
 export RUNTIME_IMAGE=${RUNTIME_IMAGE:-tagllm/debian:bookworm}
 export RUST_IMAGE=${RUST_IMAGE:-$RUNTIME_IMAGE}
 PORT=${E2E_PORT:-18480}
-export TAGLLM_BIND=127.0.0.1 TAGLLM_PORTS=$PORT
+# Two host ports: one per api replica when scaled to 2.
+export TAGLLM_BIND=127.0.0.1 TAGLLM_PORTS=$PORT-$((PORT + 1))
+export TAGLLM_BUILD_ID=e2e
 export TAGLLM_LEASE_SECONDS=6 TAGLLM_CHECKPOINT_EVERY=5
 export TAGLLM_API_KEY=e2e-key TAGLLM_ADMIN_API_KEY=e2e-admin
-API=http://127.0.0.1:$PORT
 
 if docker compose version >/dev/null 2>&1; then COMPOSE=(docker compose); else COMPOSE=(docker-compose); fi
 dc() { "${COMPOSE[@]}" --env-file docker/.env -f docker/compose.yaml --profile cpu "$@"; }
@@ -38,7 +41,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# curl with the keys; prints the body, fails on a non-2xx status.
+# The api replica's address (`dc port`, as the port range leaves the choice to Docker).
+api_url() { echo "http://$(dc port --index="${1:-1}" api 8080)"; }
+# curl with the keys; prints the body, fails on a non-2xx status. $API: the replica to ask.
 get() { curl -fsS -H "authorization: Bearer $TAGLLM_ADMIN_API_KEY" "$API$1"; }
 post() { curl -fsS -H "authorization: Bearer $TAGLLM_ADMIN_API_KEY" -H 'content-type: application/json' -d "$2" "$API$1"; }
 field() { python3 -c "import json,sys; v=json.load(sys.stdin); print(eval(sys.argv[1], {'v': v}))" "$1"; }
@@ -52,7 +57,16 @@ wait_for() { # seconds, description, command...
         sleep 1
     done
 }
-healthy() { [ "$(docker inspect -f '{{.State.Health.Status}}' "$(dc ps -q "$1")")" = healthy ]; }
+healthy() { # every container of the service is healthy
+    local ids cid
+    ids=$(dc ps -q "$1")
+    [ -n "$ids" ] || return 1
+    for cid in $ids; do
+        [ "$(docker inspect -f '{{.State.Health.Status}}' "$cid")" = healthy ] || return 1
+    done
+}
+shipped=$(find tags -mindepth 2 -maxdepth 2 -name manifest.json | wc -l)
+served_count() { get /tags | field "len(v['tags'])"; }
 job_state() { get "/jobs/$1" | field "v['state']"; }
 job_is() { [ "$(job_state "$1")" = "$2" ]; }
 job_past() { [ "$(get "/jobs/$1" | field "v['step']")" -ge "$2" ]; }
@@ -64,14 +78,24 @@ cp target/release/tagllm docker/bin/tagllm
 scripts/setup-model.sh >/dev/null
 dc build >&2
 
-cleanup
-step "compose up: postgres, api, worker-cpu"
-dc up -d >&2
-wait_for 180 "api healthy" healthy api
-wait_for 60 "postgres healthy" healthy postgres
-shipped=$(find tags -mindepth 2 -maxdepth 2 -name manifest.json | wc -l)
-served=$(get /tags | field "len(v['tags'])")
-[ "$served" -eq "$shipped" ] || fail "the api serves $served tags, the image ships $shipped"
+# From empty volumes, twice in a row, the first time with two api replicas: the shared tags
+# volume must be seeded exactly once whatever starts first (issue: a race on copy-on-mount).
+for round in 1 2; do
+    cleanup
+    replicas=$((3 - round))
+    step "compose up from empty volumes, round $round: postgres, tags-init, $replicas api, worker-cpu"
+    dc up -d --scale api=$replicas >&2 || fail "compose up (round $round)"
+    wait_for 180 "api healthy" healthy api
+    wait_for 60 "postgres healthy" healthy postgres
+    [ "$(docker inspect -f '{{.State.ExitCode}}' "$(dc ps -q tags-init)")" = 0 ] || fail "tags-init failed"
+    for i in $(seq 1 $replicas); do
+        API=$(api_url "$i")
+        served=$(served_count)
+        [ "$served" -eq "$shipped" ] || fail "api replica $i serves $served tags, the image ships $shipped"
+    done
+    echo "   $replicas api replica(s) serve the $shipped shipped tags" >&2
+done
+API=$(api_url 1)
 if [ -f tags/QED/manifest.json ]; then # the shipped tag answers out of the box
     post /predict '{"function": "QED", "inputs": [{"smiles": "CCO"}]}' >/dev/null || fail "the shipped <QED> does not answer"
 fi
@@ -97,8 +121,23 @@ echo "   <E2E>(CCO) = $(predict)" >&2
 step "api restart: tags and job history persist"
 dc restart api >&2
 wait_for 120 "api healthy again" healthy api
+API=$(api_url 1)
 job_is "$id" succeeded || fail "job $id lost its state across the api restart"
 predict >/dev/null || fail "<E2E> is not served after the api restart"
+
+step "image upgrade (rebuild, up -d): the tag the job published stays"
+version() { get /tags | field "[t['version'] for t in v['tags'] if t['name'] == 'E2E'][0]"; }
+before=$(version)
+TAGLLM_BUILD_ID=e2e-upgrade dc build >&2
+new_image=$(docker image inspect -f '{{index .Config.Labels "org.tagllm.build-id"}}' "tagllm:latest")
+[ "$new_image" = e2e-upgrade ] || fail "the rebuild did not make a new image ($new_image)"
+TAGLLM_BUILD_ID=e2e-upgrade dc up -d >&2 || fail "compose up -d after the upgrade"
+wait_for 180 "api healthy after the upgrade" healthy api
+API=$(api_url 1)
+[ "$(served_count)" -eq $((shipped + 1)) ] || fail "after the upgrade the api serves $(served_count) tags, want $((shipped + 1))"
+[ "$(version)" = "$before" ] || fail "<E2E> changed from version $before to $(version) across the upgrade"
+job_is "$id" succeeded || fail "job $id lost its state across the upgrade"
+predict >/dev/null || fail "<E2E> is not served after the upgrade"
 
 step "worker killed mid-job, started again: the job resumes and finishes"
 id2=$(job E2EResume 60) || fail "POST /train was refused"

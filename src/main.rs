@@ -279,6 +279,15 @@ struct EmbedCmd {
 
 #[derive(Subcommand)]
 enum TagsCommand {
+    /// Copies the bundles in --from into --tags-dir where no tag of that name exists yet,
+    /// each atomically (a deployment's one-shot seeding of its shared tags volume).
+    Seed {
+        #[arg(long, env = "TAGLLM_TAGS_DIR", default_value = "tags")]
+        tags_dir: PathBuf,
+        /// The shipped bundles, e.g. the image's read-only copy.
+        #[arg(long, env = "TAGLLM_SEED_TAGS_FROM")]
+        from: PathBuf,
+    },
     /// Writes tag NAME from --tags-dir as a PEFT prompt-tuning adapter directory.
     ExportPeft {
         #[command(flatten)]
@@ -617,6 +626,12 @@ fn main() -> Result<()> {
         Command::Eval(cmd) => eval(cmd)?,
         Command::Embed(cmd) => embed(cmd)?,
         Command::Openapi => println!("{}", tagllm::http::openapi_json()),
+        Command::Tags {
+            command: TagsCommand::Seed { tags_dir, from },
+        } => {
+            let report = tagllm::tags::seed::seed_tags(&from, &tags_dir)?;
+            println!("{}", serde_json::to_string(&report)?);
+        }
         Command::Tags {
             command:
                 TagsCommand::ExportPeft {

@@ -4,6 +4,7 @@
 pub mod bundle;
 pub mod compose;
 pub mod registry;
+pub mod seed;
 pub mod template;
 
 pub use bundle::{BaseModelIdentity, Head, HeadSpec, TagBundle, TagKind, TagManifest};
