@@ -24,8 +24,12 @@ fn is_name_char(c: char) -> bool {
 }
 
 /// A tag name: letters, digits, `_`, `-`, `.`; 1 to 64 characters.
+/// A tag's name is also its directory under `tags/`: it must not start with `.` (so `.`,
+/// `..` and hidden names can never escape or vanish from the tags dir) or `-`.
 pub fn is_valid_tag_name(name: &str) -> bool {
-    (1..=64).contains(&name.len()) && name.chars().all(is_name_char)
+    (1..=64).contains(&name.len())
+        && name.chars().all(is_name_char)
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
 }
 
 fn is_slot_name(name: &str) -> bool {
@@ -135,6 +139,17 @@ mod tests {
         );
         assert_eq!(t.slots(), vec!["smiles", "x"]);
         assert_eq!(t.last_tag(), Some("QED"));
+    }
+
+    #[test]
+    fn names_that_are_paths_are_not_tag_names() {
+        for bad in [".", "..", ".hidden", "-x", "a/b", ""] {
+            assert!(!is_valid_tag_name(bad), "{bad:?}");
+        }
+        for good in ["QED", "en.fr", "_x", "9a-b"] {
+            assert!(is_valid_tag_name(good), "{good:?}");
+        }
+        assert!(Template::parse("<..> {x}").tags().is_empty());
     }
 
     #[test]
