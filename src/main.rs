@@ -222,24 +222,46 @@ struct TrainCmd {
     /// JSONL held-out data.
     #[arg(long)]
     eval_data: Option<PathBuf>,
-    #[arg(long, default_value_t = 1000)]
-    steps: usize,
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
-    #[arg(long, default_value_t = 1e-4)]
-    learning_rate: f64,
-    #[arg(long, default_value_t = 0.03)]
-    warmup_ratio: f64,
-    #[arg(long, default_value_t = 1)]
-    grad_accum: usize,
-    #[arg(long, default_value_t = 10)]
-    num_vectors: usize,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    #[arg(long, default_value_t = 0)]
-    eval_every: usize,
-    #[arg(long, default_value_t = 0)]
-    patience: usize,
+    // Hyperparameters left out take the defaults `POST /train` uses
+    // (`Hyperparameters::default`), so the CLI and the API train alike.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Passes over the training data; sets the number of steps when given.
+    #[arg(long)]
+    epochs: Option<f64>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Peak learning rate of the tag vectors.
+    #[arg(long)]
+    learning_rate: Option<f64>,
+    /// Peak learning rate of the head (default: --learning-rate).
+    #[arg(long)]
+    head_learning_rate: Option<f64>,
+    #[arg(long)]
+    warmup_ratio: Option<f64>,
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    #[arg(long)]
+    num_vectors: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Where tag vectors start: `mean`, `text:PHRASE` or `tag:NAME`.
+    #[arg(long)]
+    init: Option<String>,
+    /// `fit` (closed form on the step-0 features) or `random`.
+    #[arg(long, value_parser = ["fit", "random"])]
+    head_init: Option<String>,
+    /// Evaluate every N steps (0: every epoch).
+    #[arg(long)]
+    eval_every: Option<usize>,
+    /// Stop after this many evaluations without improvement (0: never).
+    #[arg(long)]
+    patience: Option<usize>,
+    /// Memory for the frozen-prefix cache, MiB (default: half the available memory).
+    #[arg(long, env = "TAGLLM_PREFIX_CACHE_MB")]
+    prefix_cache_mb: Option<usize>,
     /// Appends one JSON line per step (step, loss, learning rate, eval metrics when
     /// evaluated, seconds since start): the loss curve.
     #[arg(long)]
@@ -394,8 +416,34 @@ fn worker(cmd: WorkerCmd) -> Result<()> {
     Ok(())
 }
 
+impl TrainCmd {
+    fn hyperparameters(&self) -> tagllm::train::Hyperparameters {
+        let d = tagllm::train::Hyperparameters::default();
+        tagllm::train::Hyperparameters {
+            steps: self.steps.unwrap_or(d.steps),
+            epochs: self.epochs.unwrap_or(d.epochs),
+            batch_size: self.batch_size.unwrap_or(d.batch_size),
+            learning_rate: self.learning_rate.unwrap_or(d.learning_rate),
+            head_learning_rate: self.head_learning_rate.or(d.head_learning_rate),
+            warmup_ratio: self.warmup_ratio.unwrap_or(d.warmup_ratio),
+            grad_accum: self.grad_accum.unwrap_or(d.grad_accum),
+            num_vectors: self.num_vectors.unwrap_or(d.num_vectors),
+            seed: self.seed.unwrap_or(d.seed),
+            weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
+            init: self.init.clone().unwrap_or(d.init),
+            head_init: match self.head_init.as_deref() {
+                Some("random") => tagllm::train::HeadInit::Random,
+                Some(_) => tagllm::train::HeadInit::Fit,
+                None => d.head_init,
+            },
+            eval_every: self.eval_every.unwrap_or(d.eval_every),
+            patience: self.patience.unwrap_or(d.patience),
+        }
+    }
+}
+
 fn train(cmd: TrainCmd) -> Result<()> {
-    use tagllm::train::{Dataset, HeadKind, Hyperparameters, TrainJob, Trainer};
+    use tagllm::train::{Dataset, HeadKind, TrainJob, Trainer};
     let (m, tags) = model_and_tags(&cmd.model, &cmd.tags_dir)?;
     let read = |p: &PathBuf| -> Result<Dataset> {
         let text = std::fs::read_to_string(p)
@@ -422,22 +470,14 @@ fn train(cmd: TrainCmd) -> Result<()> {
         template,
         target: cmd.target.clone(),
         head,
-        hyperparameters: Hyperparameters {
-            steps: cmd.steps,
-            batch_size: cmd.batch_size,
-            learning_rate: cmd.learning_rate,
-            warmup_ratio: cmd.warmup_ratio,
-            grad_accum: cmd.grad_accum,
-            num_vectors: cmd.num_vectors,
-            seed: cmd.seed,
-            weight_decay: 0.0,
-            eval_every: cmd.eval_every,
-            patience: cmd.patience,
-        },
+        hyperparameters: cmd.hyperparameters(),
     };
     let frozen = std::sync::Arc::new(tags.clone_tags());
-    let trainer = Trainer::new(&m, frozen, job, &data, eval.as_ref())?;
-    let bar = indicatif::ProgressBar::new(cmd.steps as u64);
+    let mut trainer = Trainer::new(&m, frozen, job, &data, eval.as_ref())?;
+    if let Some(mb) = cmd.prefix_cache_mb {
+        trainer.set_prefix_cache_budget(mb << 20);
+    }
+    let bar = indicatif::ProgressBar::new(trainer.total_steps() as u64);
     bar.set_style(indicatif::ProgressStyle::with_template(
         "{bar:40} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
     )?);

@@ -541,3 +541,216 @@ fn records_may_carry_their_own_template() {
     let e = err(one("<Prose> {text} <Dir>", Value::Null));
     assert!(e.contains("line 2: missing field `text`"), "{e}");
 }
+
+/// Solves `a x = b` by Gaussian elimination with partial pivoting (test-side, on purpose
+/// not the trainer's Cholesky).
+fn gauss_solve(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Vec<f64> {
+    let n = b.len();
+    for c in 0..n {
+        let p = (c..n)
+            .max_by(|&i, &j| a[i][c].abs().total_cmp(&a[j][c].abs()))
+            .unwrap();
+        a.swap(c, p);
+        b.swap(c, p);
+        for r in c + 1..n {
+            let f = a[r][c] / a[c][c];
+            for k in c..n {
+                a[r][k] -= f * a[c][k];
+            }
+            b[r] -= f * b[c];
+        }
+    }
+    let mut x = vec![0.0; n];
+    for r in (0..n).rev() {
+        x[r] = (b[r] - (r + 1..n).map(|k| a[r][k] * x[k]).sum::<f64>()) / a[r][r];
+    }
+    x
+}
+
+/// The head fitted before step 1 is the least-squares fit of the standardised targets on
+/// the features at the function tag: checked against a direct solve of the normal
+/// equations in raw units (with the ridge penalty the trainer chose, which is tiny here).
+#[test]
+fn ridge_head_initialisation_is_the_least_squares_fit() {
+    let (_d, m) = tiny();
+    let smiles = stage1(&m, "SMILES");
+    let h = Hyperparameters {
+        head_learning_rate: Some(1e-12),
+        ..hyper(1, 1e-12) // one step that moves nothing: the published head is the fit
+    };
+    let j = job(
+        2,
+        &["Size"],
+        "<SMILES> {smiles} size <Size>",
+        Some("y"),
+        HeadKind::Regression,
+        h,
+    );
+    let t = Trainer::new(&m, smiles, j, &molecules(160), Some(&molecules(40))).unwrap();
+    let (x, z) = t.head_features().unwrap();
+    let out = t
+        .run(None, &mut |_: &tagllm::train::Progress| true)
+        .unwrap();
+    let bundle = &out.bundles[0];
+    let fit = &bundle.manifest.provenance["head_fit"];
+    assert_eq!(fit["method"], "ridge", "{fit}");
+    let lambda = fit["lambda"].as_f64().unwrap();
+    let head = bundle.head.as_ref().unwrap();
+    let w: Vec<f32> = head.weight.flatten_all().unwrap().to_vec1().unwrap();
+    let b: f32 = head.bias.to_vec1::<f32>().unwrap()[0];
+
+    // min |z - X w - b|^2 + lambda n sum_j (sd_j w_j)^2 over [w, b], intercept unpenalised.
+    let (n, d) = (x.len(), x[0].len());
+    let mean: Vec<f64> = (0..d)
+        .map(|j| x.iter().map(|r| r[j]).sum::<f64>() / n as f64)
+        .collect();
+    let var: Vec<f64> = (0..d)
+        .map(|j| x.iter().map(|r| (r[j] - mean[j]).powi(2)).sum::<f64>() / n as f64)
+        .collect();
+    let mut a = vec![vec![0.0; d + 1]; d + 1];
+    let mut rhs = vec![0.0; d + 1];
+    for (r, t) in x.iter().zip(&z) {
+        let row: Vec<f64> = r.iter().copied().chain([1.0]).collect();
+        for i in 0..=d {
+            rhs[i] += row[i] * t;
+            for k in 0..=d {
+                a[i][k] += row[i] * row[k];
+            }
+        }
+    }
+    for j in 0..d {
+        a[j][j] += lambda * n as f64 * var[j].max(1e-12);
+    }
+    let direct = gauss_solve(a, rhs);
+    let predict =
+        |r: &[f64], w: &[f64], b: f64| r.iter().zip(w).map(|(a, c)| a * c).sum::<f64>() + b;
+    let w64: Vec<f64> = w.iter().map(|v| *v as f64).collect();
+    let mut worst = 0f64;
+    for r in &x {
+        let ours = predict(r, &w64, b as f64);
+        let theirs = predict(r, &direct[..d], direct[d]);
+        worst = worst.max((ours - theirs).abs());
+    }
+    assert!(
+        worst < 1e-3,
+        "fitted head and direct least squares differ by {worst} on the training features"
+    );
+    // And the fit is a real fit: better than predicting the mean on the training set.
+    let mse = x
+        .iter()
+        .zip(&z)
+        .map(|(r, t)| (predict(r, &w64, b as f64) - t).powi(2))
+        .sum::<f64>()
+        / n as f64;
+    assert!(
+        mse < 0.5,
+        "training MSE of the fitted head {mse} (the mean gives 1.0)"
+    );
+    assert!(out.eval["step0"]["mse"].as_f64().is_some(), "{}", out.eval);
+}
+
+/// `init: text:PHRASE` starts the tag at the phrase's token embeddings (cycled to p rows);
+/// `init: tag:NAME` at a copy of a served tag.
+#[test]
+fn text_and_tag_initialisation_reproduce_their_source() {
+    let (_d, m) = tiny();
+    let smiles = stage1(&m, "SMILES");
+    let start = |init: &str, frozen: Arc<TagSet>| {
+        let h = Hyperparameters {
+            num_vectors: 5,
+            init: init.into(),
+            ..hyper(1, 1e-12)
+        };
+        let j = job(1, &["Dom"], "<Dom>{text}", None, HeadKind::None, h);
+        let out = Trainer::new(&m, frozen, j, &text(6), None)
+            .unwrap()
+            .run(None, &mut |_: &tagllm::train::Progress| true)
+            .unwrap();
+        out.bundles[0].vectors.clone()
+    };
+    let ids = m.tokenizer.encode_fragment("the cat").unwrap();
+    assert!(
+        ids.len() > 5,
+        "{ids:?}: the phrase should be cut to p = 5 (the tag below is cycled)"
+    );
+    let rows = m.llama.embed_ids(&ids).unwrap();
+    let cycled: Vec<u32> = (0..5).map(|i| (i % ids.len()) as u32).collect();
+    let want = rows
+        .index_select(
+            &candle_core::Tensor::new(cycled.as_slice(), &Device::Cpu).unwrap(),
+            0,
+        )
+        .unwrap();
+    let got = start("text:the cat", Arc::new(TagSet::default()));
+    assert!(common::max_abs_diff(&got, &want) < 1e-6);
+
+    let source = smiles.get("SMILES").unwrap().vectors.clone(); // 3 rows, cycled to 5
+    let want = source
+        .index_select(
+            &candle_core::Tensor::new(&[0u32, 1, 2, 0, 1], &Device::Cpu).unwrap(),
+            0,
+        )
+        .unwrap();
+    let got = start("tag:SMILES", smiles.clone());
+    assert!(common::max_abs_diff(&got, &want) < 1e-6);
+
+    let e = Trainer::new(
+        &m,
+        smiles,
+        job(
+            1,
+            &["Dom"],
+            "<Dom>{text}",
+            None,
+            HeadKind::None,
+            Hyperparameters {
+                init: "tag:Nope".into(),
+                ..hyper(1, 0.1)
+            },
+        ),
+        &text(6),
+        None,
+    )
+    .err()
+    .unwrap();
+    assert!(format!("{e:#}").contains("no served tag <Nope>"), "{e:#}");
+}
+
+/// The initialisation is evaluated as step 0 and competes for publication: when training
+/// only makes things worse, the published tag is the initial one, with step 0's metrics.
+#[test]
+fn step0_selection_keeps_the_initial_tag_when_training_only_makes_it_worse() {
+    let (_d, m) = tiny();
+    let smiles = stage1(&m, "SMILES");
+    let h = Hyperparameters {
+        warmup_ratio: 0.0,
+        eval_every: 1,
+        ..hyper(3, 2.0) // a step this large wrecks the fitted start
+    };
+    let j = job(
+        2,
+        &["Size"],
+        "<SMILES> {smiles} size <Size>",
+        Some("y"),
+        HeadKind::Regression,
+        h,
+    );
+    let t = Trainer::new(&m, smiles, j, &molecules(40), Some(&molecules(12))).unwrap();
+    let mut evals = Vec::new();
+    let out = t
+        .run(None, &mut |p: &tagllm::train::Progress| {
+            evals.push(p.eval.as_ref().unwrap()["loss"].as_f64().unwrap());
+            true
+        })
+        .unwrap();
+    let step0 = out.eval["step0"]["loss"].as_f64().unwrap();
+    assert!(
+        evals.iter().all(|l| *l > step0),
+        "training should only hurt here: {step0} then {evals:?}"
+    );
+    assert_eq!(out.best_step, 0);
+    assert_eq!(out.bundles[0].manifest.provenance["best_step"], 0);
+    assert!((out.eval["loss"].as_f64().unwrap() - step0).abs() < 1e-6 * step0.max(1.0));
+    let init = tagllm::train::mean_embedding_init(&m, 3).unwrap();
+    assert!(common::max_abs_diff(&out.bundles[0].vectors, &init) < 1e-7);
+}

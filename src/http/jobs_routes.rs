@@ -18,7 +18,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::error::{ApiError, ErrorBody};
 use super::state::AppState;
 use crate::jobs::{DatasetInfo, DatasetRef, Job, JobSpec, JobState, JobStore, TrainRequest};
-use crate::train::{Dataset, Trainer};
+use crate::train::Dataset;
 
 type Shared = State<Arc<AppState>>;
 
@@ -116,14 +116,14 @@ pub async fn train(
         }
         None => None,
     };
-    // Full validation: tags, template slots against the data, target against the head.
+    // Full validation (tags, template slots against the data, target against the head,
+    // hyperparameter bounds) without building a trainer; it also sizes the run in steps.
     let check_job = job.clone();
     let eval_data = eval.as_ref().map(|(_, _, d)| d.clone());
-    let frozen = Arc::new(predictor.registry.snapshot().clone_tags());
-    let model = predictor.model.clone();
+    let frozen = predictor.registry.snapshot();
     let data = train_data.clone();
-    tokio::task::spawn_blocking(move || {
-        Trainer::new(&model, frozen, check_job, &data, eval_data.as_ref()).map(|_| ())
+    let total_steps = tokio::task::spawn_blocking(move || {
+        crate::train::job::check(&check_job, &frozen, &data, eval_data.as_ref())
     })
     .await
     .map_err(|e| ApiError::backend(e.to_string()))?
@@ -147,7 +147,7 @@ pub async fn train(
         None => None,
     };
     let tag = job.tags.join(",");
-    let (stage, steps) = (job.stage as i64, job.hyperparameters.steps as i64);
+    let (stage, steps) = (job.stage as i64, total_steps as i64);
     let spec = serde_json::to_value(JobSpec {
         job,
         dataset,

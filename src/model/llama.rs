@@ -436,6 +436,7 @@ impl KvCache {
             llama.device(),
         )?;
         let pad = |t: &Tensor| -> Result<Tensor> {
+            let t = &t.to_dtype(DType::F32)?; // a no-op unless stored in half precision
             let n = t.dim(2)?;
             if n == longest {
                 return Ok(t.clone());
@@ -471,6 +472,39 @@ impl KvCache {
             key_valid: key_valid.collect(),
             next_pos: caches.iter().map(|c| c.next_pos[0]).collect(),
         })
+    }
+
+    /// The cache with keys and values stored as `dtype` (e.g. f16 to hold twice as many
+    /// frozen prefixes in the same memory; [`KvCache::stack`] brings them back to f32).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        Ok(Self {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| match l {
+                    Some((k, v)) => Ok(Some((k.to_dtype(dtype)?, v.to_dtype(dtype)?))),
+                    None => Ok(None),
+                })
+                .collect::<Result<_>>()?,
+            key_valid: self.key_valid.clone(),
+            next_pos: self.next_pos.clone(),
+        })
+    }
+
+    /// The largest magnitude among the cached keys and values.
+    pub fn max_abs(&self) -> Result<f32> {
+        let mut top = 0f32;
+        for (k, v) in self.layers.iter().flatten() {
+            for t in [k, v] {
+                top = top.max(
+                    t.abs()?
+                        .max_all()?
+                        .to_dtype(DType::F32)?
+                        .to_scalar::<f32>()?,
+                );
+            }
+        }
+        Ok(top)
     }
 
     /// Bytes held by the cached keys and values.

@@ -18,6 +18,8 @@ pub struct Checkpoint {
     /// Best held-out loss so far, its step and its parameters.
     pub best: Option<(f64, usize, Vec<Tensor>)>,
     pub evals_without_gain: usize,
+    /// The held-out evaluation before step 1 (reported in the published manifest).
+    pub initial_eval: Option<serde_json::Value>,
 }
 
 impl Checkpoint {
@@ -47,6 +49,12 @@ impl Checkpoint {
             n as f64,
         ];
         t.insert("meta".into(), Tensor::new(&meta, &Device::Cpu)?);
+        if let Some(e) = &self.initial_eval {
+            t.insert(
+                "initial_eval".into(),
+                Tensor::new(serde_json::to_vec(e)?.as_slice(), &Device::Cpu)?,
+            );
+        }
         let tmp = path.with_extension("tmp");
         candle_core::safetensors::save(&t, &tmp)?;
         std::fs::File::open(&tmp)?.sync_all()?;
@@ -87,7 +95,13 @@ impl Checkpoint {
         } else {
             None
         };
+        // Absent from checkpoints written before it existed.
+        let initial_eval = match t.remove("initial_eval") {
+            Some(bytes) => Some(serde_json::from_slice(&bytes.to_vec1::<u8>()?)?),
+            None => None,
+        };
         Ok(Self {
+            initial_eval,
             step: meta[0] as usize,
             params,
             adam_t: meta[1] as usize,

@@ -12,6 +12,8 @@ pub struct AdamW {
     /// Steps taken.
     t: usize,
     pub lr: f64,
+    /// Per parameter: its learning rate is `lr * scale` (e.g. a head's own rate).
+    lr_scale: Vec<f64>,
     weight_decay: f64,
 }
 
@@ -31,6 +33,7 @@ impl AdamW {
             .map(zeros)
             .collect::<candle_core::Result<_>>()?;
         Ok(Self {
+            lr_scale: vec![1.0; params.len()],
             params,
             m,
             v,
@@ -38,6 +41,18 @@ impl AdamW {
             lr,
             weight_decay,
         })
+    }
+
+    /// Scales parameter `i`'s learning rate by `scales[i]`.
+    pub fn set_lr_scales(&mut self, scales: Vec<f64>) -> Result<()> {
+        ensure!(
+            scales.len() == self.params.len(),
+            "{} learning-rate scales for {} parameters",
+            scales.len(),
+            self.params.len()
+        );
+        self.lr_scale = scales;
+        Ok(())
     }
 
     pub fn step(&mut self, grads: &[Tensor]) -> Result<()> {
@@ -57,9 +72,10 @@ impl AdamW {
             self.m[i] = ((&self.m[i] * BETA1)? + (g * (1.0 - BETA1))?)?;
             self.v[i] = ((&self.v[i] * BETA2)? + (g.sqr()? * (1.0 - BETA2))?)?;
             let update = ((&self.m[i] / c1)? / ((&self.v[i] / c2)?.sqrt()? + EPS)?)?;
+            let lr = self.lr * self.lr_scale[i];
             let p = self.params[i].as_tensor();
-            let decayed = (p * (1.0 - self.lr * self.weight_decay))?;
-            self.params[i].set(&(decayed - (update * self.lr)?)?)?;
+            let decayed = (p * (1.0 - lr * self.weight_decay))?;
+            self.params[i].set(&(decayed - (update * lr)?)?)?;
         }
         Ok(())
     }

@@ -1,0 +1,268 @@
+//! The model-facing half of the trainer: embedding examples (learned rows from the
+//! current variables), the forward pass with exact prefix reuse, outputs, losses and
+//! gradients.
+//!
+//! Exact prefix reuse: everything before an example's first learned tag is frozen, so its
+//! keys/values are computed once without gradient (fast kernels, KV cache) and only the
+//! rest of the sequence is differentiated. Same gradients, a fraction of the work.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Tensor, Var};
+
+use super::examples::Example;
+use super::job::Target;
+use super::trainer::Trainer;
+use crate::model::{KvCache, Mode};
+use crate::tags::compose::Piece;
+
+pub(super) enum Outputs {
+    Lm { logits: Tensor, ids: Tensor },
+    Head(Tensor),
+}
+
+impl Trainer<'_> {
+    /// Embeddings of `pieces`, learned rows from the current variables.
+    fn embed(&self, pieces: &[Piece]) -> Result<Tensor> {
+        let mut parts = Vec::new();
+        let mut ids = Vec::new();
+        for p in pieces {
+            match p {
+                Piece::Token(id) => ids.push(*id),
+                Piece::TagRow { name, row, .. } => {
+                    if !ids.is_empty() {
+                        parts.push(self.model.llama.embed_ids(&std::mem::take(&mut ids))?);
+                    }
+                    let rows = match self.learned.get(name) {
+                        Some(v) => v.as_tensor().narrow(0, *row, 1)?,
+                        None => self
+                            .frozen
+                            .get(name)
+                            .context("frozen tag vanished")?
+                            .vectors
+                            .narrow(0, *row, 1)?,
+                    };
+                    parts.push(rows);
+                }
+            }
+        }
+        if !ids.is_empty() {
+            parts.push(self.model.llama.embed_ids(&ids)?);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    /// Right-padded `[b, longest, d]` embeddings of `pieces[start_i..end_i]` and the mask.
+    fn padded(&self, spans: &[&[Piece]]) -> Result<(Tensor, Tensor)> {
+        let d = self.model.config().hidden_size;
+        let longest = spans.iter().map(|s| s.len()).max().unwrap_or(0).max(1);
+        let mut rows = Vec::new();
+        let mut mask = Vec::new();
+        for s in spans {
+            let e = if s.is_empty() {
+                Tensor::zeros((0, d), DType::F32, self.model.device())?
+            } else {
+                self.embed(s)?
+            };
+            let pad = longest - s.len();
+            rows.push(if pad > 0 {
+                Tensor::cat(
+                    &[
+                        &e,
+                        &Tensor::zeros((pad, d), DType::F32, self.model.device())?,
+                    ],
+                    0,
+                )?
+            } else {
+                e
+            });
+            mask.extend(std::iter::repeat_n(1u8, s.len()).chain(std::iter::repeat_n(0u8, pad)));
+        }
+        Ok((
+            Tensor::stack(&rows, 0)?,
+            Tensor::from_vec(mask, (spans.len(), longest), self.model.device())?,
+        ))
+    }
+
+    /// Final-norm hidden states of the part of each example from its first learned tag on
+    /// (`[b, s, d]`, row `i` starting at `batch[i].first_learned`). The frozen prefix runs
+    /// once without gradient when `reuse_prefix`; otherwise everything is differentiated.
+    pub(super) fn forward(
+        &self,
+        batch: &[&Example],
+        mode: Mode,
+        reuse_prefix: bool,
+    ) -> Result<(Tensor, Vec<usize>)> {
+        let llama = &self.model.llama;
+        if reuse_prefix && batch.iter().any(|e| e.first_learned > 0) {
+            let mut caches: HashMap<usize, Arc<KvCache>> = HashMap::new();
+            let missing: Vec<&&Example> = {
+                let kept = self.prefixes.lock().expect("prefix cache lock");
+                batch
+                    .iter()
+                    .filter(|e| match kept.get(e.id) {
+                        Some(c) => {
+                            caches.insert(e.id, c);
+                            false
+                        }
+                        None => true,
+                    })
+                    .collect()
+            };
+            if !missing.is_empty() {
+                let prefixes: Vec<&[Piece]> = missing
+                    .iter()
+                    .map(|e| &e.pieces[..e.first_learned])
+                    .collect();
+                let (x, m) = self.padded(&prefixes)?;
+                let mut cache: KvCache = llama.new_cache();
+                llama.forward(&x, Some(&m), Some(&mut cache), Mode::Fast)?;
+                let mut kept = self.prefixes.lock().expect("prefix cache lock");
+                for (e, c) in missing.iter().zip(cache.split()?) {
+                    kept.offer(e.id, &c)?;
+                    caches.insert(e.id, Arc::new(c));
+                }
+            }
+            let ordered: Vec<&KvCache> = batch.iter().map(|e| caches[&e.id].as_ref()).collect();
+            let mut cache = KvCache::stack(&ordered, llama)?;
+            let suffixes: Vec<&[Piece]> =
+                batch.iter().map(|e| &e.pieces[e.first_learned..]).collect();
+            let (x, m) = self.padded(&suffixes)?;
+            let h = llama.forward(&x, Some(&m), Some(&mut cache), mode)?;
+            Ok((h, batch.iter().map(|e| e.first_learned).collect()))
+        } else {
+            let full: Vec<&[Piece]> = batch.iter().map(|e| &e.pieces[..]).collect();
+            let (x, m) = self.padded(&full)?;
+            Ok((
+                llama.forward(&x, Some(&m), None, mode)?,
+                vec![0; batch.len()],
+            ))
+        }
+    }
+
+    /// What the model says for a batch: LM logits with their target ids, or head outputs.
+    pub(super) fn outputs(
+        &self,
+        batch: &[&Example],
+        mode: Mode,
+        reuse_prefix: bool,
+    ) -> Result<Outputs> {
+        let (h, offsets) = self.forward(batch, mode, reuse_prefix)?;
+        let (b, s, d) = h.dims3()?;
+        let flat = h.reshape((b * s, d))?;
+        let rows = |rows: Vec<u32>| -> Result<Tensor> {
+            let idx = Tensor::from_vec(rows.clone(), rows.len(), h.device())?;
+            Ok(flat.index_select(&idx, 0)?)
+        };
+        Ok(match &self.target {
+            Target::Lm | Target::Generation => {
+                let (at, ids): (Vec<u32>, Vec<u32>) = batch
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(i, e)| {
+                        let (row0, off) = (i * s, offsets[i]);
+                        e.lm.iter()
+                            .map(move |&(p, id)| ((row0 + p - off) as u32, id))
+                    })
+                    .unzip();
+                let n = ids.len();
+                Outputs::Lm {
+                    logits: self.model.llama.logits(&rows(at)?)?,
+                    ids: Tensor::from_vec(ids, n, h.device())?,
+                }
+            }
+            _ => {
+                let at = batch
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| (i * s + e.readout.expect("head readout") - offsets[i]) as u32)
+                    .collect();
+                Outputs::Head(self.head_out(&rows(at)?)?)
+            }
+        })
+    }
+
+    /// Mean loss over the batch's examples (or predicted tokens).
+    pub(super) fn loss(&self, batch: &[&Example], out: &Outputs) -> Result<Tensor> {
+        let device = self.model.device();
+        Ok(match (out, &self.target) {
+            (Outputs::Lm { logits, ids }, _) => candle_nn::loss::cross_entropy(logits, ids)?,
+            (Outputs::Head(o), Target::Regression { mean, std }) => {
+                let z: Vec<f32> = batch
+                    .iter()
+                    .map(|e| ((e.value - mean) / std) as f32)
+                    .collect();
+                (o.squeeze(1)? - Tensor::from_vec(z, batch.len(), device)?)?
+                    .sqr()?
+                    .mean_all()?
+            }
+            (Outputs::Head(o), _) => {
+                let labels: Vec<u32> = batch.iter().map(|e| e.class).collect();
+                candle_nn::loss::cross_entropy(o, &Tensor::from_vec(labels, batch.len(), device)?)?
+            }
+        })
+    }
+
+    fn head_out(&self, hidden: &Tensor) -> Result<Tensor> {
+        let (w, bias) = self.head.as_ref().context("no head")?;
+        Ok(hidden
+            .matmul(&w.as_tensor().t()?)?
+            .broadcast_add(bias.as_tensor())?)
+    }
+
+    pub(super) fn vars(&self) -> Vec<Var> {
+        let mut v: Vec<Var> = self.learned.values().cloned().collect();
+        if let Some((w, b)) = &self.head {
+            v.push(w.clone());
+            v.push(b.clone());
+        }
+        v
+    }
+
+    /// Gradients of the loss of `batch` with respect to every learned parameter, by
+    /// differentiating either the whole sequence or only the part after the frozen prefix.
+    pub fn gradients(&self, batch_idx: &[usize], reuse_prefix: bool) -> Result<Vec<Tensor>> {
+        let batch: Vec<&Example> = batch_idx.iter().map(|&i| &self.train[i]).collect();
+        let loss = self.loss(
+            &batch,
+            &self.outputs(&batch, Mode::Differentiable, reuse_prefix)?,
+        )?;
+        self.grads_of(&loss)
+    }
+
+    /// Gradients of `loss` with respect to every learned parameter, in `vars()` order.
+    pub(super) fn grads_of(&self, loss: &Tensor) -> Result<Vec<Tensor>> {
+        let grads = loss.backward()?;
+        self.vars()
+            .iter()
+            .map(|v| {
+                grads
+                    .get(v.as_tensor())
+                    .cloned()
+                    .context("a learned parameter got no gradient")
+            })
+            .collect()
+    }
+
+    /// Final-norm hidden states at each example's head readout (the head's input), `[n, d]`
+    /// as f64 rows, in batches of `batch` with prefix reuse (which fills the prefix cache).
+    pub(super) fn features(&self, examples: &[Example], batch: usize) -> Result<Vec<Vec<f64>>> {
+        let mut rows = Vec::with_capacity(examples.len());
+        for chunk in examples.chunks(batch.max(1)) {
+            let batch: Vec<&Example> = chunk.iter().collect();
+            let (h, offsets) = self.forward(&batch, Mode::Fast, true)?;
+            let positions: Vec<usize> = batch
+                .iter()
+                .zip(&offsets)
+                .map(|(e, off)| e.readout.expect("head readout") - off)
+                .collect();
+            let at = crate::model::llama::rows_at(&h, &positions)?;
+            for r in at.to_dtype(DType::F64)?.to_vec2::<f64>()? {
+                rows.push(r);
+            }
+        }
+        Ok(rows)
+    }
+}

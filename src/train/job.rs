@@ -1,0 +1,472 @@
+//! What a training run is asked to do (`TrainJob`, `Hyperparameters`) and the checks that
+//! turn a job plus its data into a runnable plan, with errors that name the tag, slot,
+//! field or line at fault.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::data::{Dataset, Record};
+use crate::tags::{TagKind, TagSet, Template};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum HeadKind {
+    Regression,
+    Classification,
+    None,
+}
+
+/// How a head starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum HeadInit {
+    /// Fitted in closed form before step 1 on the frozen features at the function tag
+    /// (ridge regression; classification: L2-regularised logistic regression), the
+    /// regularisation chosen on the validation split. Step 0 is then a linear probe.
+    Fit,
+    /// Small random weights (the paper).
+    Random,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct Hyperparameters {
+    /// Optimizer steps (ignored when `epochs` is set).
+    pub steps: usize,
+    /// Passes over the training data; when above 0 it sets the number of steps.
+    pub epochs: f64,
+    pub batch_size: usize,
+    /// Peak learning rate of the tag vectors (cosine schedule with warm-up).
+    pub learning_rate: f64,
+    /// Peak learning rate of the head (same schedule); null: `learning_rate`.
+    pub head_learning_rate: Option<f64>,
+    pub warmup_ratio: f64,
+    pub grad_accum: usize,
+    /// Vectors per learned tag (p).
+    pub num_vectors: usize,
+    pub seed: u64,
+    pub weight_decay: f64,
+    /// How learned tags start: `mean` (the paper: the mean token embedding), `text:PHRASE`
+    /// (the phrase's token embeddings, cycled or cut to `num_vectors`), `tag:NAME` (a copy
+    /// of a served tag's vectors, likewise).
+    pub init: String,
+    pub head_init: HeadInit,
+    /// Evaluate every this many steps (0: once per epoch, and at the end).
+    pub eval_every: usize,
+    /// Stop after this many evaluations without improvement (0: never).
+    pub patience: usize,
+}
+
+impl Default for Hyperparameters {
+    fn default() -> Self {
+        Self {
+            steps: 1000,
+            epochs: 0.0,
+            batch_size: 8,
+            learning_rate: 1e-4,
+            head_learning_rate: None,
+            warmup_ratio: 0.03,
+            grad_accum: 1,
+            num_vectors: 10,
+            seed: 0,
+            weight_decay: 0.0,
+            init: "mean".into(),
+            head_init: HeadInit::Fit,
+            eval_every: 0,
+            patience: 0,
+        }
+    }
+}
+
+/// Upper bounds that keep one job from exhausting a worker (each far above any real run).
+const MAX_STEPS: usize = 1_000_000;
+const MAX_EPOCHS: f64 = 10_000.0;
+const MAX_BATCH: usize = 4096;
+const MAX_GRAD_ACCUM: usize = 1024;
+
+impl Hyperparameters {
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            (1..=MAX_STEPS).contains(&self.steps),
+            "steps must be in 1..={MAX_STEPS}"
+        );
+        ensure!(
+            self.epochs == 0.0 || (self.epochs > 0.0 && self.epochs <= MAX_EPOCHS),
+            "epochs must be 0 (use steps) or in (0, {MAX_EPOCHS}]"
+        );
+        ensure!(
+            (1..=MAX_BATCH).contains(&self.batch_size),
+            "batch_size must be in 1..={MAX_BATCH}"
+        );
+        ensure!(
+            (1..=MAX_GRAD_ACCUM).contains(&self.grad_accum),
+            "grad_accum must be in 1..={MAX_GRAD_ACCUM}"
+        );
+        for (name, lr) in [
+            ("learning_rate", Some(self.learning_rate)),
+            ("head_learning_rate", self.head_learning_rate),
+        ] {
+            if let Some(lr) = lr {
+                ensure!(lr > 0.0 && lr <= 10.0, "{name} must be in (0, 10]");
+            }
+        }
+        ensure!(
+            (0.0..1.0).contains(&self.warmup_ratio),
+            "warmup_ratio must be in [0, 1)"
+        );
+        ensure!(
+            (0.0..=1.0).contains(&self.weight_decay),
+            "weight_decay must be in [0, 1]"
+        );
+        ensure!(
+            (1..=256).contains(&self.num_vectors),
+            "num_vectors must be in 1..=256"
+        );
+        TagInit::parse(&self.init)?;
+        Ok(())
+    }
+
+    /// Optimizer steps for a training set of `n` examples.
+    pub fn total_steps(&self, n: usize) -> usize {
+        if self.epochs > 0.0 {
+            let per_step = (self.batch_size * self.grad_accum) as f64;
+            ((self.epochs * n as f64 / per_step).ceil() as usize).clamp(1, MAX_STEPS)
+        } else {
+            self.steps
+        }
+    }
+}
+
+/// Where learned tag vectors start (`Hyperparameters::init`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum TagInit {
+    Mean,
+    Text(String),
+    Tag(String),
+}
+
+impl TagInit {
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s.split_once(':') {
+            None if s == "mean" => Self::Mean,
+            Some(("text", phrase)) if !phrase.trim().is_empty() => Self::Text(phrase.to_string()),
+            Some(("tag", name)) if crate::tags::template::is_valid_tag_name(name) => {
+                Self::Tag(name.to_string())
+            }
+            _ => bail!("init must be `mean`, `text:PHRASE` or `tag:NAME`, not {s:?}"),
+        })
+    }
+}
+
+/// What to learn.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainJob {
+    /// 1: domain tags (next-token prediction); 2: a single-domain function tag;
+    /// 3: a cross-domain / multi-task function tag.
+    pub stage: u8,
+    /// The tags being learned: one or more domain tags (stage 1), one function tag (2, 3).
+    pub tags: Vec<String>,
+    /// e.g. `<Protein>{text}` (stage 1) or `... <SMILES> {smiles} ... <QED>`.
+    pub template: String,
+    /// The labelled field (stages 2 and 3).
+    pub target: Option<String>,
+    pub head: HeadKind,
+    pub hyperparameters: Hyperparameters,
+}
+
+/// What a learned tag's output is trained against.
+#[derive(Debug, Clone)]
+pub(super) enum Target {
+    /// Next-token prediction on the text after the tag (stage 1).
+    Lm,
+    /// A regression head on standardised targets.
+    Regression {
+        mean: f64,
+        std: f64,
+    },
+    Classification {
+        labels: Vec<String>,
+    },
+    /// No head: the LM head generates the target text.
+    Generation,
+}
+
+/// A record may carry its own template under this field (multi-task data such as one
+/// translation direction per record); the job's template is the default and the one
+/// the published tag keeps.
+pub const RECORD_TEMPLATE_FIELD: &str = "template";
+
+pub(super) fn record_template<'r>(record: &'r Record, default: &'r str) -> &'r str {
+    record
+        .get(RECORD_TEMPLATE_FIELD)
+        .map_or(default, String::as_str)
+}
+
+/// A job checked against the served tags and its data.
+pub(super) struct Plan {
+    /// Every template the data uses (the job's included), parsed once.
+    pub templates: BTreeMap<String, Template>,
+    pub target: Target,
+}
+
+/// Checks that every record has the slots of its own template (or of the job's).
+fn require_slots(
+    data: &Dataset,
+    templates: &BTreeMap<String, Template>,
+    default: &str,
+) -> Result<()> {
+    for (i, r) in data.records.iter().enumerate() {
+        let template = &templates[record_template(r, default)];
+        if let Some(missing) = template.slots().into_iter().find(|s| !r.contains_key(*s)) {
+            bail!("line {}: missing field `{missing}`", i + 1);
+        }
+    }
+    Ok(())
+}
+
+/// Validates `job` against the frozen tags and the data, without touching the model.
+pub(super) fn plan(
+    job: &TrainJob,
+    frozen: &TagSet,
+    data: &Dataset,
+    eval: Option<&Dataset>,
+) -> Result<Plan> {
+    ensure!((1..=3).contains(&job.stage), "stage must be 1, 2 or 3");
+    job.hyperparameters.validate()?;
+    ensure!(!job.tags.is_empty(), "name the tag(s) to learn");
+    for t in &job.tags {
+        ensure!(
+            crate::tags::template::is_valid_tag_name(t),
+            "`{t}` is not a valid tag name"
+        );
+    }
+    if let TagInit::Tag(from) = TagInit::parse(&job.hyperparameters.init)? {
+        ensure!(
+            frozen.get(&from).is_some(),
+            "init: no served tag <{from}> to copy"
+        );
+    }
+    // Every template the data uses: the job's, and any a record carries itself.
+    let mut texts = vec![job.template.clone()];
+    for r in data
+        .records
+        .iter()
+        .chain(eval.iter().flat_map(|e| e.records.iter()))
+    {
+        if let Some(t) = r.get(RECORD_TEMPLATE_FIELD) {
+            if !texts.contains(t) {
+                texts.push(t.clone());
+            }
+        }
+    }
+    let per_record = texts.len() > 1;
+    let templates: BTreeMap<String, Template> = texts
+        .iter()
+        .map(|t| (t.clone(), Template::parse(t)))
+        .collect();
+    for text in &texts {
+        let which = if per_record {
+            format!("template {text:?}")
+        } else {
+            "the template".to_string()
+        };
+        check_template(job, frozen, &templates[text], &which)?;
+    }
+    require_slots(data, &templates, &job.template)?;
+    if let Some(e) = eval {
+        require_slots(e, &templates, &job.template)?;
+    }
+    let target = target(job, data)?;
+    Ok(Plan { templates, target })
+}
+
+fn check_template(job: &TrainJob, frozen: &TagSet, template: &Template, which: &str) -> Result<()> {
+    for t in &job.tags {
+        ensure!(
+            template.tags().contains(&t.as_str()),
+            "{which} never uses <{t}>"
+        );
+    }
+    for t in template.tags() {
+        if !job.tags.iter().any(|l| l == t) {
+            let b = frozen.get(t).with_context(|| {
+                format!("unknown tag <{t}>: train it first or fix the template")
+            })?;
+            ensure!(
+                b.manifest.kind == TagKind::Domain || job.stage == 3,
+                "<{t}> is a function tag; only stage 3 composes with other function tags"
+            );
+        }
+    }
+    let slots = template.slots();
+    ensure!(!slots.is_empty(), "{which} has no {{slot}} for the data");
+    if let Some(field) = job.target.as_deref() {
+        ensure!(
+            !slots.contains(&field),
+            "the target `{field}` must not also be a template slot"
+        );
+    }
+    if job.stage == 2 {
+        let domains = template
+            .tags()
+            .iter()
+            .filter(|t| !job.tags.iter().any(|l| l == *t))
+            .count();
+        ensure!(
+            domains <= 1,
+            "stage 2 is single-domain: {which} has {domains} other tags (use stage 3)"
+        );
+    }
+    Ok(())
+}
+
+fn target(job: &TrainJob, data: &Dataset) -> Result<Target> {
+    Ok(match (job.stage, job.head) {
+        (1, HeadKind::None) => {
+            ensure!(
+                job.target.is_none(),
+                "stage 1 learns from unlabelled text: no target"
+            );
+            Target::Lm
+        }
+        (1, _) => bail!("stage 1 (domain tags) has no head"),
+        (_, head) => {
+            ensure!(
+                job.tags.len() == 1,
+                "stages 2 and 3 learn exactly one function tag"
+            );
+            let field = job
+                .target
+                .as_deref()
+                .context("stages 2 and 3 need `target`: the labelled field")?;
+            match head {
+                HeadKind::Regression => {
+                    let v = data.numeric(field)?;
+                    let mean = v.iter().sum::<f64>() / v.len() as f64;
+                    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / v.len() as f64;
+                    Target::Regression {
+                        mean,
+                        std: var.sqrt().max(1e-8),
+                    }
+                }
+                HeadKind::Classification => Target::Classification {
+                    labels: data.labels(field)?,
+                },
+                HeadKind::None => {
+                    data.require_fields(&[field])?;
+                    Target::Generation
+                }
+            }
+        }
+    })
+}
+
+/// Checks a job against the served tags and its data without building anything heavy:
+/// what `POST /train` needs before it queues a job. Returns the run's optimizer steps.
+pub fn check(
+    job: &TrainJob,
+    frozen: &TagSet,
+    data: &Dataset,
+    eval: Option<&Dataset>,
+) -> Result<usize> {
+    plan(job, frozen, data, eval)?;
+    ensure!(!data.records.is_empty(), "the dataset has no records");
+    Ok(job.hyperparameters.total_steps(data.records.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_parses_its_three_forms_and_names_bad_ones() {
+        assert_eq!(TagInit::parse("mean").unwrap(), TagInit::Mean);
+        assert_eq!(
+            TagInit::parse("text:Translate into").unwrap(),
+            TagInit::Text("Translate into".into())
+        );
+        assert_eq!(
+            TagInit::parse("tag:QED").unwrap(),
+            TagInit::Tag("QED".into())
+        );
+        for bad in ["", "text:", "tag:..", "random", "tag:a b"] {
+            let e = TagInit::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("init must be"), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn absurd_hyperparameters_are_refused_by_name() {
+        let ok = Hyperparameters::default();
+        ok.validate().unwrap();
+        let cases: Vec<(Hyperparameters, &str)> = vec![
+            (
+                Hyperparameters {
+                    batch_size: 1 << 40,
+                    ..ok.clone()
+                },
+                "batch_size",
+            ),
+            (
+                Hyperparameters {
+                    steps: 1_000_000_000_000,
+                    ..ok.clone()
+                },
+                "steps",
+            ),
+            (
+                Hyperparameters {
+                    grad_accum: 1 << 62,
+                    ..ok.clone()
+                },
+                "grad_accum",
+            ),
+            (
+                Hyperparameters {
+                    learning_rate: 1e308,
+                    ..ok.clone()
+                },
+                "learning_rate",
+            ),
+            (
+                Hyperparameters {
+                    head_learning_rate: Some(-1.0),
+                    ..ok.clone()
+                },
+                "head_learning_rate",
+            ),
+            (
+                Hyperparameters {
+                    epochs: f64::NAN,
+                    ..ok.clone()
+                },
+                "epochs",
+            ),
+            (
+                Hyperparameters {
+                    epochs: -1.0,
+                    ..ok.clone()
+                },
+                "epochs",
+            ),
+        ];
+        for (h, field) in cases {
+            let e = h.validate().unwrap_err().to_string();
+            assert!(e.contains(field), "{field}: {e}");
+        }
+    }
+
+    #[test]
+    fn epochs_set_the_number_of_steps() {
+        let h = Hyperparameters {
+            epochs: 2.0,
+            batch_size: 8,
+            grad_accum: 2,
+            ..Default::default()
+        };
+        assert_eq!(h.total_steps(100), 13); // 200 draws / 16 per step, rounded up
+        assert_eq!(Hyperparameters::default().total_steps(100), 1000);
+    }
+}
