@@ -193,24 +193,34 @@ pub fn fit_ridge(
     let Some((xv, yv)) = val.filter(|(xv, _)| !xv.is_empty()) else {
         return fit_with(RIDGE_DEFAULT);
     };
-    let mut best: Option<LinearFit> = None;
-    for lambda in RIDGE_GRID {
-        let mut fit = fit_with(lambda)?;
-        let mse = xv
-            .iter()
+    choose_on_validation(&RIDGE_GRID, fit_with, |fit| {
+        xv.iter()
             .zip(yv)
             .map(|(r, t)| (fit.predict(r)[0] - t).powi(2))
             .sum::<f64>()
-            / xv.len() as f64;
-        fit.validation_loss = Some(mse);
+            / xv.len() as f64
+    })
+}
+
+/// The fit of the grid's strength with the lowest validation loss (recorded in the fit).
+fn choose_on_validation(
+    grid: &[f64],
+    fit_with: impl Fn(f64) -> Result<LinearFit>,
+    validation_loss: impl Fn(&LinearFit) -> f64,
+) -> Result<LinearFit> {
+    let mut best: Option<LinearFit> = None;
+    for &lambda in grid {
+        let mut fit = fit_with(lambda)?;
+        let loss = validation_loss(&fit);
+        fit.validation_loss = Some(loss);
         if best
             .as_ref()
-            .is_none_or(|b| mse < b.validation_loss.unwrap())
+            .is_none_or(|b| loss < b.validation_loss.unwrap_or(f64::INFINITY))
         {
             best = Some(fit);
         }
     }
-    Ok(best.expect("a non-empty grid"))
+    best.context("an empty grid")
 }
 
 /// Strengths of the logistic head's L2 penalty tried on the validation split.
@@ -283,29 +293,22 @@ pub fn fit_logistic(
     let Some((xv, cv)) = val.filter(|(xv, _)| !xv.is_empty()) else {
         return Ok(fit_with(LOGISTIC_GRID[1]));
     };
-    let mut best: Option<LinearFit> = None;
-    for lambda in LOGISTIC_GRID {
-        let mut fit = fit_with(lambda);
-        let ce = xv
-            .iter()
-            .zip(cv)
-            .map(|(r, &c)| {
-                let l = fit.predict(r);
-                let top = l.iter().cloned().fold(f64::MIN, f64::max);
-                let lse = top + l.iter().map(|v| (v - top).exp()).sum::<f64>().ln();
-                lse - l[c as usize]
-            })
-            .sum::<f64>()
-            / xv.len() as f64;
-        fit.validation_loss = Some(ce);
-        if best
-            .as_ref()
-            .is_none_or(|b| ce < b.validation_loss.unwrap())
-        {
-            best = Some(fit);
-        }
-    }
-    Ok(best.expect("a non-empty grid"))
+    choose_on_validation(
+        &LOGISTIC_GRID,
+        |l| Ok(fit_with(l)),
+        |fit| {
+            xv.iter()
+                .zip(cv)
+                .map(|(r, &c)| {
+                    let l = fit.predict(r);
+                    let top = l.iter().cloned().fold(f64::MIN, f64::max);
+                    let lse = top + l.iter().map(|v| (v - top).exp()).sum::<f64>().ln();
+                    lse - l[c as usize]
+                })
+                .sum::<f64>()
+                / xv.len() as f64
+        },
+    )
 }
 
 #[cfg(test)]
