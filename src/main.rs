@@ -511,11 +511,11 @@ fn train(cmd: TrainCmd) -> Result<()> {
     })?;
     bar.finish();
     for b in &trained.bundles {
-        b.save(&cmd.tags_dir)?;
+        let version = b.save(&cmd.tags_dir)?;
         eprintln!(
             "wrote {} v{} to {}",
             b.name(),
-            b.version(),
+            version,
             cmd.tags_dir.join(b.name()).display()
         );
     }

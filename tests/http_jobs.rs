@@ -251,6 +251,28 @@ async fn bad_training_requests_and_data_get_4xx_with_useful_messages() {
             with(json!({"hyperparameters": {"learning_rate": 0}})),
             "learning_rate",
         ),
+        // Found by an outside probe: accepted, then a worker panic or a write outside
+        // --tags-dir.
+        (
+            with(json!({"hyperparameters": {"batch_size": 1_000_000_000u64}})),
+            "batch_size",
+        ),
+        (
+            with(json!({"hyperparameters": {"steps": 1_000_000_000_000u64}})),
+            "steps",
+        ),
+        (
+            with(json!({"hyperparameters": {"learning_rate": 1e308}})),
+            "learning_rate",
+        ),
+        (
+            with(json!({"tag": "..", "template": "{smiles} <..>"})),
+            "not a valid tag name",
+        ),
+        (
+            with(json!({"hyperparameters": {"init": "tag:Nope"}})),
+            "no served tag <Nope>",
+        ),
         (
             with(
                 json!({"head": "classification", "dataset": {"records": [{"smiles": "C", "qed": "a"}]}}),

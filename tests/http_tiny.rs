@@ -474,6 +474,11 @@ async fn bad_requests_get_clear_json_errors() {
             json!({"function": "QED", "inputs": ["CCO"], "surprise": 1}),
             "surprise",
         ),
+        // Refused before it is parsed (parsing "<" * 10^6 once froze the server).
+        (
+            json!({"template": "<".repeat(100_000) + "{x}", "inputs": ["a"]}),
+            "limit is 65536",
+        ),
     ];
     for (body, mentions) in cases {
         let (status, resp) = post(u, "/predict", body.clone()).await;
@@ -485,6 +490,47 @@ async fn bad_requests_get_clear_json_errors() {
             mentions,
         );
     }
+    // Found by an outside probe as 500s: an empty sequence is a 422 (or, where the model
+    // has a BOS to run on, a prediction); vanishing temperatures or nuclei decode greedily.
+    for body in [
+        json!({"template": "", "inputs": [{}]}),
+        json!({"template": "{x}", "inputs": [""]}),
+    ] {
+        let (status, resp) = post(u, "/predict", body.clone()).await;
+        if status != StatusCode::OK {
+            assert_error(
+                status,
+                &resp,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "validation",
+                "empty sequence",
+            );
+        }
+    }
+    let greedy = post(
+        u,
+        "/predict",
+        json!({"template": "{x}", "inputs": ["a"], "parameters": {"max_new_tokens": 3}}),
+    )
+    .await;
+    assert_eq!(greedy.0, StatusCode::OK, "{}", greedy.1);
+    for parameters in [
+        json!({"max_new_tokens": 3, "temperature": 1e-300}),
+        json!({"max_new_tokens": 3, "temperature": 1.0, "top_p": 1e-300}),
+    ] {
+        let (status, resp) = post(
+            u,
+            "/predict",
+            json!({"template": "{x}", "inputs": ["a"], "parameters": parameters}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{parameters}: {resp}");
+        assert_eq!(
+            resp["predictions"], greedy.1["predictions"],
+            "{parameters}: the greedy limit"
+        );
+    }
+
     // Input values are never parsed for tags: a tag name inside an input is just text.
     let (status, body) = post(
         u,

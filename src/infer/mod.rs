@@ -16,6 +16,7 @@ pub use engine::{Engine, EngineConfig, Group, Timings};
 pub use heads::Prediction;
 
 use crate::model::{BaseModel, GenerationParams};
+use crate::tags::template::MAX_TEMPLATE_BYTES;
 use crate::tags::{Registry, TagKind, Template};
 
 /// Engine gauges and histograms, registered in the server's Prometheus registry.
@@ -128,6 +129,15 @@ pub struct Predictor {
     _watcher: Option<notify::RecommendedWatcher>,
 }
 
+/// A request checked and composed, ready for the engine.
+struct Prepared {
+    groups: Vec<Group>,
+    params: GenerationParams,
+    /// With `functions`: the function names, in request order.
+    names: Option<Vec<String>>,
+    versions: BTreeMap<String, u64>,
+}
+
 impl Predictor {
     /// Loads the base model once, opens (and optionally watches) the tag registry and
     /// starts the inference thread.
@@ -191,12 +201,57 @@ impl Predictor {
         })
     }
 
-    /// Validates and composes the request, then runs it through the engine.
+    /// Validates and composes the request, then runs it through the engine. Validation
+    /// and composition (template parsing, tokenising up to `max_batch_inputs` inputs) are
+    /// CPU work: they run on the blocking pool, never on the async threads.
     pub async fn predict(
-        &self,
+        self: &Arc<Self>,
         req: PredictRequest,
     ) -> Result<(PredictResponse, Timings), PredictError> {
+        let this = self.clone();
+        let prepared = tokio::task::spawn_blocking(move || this.prepare(&req))
+            .await
+            .map_err(|e| PredictError::Backend(format!("request preparation failed: {e}")))??;
+        let Prepared {
+            groups,
+            params,
+            names,
+            versions,
+        } = prepared;
+        let (preds, timings) = self
+            .engine
+            .predict(groups, params)
+            .await
+            .map_err(PredictError::Backend)?;
+        let predictions = preds
+            .into_iter()
+            .map(|mut per_fn| match &names {
+                None => PredictionEntry::Single(per_fn.remove(0)),
+                Some(names) => {
+                    PredictionEntry::PerFunction(names.iter().cloned().zip(per_fn).collect())
+                }
+            })
+            .collect();
+        Ok((
+            PredictResponse {
+                predictions,
+                tags: versions,
+            },
+            timings,
+        ))
+    }
+
+    /// Checks the request and composes every input with every function's template.
+    fn prepare(&self, req: &PredictRequest) -> Result<Prepared, PredictError> {
         let params = self.generation_params(&req.parameters)?;
+        if let Some(t) = &req.template {
+            if t.len() > MAX_TEMPLATE_BYTES {
+                return Err(invalid(format!(
+                    "template is {} bytes; the limit is {MAX_TEMPLATE_BYTES}",
+                    t.len()
+                )));
+            }
+        }
         if req.inputs.is_empty() {
             return Err(invalid("inputs must not be empty"));
         }
@@ -250,27 +305,12 @@ impl Predictor {
             }
             groups.push(Group { seqs });
         }
-        let (preds, timings) = self
-            .engine
-            .predict(groups, params)
-            .await
-            .map_err(PredictError::Backend)?;
-        let predictions = preds
-            .into_iter()
-            .map(|mut per_fn| match &names {
-                None => PredictionEntry::Single(per_fn.remove(0)),
-                Some(names) => {
-                    PredictionEntry::PerFunction(names.iter().cloned().zip(per_fn).collect())
-                }
-            })
-            .collect();
-        Ok((
-            PredictResponse {
-                predictions,
-                tags: versions,
-            },
-            timings,
-        ))
+        Ok(Prepared {
+            groups,
+            params,
+            names,
+            versions,
+        })
     }
 
     fn function_plan(

@@ -122,6 +122,9 @@ impl Hooks for JobHooks<'_> {
     }
 }
 
+/// Claims of one job after which it is failed instead of run again.
+const MAX_ATTEMPTS: i64 = 3;
+
 impl Worker {
     /// Claims and runs jobs until `stop` is set.
     pub fn run(&self, stop: Arc<AtomicBool>) {
@@ -148,14 +151,42 @@ impl Worker {
         };
         let id = claimed.job.id.clone();
         tracing::info!(job = %id, tag = %claimed.job.tag, attempt = claimed.job.attempts, resume_from = claimed.job.resumed_from_step, "job claimed");
+        let me = &self.config.id;
+        if claimed.job.attempts > MAX_ATTEMPTS {
+            // Every earlier attempt ended with its worker gone (killed, out of memory):
+            // failing the job keeps it from taking each new worker down with it.
+            let msg = format!(
+                "gave up after {MAX_ATTEMPTS} attempts: the worker running it stopped each time"
+            );
+            self.runtime.block_on(self.store.finish(
+                &id,
+                me,
+                JobState::Failed,
+                Some(&msg),
+                None,
+                None,
+            ))?;
+            tracing::warn!(job = %id, "job failed: {msg}");
+            return Ok(true);
+        }
         let mut hooks = JobHooks {
             worker: self,
             job_id: id.clone(),
             last_beat: Instant::now(),
             outcome: None,
         };
-        let result = self.train(claimed, &mut hooks);
-        let me = &self.config.id;
+        // A panic fails this job (with its message), never the worker thread.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.train(claimed, &mut hooks)
+        }))
+        .unwrap_or_else(|panic| {
+            let why = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(anyhow::anyhow!("training panicked: {why}"))
+        });
         match (result, hooks.outcome) {
             (_, Some(Outcome::Lost)) => {
                 tracing::warn!(job = %id, "lease lost; another worker owns the job now")
@@ -224,8 +255,7 @@ impl Worker {
         // carries their sha256); a re-run after a crash here rewrites the same version.
         let mut version = 0;
         for b in &trained.bundles {
-            b.save(self.registry.dir())?;
-            version = b.version() as i64;
+            version = b.save(self.registry.dir())? as i64;
         }
         self.registry.rescan();
         Ok((version, trained.eval))

@@ -51,10 +51,16 @@ pub struct Generation {
     pub finish_reason: FinishReason,
 }
 
+/// Below these, sampling is greedy decoding in the limit; dividing logits by a temperature
+/// like 1e-300 overflows and a nucleus like 1e-300 can keep nothing, so take the limit.
+const GREEDY_TEMPERATURE: f64 = 1e-4;
+const GREEDY_TOP_P: f64 = 1e-6;
+
 fn sampler(p: &GenerationParams) -> LogitsProcessor {
     let sampling = match (p.temperature, p.top_p) {
         (None, _) => Sampling::ArgMax,
-        (Some(t), _) if t <= 0.0 => Sampling::ArgMax,
+        (Some(t), _) if t < GREEDY_TEMPERATURE => Sampling::ArgMax,
+        (Some(_), Some(p)) if p < GREEDY_TOP_P => Sampling::ArgMax,
         (Some(temperature), Some(p)) if p < 1.0 => Sampling::TopP { p, temperature },
         (Some(temperature), _) => Sampling::All { temperature },
     };

@@ -321,26 +321,44 @@ impl TagBundle {
     }
 
     /// Writes the bundle to `tags_dir/NAME` so that a reader never sees a half-written tag:
-    /// each file goes through a temp file + rename, tensors first, and the manifest
-    /// carries the tensors' sha256 (a new manifest with old tensors is refused, not served).
-    pub fn save(&self, tags_dir: &Path) -> Result<()> {
+    /// each file goes through a uniquely named temp file + rename, tensors first, and the
+    /// manifest carries the tensors' sha256 (a new manifest with old tensors is refused,
+    /// not served). Writers of one tag take turns (a lock file in its directory), and one
+    /// that finds its version already published (two jobs trained the same tag at once)
+    /// publishes the next version instead of overwriting: no result is silently lost.
+    /// Returns the version written.
+    pub fn save(&self, tags_dir: &Path) -> Result<u64> {
+        ensure!(
+            is_valid_tag_name(self.name()),
+            "`{}` is not a valid tag name",
+            self.name()
+        );
         let dir = tags_dir.join(self.name());
         std::fs::create_dir_all(&dir)?;
+        let lock = std::fs::File::create(dir.join(LOCK_FILE))?;
+        lock.lock()
+            .with_context(|| format!("locking {}", dir.display()))?;
+        let mut manifest = self.manifest.clone();
+        if let Ok(raw) = std::fs::read(dir.join(MANIFEST_FILE)) {
+            if let Ok(published) = serde_json::from_slice::<TagManifest>(&raw) {
+                manifest.version = manifest.version.max(published.version + 1);
+            }
+        }
         let mut tensors = HashMap::from([("vectors".to_string(), self.vectors.clone())]);
         if let Some(h) = &self.head {
             tensors.insert("head.weight".into(), h.weight.clone());
             tensors.insert("head.bias".into(), h.bias.clone());
         }
-        let tmp = dir.join(format!(".{TENSORS_FILE}.tmp"));
+        let tmp = dir.join(unique_temp_name(TENSORS_FILE));
         candle_core::safetensors::save(&tensors, &tmp)?;
-        let mut manifest = self.manifest.clone();
         manifest.tensors_sha256 = Some(sha256_file(&tmp)?);
         write_atomic(&dir.join(TENSORS_FILE), None, Some(&tmp))?;
         write_atomic(
             &dir.join(MANIFEST_FILE),
             Some(&serde_json::to_vec_pretty(&manifest)?),
             None,
-        )
+        )?;
+        Ok(manifest.version)
     }
 
     /// Writes the tag's vectors as a PEFT prompt-tuning adapter directory.
@@ -356,7 +374,7 @@ impl TagBundle {
             "base_model_name_or_path": base_model_name,
             "inference_mode": true,
         });
-        let tmp = out.join(format!(".{PEFT_WEIGHTS_FILE}.tmp"));
+        let tmp = out.join(unique_temp_name(PEFT_WEIGHTS_FILE));
         candle_core::safetensors::save(
             &HashMap::from([("prompt_embeddings".to_string(), self.vectors.clone())]),
             &tmp,
@@ -370,17 +388,94 @@ impl TagBundle {
     }
 }
 
+/// Serialises writers of one tag directory (`flock`; released when the file closes).
+const LOCK_FILE: &str = ".lock";
+
+/// A hidden temp name of its own per writer, so concurrent writers never share one.
+fn unique_temp_name(file: &str) -> String {
+    format!(".{file}.{}.tmp", uuid::Uuid::new_v4().simple())
+}
+
 /// Puts `bytes` (or the already written `from` file) at `path` by rename.
 pub fn write_atomic(path: &Path, bytes: Option<&[u8]>, from: Option<&Path>) -> Result<()> {
     let tmp = match from {
         Some(f) => f.to_path_buf(),
         None => {
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-            let tmp = path.with_file_name(format!(".{name}.tmp"));
+            let tmp = path.with_file_name(unique_temp_name(name));
             std::fs::write(&tmp, bytes.unwrap_or_default())?;
             tmp
         }
     };
     std::fs::File::open(&tmp)?.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn domain_tag(name: &str, version: u64, fill: f32) -> TagBundle {
+        TagBundle {
+            manifest: TagManifest {
+                name: name.into(),
+                kind: TagKind::Domain,
+                version,
+                num_vectors: 2,
+                hidden_size: 4,
+                base_model: "f".repeat(64),
+                head: None,
+                template: None,
+                domain_tags: vec![],
+                tensors_sha256: None,
+                provenance: serde_json::Value::Null,
+                metrics: serde_json::Value::Null,
+            },
+            vectors: Tensor::full(fill, (2, 4), &Device::Cpu).unwrap(),
+            head: None,
+            source: "bundle",
+        }
+    }
+
+    #[test]
+    fn concurrent_publications_of_one_tag_become_consecutive_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        // Eight jobs that all trained version 1 of <Dom> finish at once.
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let root = dir.path().to_path_buf();
+                std::thread::spawn(move || domain_tag("Dom", 1, i as f32).save(&root).unwrap())
+            })
+            .collect();
+        let mut versions: Vec<u64> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        versions.sort();
+        assert_eq!(
+            versions,
+            (1..=8).collect::<Vec<_>>(),
+            "each result gets its own version"
+        );
+        let base = BaseModelIdentity {
+            fingerprint: "f".repeat(64),
+            hidden_size: 4,
+        };
+        let served = TagBundle::load(&dir.path().join("Dom"), &base, &Device::Cpu).unwrap();
+        assert_eq!(served.version(), 8);
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("Dom"))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn a_name_that_is_a_path_is_never_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("tags");
+        for name in ["..", ".", "a/b"] {
+            assert!(domain_tag(name, 1, 0.0).save(&root).is_err(), "{name}");
+        }
+        assert!(!dir.path().join(MANIFEST_FILE).exists());
+    }
 }

@@ -34,6 +34,8 @@ pub enum ComposeError {
     TooLong { len: usize, max: usize },
     #[error("tokenizing the input failed: {0}")]
     Tokenize(String),
+    #[error("the template and input give an empty sequence: nothing to run the model on")]
+    Empty,
 }
 
 /// One position of a composed sequence. Equal pieces embed equally, which is what lets
@@ -182,6 +184,9 @@ pub fn compose(
         }
     }
     flush(&mut text, &mut pieces)?;
+    if pieces.is_empty() {
+        return Err(ComposeError::Empty);
+    }
     if pieces.len() > max_tokens {
         return Err(ComposeError::TooLong {
             len: pieces.len(),

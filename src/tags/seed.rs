@@ -64,7 +64,8 @@ fn copy_bundle(src: &Path, dst: &Path) -> Result<()> {
     std::fs::create_dir(dst).with_context(|| format!("creating {}", dst.display()))?;
     for entry in std::fs::read_dir(src)? {
         let entry = entry?;
-        if !entry.file_type()?.is_file() {
+        // Plain files only, and no hidden ones (locks, temp files of a writer).
+        if !entry.file_type()?.is_file() || entry.file_name().to_string_lossy().starts_with('.') {
             continue;
         }
         let to = dst.join(entry.file_name());

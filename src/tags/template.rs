@@ -36,10 +36,19 @@ fn is_slot_name(name: &str) -> bool {
     (1..=64).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
+/// A template longer than this is refused before it is parsed (serving and training).
+pub const MAX_TEMPLATE_BYTES: usize = 64 * 1024;
+
+/// Names are at most this long, so a reference's closing bracket is looked for only this
+/// far: parsing stays linear in the template (`"<" * 10^6` was quadratic).
+const MAX_NAME_LEN: usize = 64;
+
 /// Length of a `<Name>` or `{name}` reference starting at `s[0]`, if there is one.
-fn reference_len(s: &str, open: char, close: char, valid: fn(&str) -> bool) -> Option<usize> {
+fn reference_len(s: &str, open: char, close: u8, valid: fn(&str) -> bool) -> Option<usize> {
     let rest = s.strip_prefix(open)?;
-    let end = rest.find(close)?;
+    let window = &rest.as_bytes()[..rest.len().min(MAX_NAME_LEN + 1)];
+    // `close` is ASCII, so its byte index is a char boundary.
+    let end = window.iter().position(|&b| b == close)?;
     valid(&rest[..end]).then_some(end + 2)
 }
 
@@ -50,8 +59,8 @@ impl Template {
         let mut i = 0;
         while i < source.len() {
             let rest = &source[i..];
-            let tag = reference_len(rest, '<', '>', is_valid_tag_name);
-            let slot = reference_len(rest, '{', '}', is_slot_name);
+            let tag = reference_len(rest, '<', b'>', is_valid_tag_name);
+            let slot = reference_len(rest, '{', b'}', is_slot_name);
             match (tag, slot) {
                 (Some(n), _) | (_, Some(n)) => {
                     if !text.is_empty() {
@@ -139,6 +148,27 @@ mod tests {
         );
         assert_eq!(t.slots(), vec!["smiles", "x"]);
         assert_eq!(t.last_tag(), Some("QED"));
+    }
+
+    #[test]
+    fn parsing_is_linear_in_the_template() {
+        // Quadratic parsing took 24 s on this; linear takes milliseconds.
+        let evil = "<".repeat(1_000_000) + "{x}" + &"{".repeat(1_000_000);
+        let started = std::time::Instant::now();
+        let t = Template::parse(&evil);
+        assert_eq!(t.slots(), vec!["x"]);
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        // A name of exactly the longest length still parses; one longer is text.
+        let long = "a".repeat(64);
+        assert_eq!(
+            Template::parse(&format!("<{long}>")).tags(),
+            vec![long.as_str()]
+        );
+        assert!(Template::parse(&format!("<{long}a>")).tags().is_empty());
     }
 
     #[test]

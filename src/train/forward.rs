@@ -249,9 +249,12 @@ impl Trainer<'_> {
     /// Final-norm hidden states at each example's head readout (the head's input), `[n, d]`
     /// as f64 rows, in batches of `batch` with prefix reuse (which fills the prefix cache).
     pub(super) fn features(&self, examples: &[Example], batch: usize) -> Result<Vec<Vec<f64>>> {
-        let mut rows = Vec::with_capacity(examples.len());
-        for chunk in examples.chunks(batch.max(1)) {
-            let batch: Vec<&Example> = chunk.iter().collect();
+        // Batches of similar lengths (little padding); rows go back to the examples' order.
+        let mut order: Vec<usize> = (0..examples.len()).collect();
+        order.sort_by_key(|&i| examples[i].pieces.len());
+        let mut rows = vec![Vec::new(); examples.len()];
+        for chunk in order.chunks(batch.max(1)) {
+            let batch: Vec<&Example> = chunk.iter().map(|&i| &examples[i]).collect();
             let (h, offsets) = self.forward(&batch, Mode::Fast, true)?;
             let positions: Vec<usize> = batch
                 .iter()
@@ -259,8 +262,8 @@ impl Trainer<'_> {
                 .map(|(e, off)| e.readout.expect("head readout") - off)
                 .collect();
             let at = crate::model::llama::rows_at(&h, &positions)?;
-            for r in at.to_dtype(DType::F64)?.to_vec2::<f64>()? {
-                rows.push(r);
+            for (&i, r) in chunk.iter().zip(at.to_dtype(DType::F64)?.to_vec2::<f64>()?) {
+                rows[i] = r;
             }
         }
         Ok(rows)

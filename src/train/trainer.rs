@@ -261,8 +261,10 @@ impl<'a> Trainer<'a> {
         let Some((w, b)) = self.head.clone() else {
             return Ok(());
         };
+        let started = std::time::Instant::now();
         let x = self.features(&self.train, EVAL_BATCH)?;
         let xv = self.features(&self.eval, EVAL_BATCH)?;
+        let features_seconds = started.elapsed().as_secs_f64();
         let fit = match &self.target {
             Target::Regression { mean, std } => {
                 let z = |ex: &[Example]| -> Vec<f64> {
@@ -286,6 +288,9 @@ impl<'a> Trainer<'a> {
             "lambda": fit.lambda,
             "validation_loss": fit.validation_loss,
             "train_examples": x.len(),
+            // The features pass also fills the frozen-prefix cache for the run.
+            "features_seconds": features_seconds,
+            "fit_seconds": started.elapsed().as_secs_f64() - features_seconds,
         }));
         Ok(())
     }
