@@ -325,3 +325,41 @@ async fn bad_training_requests_and_data_get_4xx_with_useful_messages() {
     let (_, list) = get(&s, "/jobs").await;
     assert_eq!(list["jobs"].as_array().unwrap().len(), 0);
 }
+
+/// An open progress stream ends when the server starts shutting down, so graceful
+/// shutdown does not wait for its client (it once kept a SIGTERMed server up 30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_streams_end_when_the_server_shuts_down() {
+    let s = start(Options::default()).await;
+    let (status, acc) = post(
+        &s,
+        "/train",
+        json!({"stage": 1, "tag": "Long", "dataset": {"records": text(9)},
+        "hyperparameters": {"steps": 100000, "batch_size": 3, "learning_rate": 0.01, "num_vectors": 3}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{acc}");
+    let id = acc["id"].as_str().unwrap().to_string();
+    let events = reqwest::get(format!("{}/jobs/{id}/events", s.url))
+        .await
+        .unwrap();
+    let mut body = events.bytes_stream();
+    let first = tokio::time::timeout(Duration::from_secs(60), body.next())
+        .await
+        .expect("a first event");
+    assert!(first.is_some());
+    s.state.shutdown.send_replace(true);
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(chunk) = body.next().await {
+            chunk.unwrap();
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream stayed open after shutdown began");
+    let _ = call(
+        reqwest::Method::DELETE,
+        format!("{}/jobs/{id}", s.url),
+        None,
+    )
+    .await;
+}

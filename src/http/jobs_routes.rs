@@ -245,10 +245,11 @@ pub async fn job_events(
 ) -> Result<Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>>, ApiError> {
     find(&s, &id).await?;
     let store = s.jobs()?.clone();
+    let stop = s.shutdown.subscribe();
     let stream = futures_util::stream::unfold(
-        (store, id, None::<(i64, i64)>, false),
-        |(store, id, last, ended)| async move {
-            if ended {
+        (store, id, None::<(i64, i64)>, false, stop),
+        |(store, id, last, ended, mut stop)| async move {
+            if ended || *stop.borrow() {
                 return None;
             }
             loop {
@@ -263,9 +264,13 @@ pub async fn job_events(
                         .event("progress")
                         .json_data(&job)
                         .unwrap_or_default();
-                    return Some((Ok(event), (store, id, Some(key), done)));
+                    return Some((Ok(event), (store, id, Some(key), done, stop)));
                 }
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    // Shutting down (or the state is gone): end the stream now.
+                    _ = stop.changed() => return None,
+                }
             }
         },
     );

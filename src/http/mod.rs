@@ -174,13 +174,22 @@ pub fn new_state(config: ServerConfig) -> anyhow::Result<Arc<AppState>> {
         predictor: OnceLock::new(),
         jobs: OnceLock::new(),
         metrics: HttpMetrics::new()?,
+        shutdown: tokio::sync::watch::Sender::new(false),
     }))
 }
 
-/// Serves until SIGTERM or Ctrl-C, then finishes the requests in flight.
+/// Serves until SIGTERM or Ctrl-C, then finishes the requests in flight (event streams
+/// end at once).
 pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) -> anyhow::Result<()> {
+    let signal = {
+        let state = state.clone();
+        async move {
+            shutdown_signal().await;
+            state.shutdown.send_replace(true);
+        }
+    };
     axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(signal)
         .await?;
     Ok(())
 }

@@ -62,6 +62,9 @@ pub struct AppState {
     pub jobs: OnceLock<crate::jobs::JobStore>,
     pub permits: Arc<Semaphore>,
     pub metrics: HttpMetrics,
+    /// Becomes true when the server starts shutting down: long-lived responses (event
+    /// streams) end then, so graceful shutdown does not wait for their clients.
+    pub shutdown: tokio::sync::watch::Sender<bool>,
 }
 
 impl AppState {
