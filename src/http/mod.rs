@@ -70,7 +70,10 @@ async fn auth(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Respo
     let changes_state = req.method() != Method::GET && path != "/predict" && path != "/tokenize";
     let token = bearer(&req);
     let cfg = &s.config;
-    let is = |key: &Option<String>| key.as_deref().is_some_and(|k| token == Some(k));
+    let is = |key: &Option<String>| {
+        key.as_deref()
+            .is_some_and(|k| token.is_some_and(|t| same_secret(t, k)))
+    };
     let allowed = if changes_state && cfg.admin_api_key.is_some() {
         is(&cfg.admin_api_key)
     } else {
@@ -176,6 +179,13 @@ pub fn new_state(config: ServerConfig) -> anyhow::Result<Arc<AppState>> {
         metrics: HttpMetrics::new()?,
         shutdown: tokio::sync::watch::Sender::new(false),
     }))
+}
+
+/// Compares a presented key with the configured one in constant time (`subtle`), so
+/// response times do not tell how much of a guessed key was right.
+fn same_secret(presented: &str, key: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    presented.as_bytes().ct_eq(key.as_bytes()).into()
 }
 
 /// Serves until SIGTERM or Ctrl-C, then finishes the requests in flight (event streams
