@@ -280,6 +280,12 @@ async fn bad_training_requests_and_data_get_4xx_with_useful_messages() {
             "two distinct labels",
         ),
     ];
+    let (status, resp) = get(&s, "/jobs?limit=abc").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{resp}");
+    assert_eq!(
+        resp["error_type"], "validation",
+        "a JSON error, not plain text"
+    );
     for (body, mentions) in cases {
         let (status, resp) = post(&s, "/train", body.clone()).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body} -> {resp}");

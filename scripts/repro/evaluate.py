@@ -278,6 +278,9 @@ def main():
     ap.add_argument("--port", default=8091, type=int)
     ap.add_argument("--skip-probe", action="store_true")
     ap.add_argument("--baselines-only", action="store_true", help="compute runs/baselines.json and stop")
+    ap.add_argument("--only", nargs="*", help="re-evaluate just these tags; every other row (baselines "
+                    "included) is taken from --previous, e.g. after retraining one tag")
+    ap.add_argument("--previous", default="scripts/repro/results.json", type=Path)
     args = ap.parse_args()
     runs = args.runs
     R = {}
@@ -289,7 +292,10 @@ def main():
     val200 = lambda d: d["val"][:200]  # what model selection saw, for every method alike
 
     cached = runs / "baselines.json"  # experts and probes do not depend on the tags: computed once
-    if cached.exists():
+    if args.only:
+        R = json.loads(args.previous.read_text())
+        R.pop("seconds", None)
+    elif cached.exists():
         R = json.loads(cached.read_text())
     else:
         baselines(R, runs, qed, desc, ba, val200, args.skip_probe)
@@ -311,12 +317,15 @@ def main():
             if tag not in present:
                 print(f"{tag}: not trained, skipped", file=sys.stderr)
                 continue
+            if args.only and tag not in args.only:
+                continue
             print(f"<{tag}> ...", file=sys.stderr, flush=True)
             R[task][f"<{tag}>"] = memo(tag_key(runs, tag), lambda: {
                 k: regression(head_values(server, tag, d[v], slots), [r[target] for r in d[v]]) for k, v in tests.items()})
 
         # No head: the function tag generates the number as text.
-        if "QEDText" in present:
+        wanted = lambda name: not args.only or name in args.only
+        if "QEDText" in present and wanted("QEDText"):
             print("<QEDText> ...", file=sys.stderr, flush=True)
             rows = qed["test"][:TEXT_N]
             texts = memo(tag_key(runs, "QEDText"), lambda: generate(
@@ -327,7 +336,7 @@ def main():
 
         # The base model prompted in words (no tags), chat template, greedy.
         print("prompted base model ...", file=sys.stderr, flush=True)
-        for task, d, slots, target, question in [
+        for task, d, slots, target, question in [] if args.only else [
             ("QED", qed, ["smiles"], "qed", "What is the QED drug-likeness score (a number between 0 and 1) of the molecule with SMILES {smiles}? Answer with the number only."),
             ("Descriptor", desc, ["protein"], "blosum1", "What is the first BLOSUM index (a number between -1 and 1) of the protein sequence {protein}? Answer with the number only."),
             ("BA", ba, ["protein", "smiles"], "affinity", "What is the KIBA binding affinity score (a number between 10 and 15) of the molecule {smiles} to the protein {protein}? Answer with the number only."),
@@ -339,7 +348,7 @@ def main():
             R[task]["base model prompted"] = {"test": {**regression(vals, [r[target] for r in rows]), "parsed": parsed, "examples": texts[:5]}}
 
         # Translation, including zero-shot pairs.
-        if "Translate" in present:
+        if "Translate" in present and wanted("Translate"):
             import sacrebleu
 
             print("translation ...", file=sys.stderr, flush=True)

@@ -84,3 +84,10 @@ impl From<axum::extract::rejection::JsonRejection> for ApiError {
         Self::new(status, kind, r.body_text())
     }
 }
+
+/// A malformed query string (`/jobs?limit=abc`) answers 422 in the same shape too.
+impl From<axum::extract::rejection::QueryRejection> for ApiError {
+    fn from(r: axum::extract::rejection::QueryRejection) -> Self {
+        Self::validation(r.body_text())
+    }
+}

@@ -184,8 +184,9 @@ pub struct JobList {
 #[utoipa::path(get, path = "/jobs", params(JobFilter), responses((status = 200, body = JobList), (status = 422, body = ErrorBody)))]
 pub async fn list_jobs(
     State(s): Shared,
-    Query(f): Query<JobFilter>,
+    query: Result<Query<JobFilter>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<JobList>, ApiError> {
+    let Query(f) = query?;
     let state = match f.state.as_deref() {
         Some(x) => Some(
             JobState::parse(x)
