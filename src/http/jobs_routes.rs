@@ -168,6 +168,7 @@ pub async fn train(
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct JobFilter {
     /// queued, running, succeeded, failed or cancelled.
     pub state: Option<String>,
