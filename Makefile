@@ -29,3 +29,4 @@ reproduce: build
 	python3 scripts/repro/prepare_data.py --check
 	python3 scripts/repro/train_tags.py
 	python3 scripts/repro/evaluate.py
+	python3 scripts/repro/plot_curves.py QED Descriptor
