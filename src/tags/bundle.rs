@@ -408,6 +408,13 @@ pub fn write_atomic(path: &Path, bytes: Option<&[u8]>, from: Option<&Path>) -> R
         }
     };
     std::fs::File::open(&tmp)?.sync_all()?;
+    // Readable by every user (a server may run under another uid than the trainer);
+    // the safetensors writer creates its files 0600.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
+    }
     std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))
 }
 
@@ -460,6 +467,19 @@ mod tests {
         };
         let served = TagBundle::load(&dir.path().join("Dom"), &base, &Device::Cpu).unwrap();
         assert_eq!(served.version(), 8);
+        #[cfg(unix)]
+        for file in [TENSORS_FILE, MANIFEST_FILE] {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join("Dom").join(file))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(
+                mode & 0o044,
+                0o044,
+                "{file} must be readable by all: {mode:o}"
+            );
+        }
         let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("Dom"))
             .unwrap()
             .filter_map(|e| e.ok())
