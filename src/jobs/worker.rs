@@ -152,41 +152,32 @@ impl Worker {
         let id = claimed.job.id.clone();
         tracing::info!(job = %id, tag = %claimed.job.tag, attempt = claimed.job.attempts, resume_from = claimed.job.resumed_from_step, "job claimed");
         let me = &self.config.id;
-        if claimed.job.attempts > MAX_ATTEMPTS {
-            // Every earlier attempt ended with its worker gone (killed, out of memory):
-            // failing the job keeps it from taking each new worker down with it.
-            let msg = format!(
-                "gave up after {MAX_ATTEMPTS} attempts: the worker running it stopped each time"
-            );
-            self.runtime.block_on(self.store.finish(
-                &id,
-                me,
-                JobState::Failed,
-                Some(&msg),
-                None,
-                None,
-            ))?;
-            tracing::warn!(job = %id, "job failed: {msg}");
-            return Ok(true);
-        }
         let mut hooks = JobHooks {
             worker: self,
             job_id: id.clone(),
             last_beat: Instant::now(),
             outcome: None,
         };
-        // A panic fails this job (with its message), never the worker thread.
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.train(claimed, &mut hooks)
-        }))
-        .unwrap_or_else(|panic| {
-            let why = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
-            Err(anyhow::anyhow!("training panicked: {why}"))
-        });
+        let result = if claimed.job.attempts > MAX_ATTEMPTS {
+            // Every earlier attempt ended with its worker gone (killed, out of memory):
+            // failing the job keeps it from taking each new worker down with it.
+            Err(anyhow::anyhow!(
+                "gave up after {MAX_ATTEMPTS} attempts: the worker running it stopped each time"
+            ))
+        } else {
+            // A panic fails this job (with its message), never the worker thread.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.train(claimed, &mut hooks)
+            }))
+            .unwrap_or_else(|panic| {
+                let why = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(anyhow::anyhow!("training panicked: {why}"))
+            })
+        };
         match (result, hooks.outcome) {
             (_, Some(Outcome::Lost)) => {
                 tracing::warn!(job = %id, "lease lost; another worker owns the job now")
