@@ -46,37 +46,52 @@ pub fn tag_init(model: &BaseModel, frozen: &TagSet, init: &TagInit, p: usize) ->
     }
 }
 
-/// Per-column mean and standard deviation of `x` (`n` rows of `d`).
-fn standardise(x: &[Vec<f64>]) -> (Vec<f64>, Vec<f64>) {
-    let (n, d) = (x.len() as f64, x[0].len());
-    let mut mean = vec![0.0; d];
-    for row in x {
-        for (m, v) in mean.iter_mut().zip(row) {
-            *m += v / n;
-        }
-    }
-    let mut sd = vec![0.0; d];
-    for row in x {
-        for j in 0..d {
-            sd[j] += (row[j] - mean[j]).powi(2) / n;
-        }
-    }
-    for s in &mut sd {
-        *s = s.sqrt().max(1e-6);
-    }
-    (mean, sd)
+/// Features with every column scaled to mean 0 and standard deviation 1, so that one
+/// penalty strength suits columns of very different scales; fits made on `rows` are
+/// mapped back to the raw features with [`Standardised::to_raw`].
+struct Standardised {
+    mean: Vec<f64>,
+    sd: Vec<f64>,
+    rows: Vec<Vec<f64>>,
 }
 
-fn scaled(x: &[Vec<f64>], mean: &[f64], sd: &[f64]) -> Vec<Vec<f64>> {
-    x.iter()
-        .map(|r| {
-            r.iter()
-                .zip(mean)
-                .zip(sd)
-                .map(|((v, m), s)| (v - m) / s)
-                .collect()
-        })
-        .collect()
+impl Standardised {
+    fn new(x: &[Vec<f64>]) -> Self {
+        let (n, d) = (x.len() as f64, x[0].len());
+        let mut mean = vec![0.0; d];
+        for row in x {
+            for (m, v) in mean.iter_mut().zip(row) {
+                *m += v / n;
+            }
+        }
+        let mut sd = vec![0.0; d];
+        for row in x {
+            for j in 0..d {
+                sd[j] += (row[j] - mean[j]).powi(2) / n;
+            }
+        }
+        for s in &mut sd {
+            *s = s.sqrt().max(1e-6);
+        }
+        let rows = x
+            .iter()
+            .map(|r| {
+                r.iter()
+                    .zip(&mean)
+                    .zip(&sd)
+                    .map(|((v, m), s)| (v - m) / s)
+                    .collect()
+            })
+            .collect();
+        Self { mean, sd, rows }
+    }
+
+    /// `w . z + b` on standardised `z` as `w' . x + b'` on the raw features.
+    fn to_raw(&self, w: &[f64], b: f64) -> (Vec<f64>, f64) {
+        let w: Vec<f64> = w.iter().zip(&self.sd).map(|(w, s)| w / s).collect();
+        let b = b - w.iter().zip(&self.mean).map(|(w, m)| w * m).sum::<f64>();
+        (w, b)
+    }
 }
 
 /// Solves `a x = b` for symmetric positive definite `a` (row-major `d x d`) by Cholesky.
@@ -155,12 +170,11 @@ pub fn fit_ridge(
         "no features to fit the head on"
     );
     let (n, d) = (x.len(), x[0].len());
-    let (mean, sd) = standardise(x);
-    let z = scaled(x, &mean, &sd);
+    let std = Standardised::new(x);
     let y_mean = y.iter().sum::<f64>() / n as f64;
     let mut gram = vec![0.0; d * d];
     let mut xty = vec![0.0; d];
-    for (row, t) in z.iter().zip(y) {
+    for (row, t) in std.rows.iter().zip(y) {
         for i in 0..d {
             xty[i] += row[i] * (t - y_mean);
             let ri = row[i];
@@ -179,10 +193,7 @@ pub fn fit_ridge(
         for i in 0..d {
             a[i * d + i] += lambda * n as f64;
         }
-        let w_std = solve_spd(&a, &xty, d)?;
-        // Back to the raw features: w = w_std / sd, b = y_mean - w . mean.
-        let w: Vec<f64> = w_std.iter().zip(&sd).map(|(w, s)| w / s).collect();
-        let b = y_mean - w.iter().zip(&mean).map(|(w, m)| w * m).sum::<f64>();
+        let (w, b) = std.to_raw(&solve_spd(&a, &xty, d)?, y_mean);
         Ok(LinearFit {
             weight: vec![w],
             bias: vec![b],
@@ -240,8 +251,7 @@ pub fn fit_logistic(
         "no features to fit the head on"
     );
     let (n, d) = (x.len(), x[0].len());
-    let (mean, sd) = standardise(x);
-    let z = scaled(x, &mean, &sd);
+    let std = Standardised::new(x);
     let softmax = |w: &[Vec<f64>], b: &[f64], r: &[f64]| -> Vec<f64> {
         let logits: Vec<f64> = (0..k)
             .map(|c| b[c] + w[c].iter().zip(r).map(|(a, v)| a * v).sum::<f64>())
@@ -257,7 +267,7 @@ pub fn fit_logistic(
         let step = 0.5;
         for _ in 0..LOGISTIC_PASSES {
             let (mut gw, mut gb) = (vec![vec![0.0; d]; k], vec![0.0; k]);
-            for (r, &c) in z.iter().zip(class) {
+            for (r, &c) in std.rows.iter().zip(class) {
                 let p = softmax(&w, &b, r);
                 for j in 0..k {
                     let err = (p[j] - if j as u32 == c { 1.0 } else { 0.0 }) / n as f64;
@@ -276,16 +286,10 @@ pub fn fit_logistic(
                 }
             }
         }
-        // Back to raw features.
-        for j in 0..k {
-            for i in 0..d {
-                w[j][i] /= sd[i];
-            }
-            b[j] -= w[j].iter().zip(&mean).map(|(a, m)| a * m).sum::<f64>();
-        }
+        let (weight, bias) = w.iter().zip(&b).map(|(w, b)| std.to_raw(w, *b)).unzip();
         LinearFit {
-            weight: w,
-            bias: b,
+            weight,
+            bias,
             lambda,
             validation_loss: None,
         }
