@@ -33,10 +33,7 @@ pub(super) fn compose_set(
     p: usize,
     with_head: bool,
 ) -> TagSet {
-    let mut set = TagSet {
-        tags: frozen.tags.clone(),
-        errors: BTreeMap::new(),
-    };
+    let mut set = frozen.clone_tags();
     for t in learned {
         set.tags
             .insert(t.clone(), std::sync::Arc::new(placeholder(t, p, with_head)));

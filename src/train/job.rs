@@ -379,7 +379,6 @@ pub fn check(
     eval: Option<&Dataset>,
 ) -> Result<usize> {
     plan(job, frozen, data, eval)?;
-    ensure!(!data.records.is_empty(), "the dataset has no records");
     Ok(job.hyperparameters.total_steps(data.records.len()))
 }
 
