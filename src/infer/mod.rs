@@ -16,7 +16,6 @@ pub use engine::{Engine, EngineConfig, Group, Timings};
 pub use heads::Prediction;
 
 use crate::model::{BaseModel, GenerationParams};
-use crate::tags::template::MAX_TEMPLATE_BYTES;
 use crate::tags::{Registry, TagKind, Template};
 
 /// Engine gauges and histograms, registered in the server's Prometheus registry.
@@ -245,12 +244,7 @@ impl Predictor {
     fn prepare(&self, req: &PredictRequest) -> Result<Prepared, PredictError> {
         let params = self.generation_params(&req.parameters)?;
         if let Some(t) = &req.template {
-            if t.len() > MAX_TEMPLATE_BYTES {
-                return Err(invalid(format!(
-                    "template is {} bytes; the limit is {MAX_TEMPLATE_BYTES}",
-                    t.len()
-                )));
-            }
+            crate::tags::template::check_size(t).map_err(invalid)?;
         }
         if req.inputs.is_empty() {
             return Err(invalid("inputs must not be empty"));

@@ -39,6 +39,17 @@ fn is_slot_name(name: &str) -> bool {
 /// A template longer than this is refused before it is parsed (serving and training).
 pub const MAX_TEMPLATE_BYTES: usize = 64 * 1024;
 
+/// The refusal of a template over [`MAX_TEMPLATE_BYTES`], for people.
+pub fn check_size(source: &str) -> Result<(), String> {
+    if source.len() > MAX_TEMPLATE_BYTES {
+        return Err(format!(
+            "template is {} bytes; the limit is {MAX_TEMPLATE_BYTES}",
+            source.len()
+        ));
+    }
+    Ok(())
+}
+
 /// Names are at most this long, so a reference's closing bracket is looked for only this
 /// far: parsing stays linear in the template (`"<" * 10^6` was quadratic).
 const MAX_NAME_LEN: usize = 64;

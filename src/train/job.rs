@@ -8,7 +8,6 @@ use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::data::{Dataset, Record};
-use crate::tags::template::MAX_TEMPLATE_BYTES;
 use crate::tags::{TagKind, TagSet, Template};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -262,11 +261,8 @@ pub(super) fn plan(
             }
         }
     }
-    if let Some(t) = texts.iter().find(|t| t.len() > MAX_TEMPLATE_BYTES) {
-        bail!(
-            "a template is {} bytes; the limit is {MAX_TEMPLATE_BYTES}",
-            t.len()
-        );
+    for t in &texts {
+        crate::tags::template::check_size(t).map_err(anyhow::Error::msg)?;
     }
     let per_record = texts.len() > 1;
     let templates: BTreeMap<String, Template> = texts
