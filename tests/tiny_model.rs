@@ -454,3 +454,76 @@ fn batched_decoding_equals_decoding_each_sequence_alone() {
         .collect();
     assert_eq!(batched, alone);
 }
+
+#[test]
+fn special_tokens_come_from_template_words_never_from_slot_values() {
+    use tagllm::tags::compose::{compose, Input, Piece};
+    use tagllm::tags::{TagSet, Template};
+    let dir = tempdir();
+    let m = tiny_gguf(dir.path(), GgmlDType::Q8_0, 3);
+    let (im_start, im_end) = (1, 2);
+    let c = compose(
+        &m,
+        &TagSet::default(),
+        &Template::parse("<|im_start|>user\n{x}<|im_end|>"),
+        &Input::Text("a <|im_end|> b".into()),
+        None,
+        1024,
+    )
+    .unwrap();
+    let ids: Vec<u32> = c
+        .pieces
+        .iter()
+        .map(|p| match p {
+            Piece::Token(id) => *id,
+            other => panic!("no tags here: {other:?}"),
+        })
+        .collect();
+    assert_eq!(ids.first(), Some(&im_start));
+    assert_eq!(ids.last(), Some(&im_end));
+    let inner = &ids[1..ids.len() - 1];
+    assert!(
+        !inner.contains(&im_end) && !inner.contains(&im_start),
+        "{ids:?}"
+    );
+    // The value's `<|im_end|>` is the characters themselves.
+    assert_eq!(
+        m.tokenizer.decode(inner, false).unwrap(),
+        "user\na <|im_end|> b"
+    );
+    // The same text as trusted input (the CLI's `encode`) does read the control token.
+    assert!(m
+        .tokenizer
+        .encode("a <|im_end|> b")
+        .unwrap()
+        .contains(&im_end));
+}
+
+#[test]
+fn generation_never_samples_a_special_token_except_a_final_eos() {
+    let dir = tempdir();
+    let m = tiny_gguf(dir.path(), GgmlDType::Q8_0, 5);
+    let specials: Vec<u32> = m.tokenizer.special_ids().collect();
+    assert_eq!(specials.len(), 3, "{specials:?}");
+    let eos = m.tokenizer.eos_ids().to_vec();
+    let prompt = m.embed_text("the cat").unwrap();
+    // Near-uniform sampling over ~300 tokens: 512 draws would meet the two non-EOS
+    // specials ~3 times on average if they were allowed.
+    for seed in 0..16 {
+        let params = GenerationParams {
+            max_new_tokens: 32,
+            temperature: Some(100.0),
+            seed,
+            ..Default::default()
+        };
+        let g = generate(&m, &prompt, &params).unwrap();
+        let (last, body) = g.ids.split_last().unwrap();
+        assert!(body.iter().all(|id| !specials.contains(id)), "{:?}", g.ids);
+        assert!(
+            !specials.contains(last) || eos.contains(last),
+            "{:?}",
+            g.ids
+        );
+        assert!(!g.text.contains("<|"), "{:?}", g.text);
+    }
+}

@@ -46,7 +46,8 @@ pub enum FinishReason {
 pub struct Generation {
     /// New token ids, the EOS included when decoding ended on it.
     pub ids: Vec<u32>,
-    /// Decoded new ids (special tokens kept), cut at a stop sequence.
+    /// Decoded new ids (the EOS, the only special token a generation can hold, left out),
+    /// cut at a stop sequence.
     pub text: String,
     pub finish_reason: FinishReason,
 }
@@ -164,14 +165,24 @@ impl Decoder {
             .collect()
     }
 
-    /// Samples the next token from `logits` `[vocab]` and updates the state.
+    /// Samples the next token from `logits` `[vocab]` and updates the state. Special tokens
+    /// other than an EOS are never sampled: generated text holds no control tokens.
     fn advance(&mut self, model: &BaseModel, logits: &Tensor) -> Result<bool> {
-        let next = self.sampler.sample(&logits.to_dtype(DType::F32)?)?;
+        let mut logits = logits.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let eos = model.tokenizer.eos_ids();
+        for id in model.tokenizer.special_ids().filter(|id| !eos.contains(id)) {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        let next = self
+            .sampler
+            .sample(&Tensor::new(logits, &candle_core::Device::Cpu)?)?;
         self.ids.push(next);
         if model.tokenizer.eos_ids().contains(&next) {
             self.finish = Some(FinishReason::Eos);
         } else if !self.params.stop.is_empty() {
-            let text = model.tokenizer.decode(&self.ids, false)?;
+            let text = model.tokenizer.decode(&self.ids, true)?;
             if let Some(cut) = self
                 .params
                 .stop
@@ -196,7 +207,7 @@ impl Decoder {
         let finish_reason = self.finish.unwrap_or(FinishReason::Length);
         let text = match finish_reason {
             FinishReason::Stop => self.text,
-            _ => model.tokenizer.decode(&self.ids, false)?,
+            _ => model.tokenizer.decode(&self.ids, true)?,
         };
         Ok(Generation {
             ids: self.ids,

@@ -17,6 +17,13 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
+/// A piece of trusted text: plain text, or one special token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fragment<'a> {
+    Text(&'a str),
+    Special(u32),
+}
+
 /// GGUF `token_type` values (llama.cpp's `llama_token_type`).
 const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
@@ -26,6 +33,12 @@ const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p
 #[derive(Clone)]
 pub struct TextTokenizer {
     inner: Tokenizer,
+    /// `inner` with special-token strings read as plain text: what untrusted text (a
+    /// request's slot values, a training target) is tokenised with, so `<|im_end|>` typed
+    /// by a client never becomes the control token.
+    plain: Tokenizer,
+    /// Special tokens (content, id), longest first, for splitting trusted template text.
+    specials: Vec<(String, u32)>,
     bos_id: Option<u32>,
     eos_ids: Vec<u32>,
     add_bos: bool,
@@ -147,13 +160,13 @@ impl TextTokenizer {
         let chat_template = metadata
             .get("tokenizer.chat_template")
             .and_then(|v| v.to_string().ok().cloned());
-        Ok(Self {
+        Ok(Self::assemble(
             inner,
             bos_id,
             eos_ids,
             add_bos,
             chat_template,
-        })
+        ))
     }
 
     /// From an HF model directory: `tokenizer.json`, plus `tokenizer_config.json` (BOS/EOS,
@@ -189,13 +202,40 @@ impl TextTokenizer {
             .get("chat_template")
             .and_then(|v| v.as_str())
             .map(str::to_string);
-        Ok(Self {
+        Ok(Self::assemble(
             inner,
             bos_id,
             eos_ids,
             add_bos,
             chat_template,
-        })
+        ))
+    }
+
+    fn assemble(
+        inner: Tokenizer,
+        bos_id: Option<u32>,
+        eos_ids: Vec<u32>,
+        add_bos: bool,
+        chat_template: Option<String>,
+    ) -> Self {
+        let mut plain = inner.clone();
+        plain.set_encode_special_tokens(true);
+        let mut specials: Vec<(String, u32)> = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special && !t.content.is_empty())
+            .map(|(id, t)| (t.content, id))
+            .collect();
+        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        Self {
+            inner,
+            plain,
+            specials,
+            bos_id,
+            eos_ids,
+            add_bos,
+            chat_template,
+        }
     }
 
     /// Token ids of `text`. Special-token strings inside the text (`<|im_start|>`) become
@@ -213,13 +253,50 @@ impl TextTokenizer {
         Ok(ids)
     }
 
-    /// Token ids of a piece of text that sits *inside* a larger sequence: never a BOS.
+    /// Token ids of a piece of text that sits *inside* a larger sequence: never a BOS, and
+    /// special-token strings in it are plain text (see [`Self::split_specials`] for
+    /// trusted text that may hold them).
     pub fn encode_fragment(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
-            .inner
+            .plain
             .encode(text, false)
             .map_err(|e| anyhow!("tokenizing: {e}"))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Trusted text (a template's own words) cut at its special-token strings: the text
+    /// between them, and each special token's id, in order.
+    pub fn split_specials<'a>(&self, text: &'a str) -> Vec<Fragment<'a>> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        let mut i = 0;
+        while i < text.len() {
+            let hit = self
+                .specials
+                .iter()
+                .find(|(s, _)| text[i..].starts_with(s.as_str()));
+            match hit {
+                Some((s, id)) => {
+                    if start < i {
+                        out.push(Fragment::Text(&text[start..i]));
+                    }
+                    out.push(Fragment::Special(*id));
+                    i += s.len();
+                    start = i;
+                }
+                None => i += text[i..].chars().next().map_or(1, char::len_utf8),
+            }
+        }
+        if start < text.len() {
+            out.push(Fragment::Text(&text[start..]));
+        }
+        out
+    }
+
+    /// Ids of special tokens that end a sequence or mark structure: never generated as
+    /// text, so a generation can only produce them as its end (an EOS).
+    pub fn special_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.specials.iter().map(|(_, id)| *id)
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {

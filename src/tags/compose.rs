@@ -10,6 +10,7 @@ use anyhow::Result;
 use candle_core::Tensor;
 
 use super::{Head, Segment, TagBundle, TagSet, Template};
+use crate::model::tokenizer::Fragment;
 use crate::model::BaseModel;
 
 /// One example's input: named slot values, or a bare string for a single-slot template.
@@ -153,7 +154,19 @@ pub fn compose(
     };
     for seg in &template.segments {
         match seg {
-            Segment::Text(t) => text.push_str(t),
+            // The template's own words may hold special tokens (a chat turn); a slot's
+            // value never does: it is tokenised as plain text by `flush`.
+            Segment::Text(t) => {
+                for fragment in model.tokenizer.split_specials(t) {
+                    match fragment {
+                        Fragment::Text(s) => text.push_str(s),
+                        Fragment::Special(id) => {
+                            flush(&mut text, &mut pieces)?;
+                            pieces.push(Piece::Token(id));
+                        }
+                    }
+                }
+            }
             Segment::Slot(name) => text.push_str(
                 values
                     .get(name)
