@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -101,6 +102,43 @@ fn sha256_file(path: &Path) -> Result<String> {
     Ok(hex::encode(Sha256::digest(std::fs::read(path)?)))
 }
 
+/// A file counts as written once it has been left alone this long.
+const SETTLE: Duration = Duration::from_millis(200);
+/// How long a load waits for a file that keeps changing before it refuses it.
+const SETTLE_LIMIT: Duration = Duration::from_secs(5);
+
+/// The bytes of a file that nobody is writing: its size and mtime are the same before and
+/// after the read, and it was last modified at least [`SETTLE`] ago. A bundle rewritten in
+/// place, with no checksum in its manifest to catch it, is then never read half-written;
+/// the registry's watcher loads it again once the writer is done.
+fn read_settled(path: &Path) -> Result<Vec<u8>> {
+    let stamp = |p: &Path| -> Result<(u64, SystemTime)> {
+        let m = std::fs::metadata(p).with_context(|| format!("reading {}", p.display()))?;
+        Ok((m.len(), m.modified()?))
+    };
+    let started = Instant::now();
+    loop {
+        let before = stamp(path)?;
+        // An mtime in the future is a copy that kept its timestamps, not a writer.
+        let age = SystemTime::now().duration_since(before.1).unwrap_or(SETTLE);
+        if age >= SETTLE {
+            let bytes =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            if stamp(path)? == before && bytes.len() as u64 == before.0 {
+                return Ok(bytes);
+            }
+        }
+        ensure!(
+            started.elapsed() < SETTLE_LIMIT,
+            "{} is still being written (changed within the last {} ms for {} s)",
+            path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+            SETTLE.as_millis(),
+            SETTLE_LIMIT.as_secs()
+        );
+        std::thread::sleep(SETTLE.saturating_sub(age).max(Duration::from_millis(10)));
+    }
+}
+
 impl TagBundle {
     pub fn name(&self) -> &str {
         &self.manifest.name
@@ -135,8 +173,8 @@ impl TagBundle {
         base: &BaseModelIdentity,
         device: &Device,
     ) -> Result<Self> {
-        let raw = std::fs::read(dir.join(MANIFEST_FILE)).context("reading manifest.json")?;
-        let manifest: TagManifest =
+        let raw = read_settled(&dir.join(MANIFEST_FILE)).context("reading manifest.json")?;
+        let mut manifest: TagManifest =
             serde_json::from_slice(&raw).context("manifest.json is not a valid manifest")?;
         ensure!(
             manifest.name == dir_name,
@@ -160,15 +198,17 @@ impl TagBundle {
             manifest.hidden_size,
             base.hidden_size
         );
-        let tensors_path = dir.join(TENSORS_FILE);
-        if let Some(want) = &manifest.tensors_sha256 {
-            let got = sha256_file(&tensors_path).context("reading tag.safetensors")?;
-            ensure!(
+        let bytes = read_settled(&dir.join(TENSORS_FILE)).context("reading tag.safetensors")?;
+        let got = hex::encode(Sha256::digest(&bytes));
+        match &manifest.tensors_sha256 {
+            Some(want) => ensure!(
                 &got == want,
                 "tag.safetensors does not match the manifest's sha256 (being rewritten?)"
-            );
+            ),
+            // Recorded at load: what `/tags` shows is then the checksum of what is served.
+            None => manifest.tensors_sha256 = Some(got),
         }
-        let mut tensors = candle_core::safetensors::load(&tensors_path, device)
+        let mut tensors = candle_core::safetensors::load_buffer(&bytes, device)
             .map_err(|e| anyhow!("reading tag.safetensors (truncated or corrupt?): {e}"))?;
         let vectors = tensors
             .remove("vectors")
@@ -264,17 +304,18 @@ impl TagBundle {
             "`{dir_name}` is not a valid tag name"
         );
         let cfg: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(dir.join(PEFT_CONFIG_FILE))?)
+            serde_json::from_slice(&read_settled(&dir.join(PEFT_CONFIG_FILE))?)
                 .context("adapter_config.json is not valid JSON")?;
         let peft_type = cfg.get("peft_type").and_then(|v| v.as_str()).unwrap_or("");
         ensure!(
             peft_type == "PROMPT_TUNING",
             "PEFT type `{peft_type}` is not supported (only PROMPT_TUNING)"
         );
-        let mut tensors = candle_core::safetensors::load(dir.join(PEFT_WEIGHTS_FILE), device)
-            .map_err(|e| {
-                anyhow!("reading adapter_model.safetensors (missing, truncated or corrupt?): {e}")
-            })?;
+        let bytes = read_settled(&dir.join(PEFT_WEIGHTS_FILE))
+            .context("reading adapter_model.safetensors")?;
+        let mut tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| {
+            anyhow!("reading adapter_model.safetensors (missing, truncated or corrupt?): {e}")
+        })?;
         let vectors = tensors
             .remove("prompt_embeddings")
             .ok_or_else(|| anyhow!("adapter_model.safetensors has no `prompt_embeddings`"))?
@@ -308,7 +349,7 @@ impl TagBundle {
             head: None,
             template: Some(format!("<{dir_name}>{{input}}")),
             domain_tags: Vec::new(),
-            tensors_sha256: None,
+            tensors_sha256: Some(hex::encode(Sha256::digest(&bytes))),
             provenance: serde_json::json!({"source": "peft", "adapter_config": cfg}),
             metrics: serde_json::Value::Null,
         };
@@ -487,6 +528,69 @@ mod tests {
             .filter(|n| n.ends_with(".tmp"))
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn tensors_rewritten_in_place_without_a_checksum_are_never_served_half_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = BaseModelIdentity {
+            fingerprint: "f".repeat(64),
+            hidden_size: 4,
+        };
+        // A bundle whose manifest carries no checksum (as a PEFT adapter never does).
+        domain_tag("Dom", 1, 1.0).save(dir.path()).unwrap();
+        let tag_dir = dir.path().join("Dom");
+        let manifest_path = tag_dir.join(MANIFEST_FILE);
+        let mut m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+        m["tensors_sha256"] = serde_json::Value::Null;
+        std::fs::write(&manifest_path, serde_json::to_vec(&m).unwrap()).unwrap();
+        let tensors = tag_dir.join(TENSORS_FILE);
+        let ones = std::fs::read(&tensors).unwrap();
+        let twos = {
+            let other = dir.path().join("other");
+            domain_tag("Dom", 1, 2.0).save(&other).unwrap();
+            std::fs::read(other.join("Dom").join(TENSORS_FILE)).unwrap()
+        };
+        assert_eq!(ones.len(), twos.len());
+        // A writer that keeps rewriting the file in place, half of it at a time.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (stop, path, ones, twos) =
+                (stop.clone(), tensors.clone(), ones.clone(), twos.clone());
+            std::thread::spawn(move || {
+                use std::io::{Seek, Write};
+                let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+                let half = ones.len() / 2;
+                for i in 0.. {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let src = if i % 2 == 0 { &twos } else { &ones };
+                    let at = if i % 4 < 2 { 0 } else { half };
+                    f.seek(std::io::SeekFrom::Start(at as u64)).unwrap();
+                    f.write_all(&src[at..at + half]).unwrap();
+                    f.flush().unwrap();
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        };
+        let err = TagBundle::load(&tag_dir, &base, &Device::Cpu).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("still being written"),
+            "{err:#}"
+        );
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().unwrap();
+        // Once the writer is done, the file's final content is served, checksum recorded.
+        std::fs::write(&tensors, &twos).unwrap();
+        let served = TagBundle::load(&tag_dir, &base, &Device::Cpu).unwrap();
+        let v: Vec<f32> = served.vectors.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(v.iter().all(|x| *x == 2.0), "{v:?}");
+        assert_eq!(
+            served.manifest.tensors_sha256,
+            Some(hex::encode(Sha256::digest(&twos)))
+        );
     }
 
     #[test]
