@@ -1,6 +1,8 @@
 //! `/predict` under load on the default model: requests/s and p50/p99 latency of
 //! regression-style predictions (64-token inputs) at 1, 8 and 32 concurrent clients, with
-//! dynamic batching on and off, and the HTTP server's overhead over the bare engine.
+//! dynamic batching on and off, and the HTTP server's overhead over the bare engine; then
+//! admission by work under overload: 256 concurrent clients against the default queue
+//! budget, with the p99 latency of admitted requests and of the 429s.
 //!
 //! Run: `cargo bench --bench serve` (after scripts/setup-model.sh). The server runs
 //! in-process on a loopback port; the tag is synthetic (seeded vectors and head), which
@@ -81,14 +83,27 @@ fn inputs(p: &Predictor) -> Vec<String> {
         .collect()
 }
 
+/// Requests/s of the successful requests and their latencies (sorted); requests refused
+/// with 429 are allowed only when `refusals` is given, which collects their latencies.
 async fn load(url: &str, clients: usize, per_client: usize, smiles: &[String]) -> (f64, Vec<f64>) {
+    let (rps, ok, refused) = load_with_refusals(url, clients, per_client, smiles).await;
+    assert!(refused.is_empty(), "{} requests refused", refused.len());
+    (rps, ok)
+}
+
+async fn load_with_refusals(
+    url: &str,
+    clients: usize,
+    per_client: usize,
+    smiles: &[String],
+) -> (f64, Vec<f64>, Vec<f64>) {
     let client = reqwest::Client::new();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..clients {
         let (client, url, smiles) = (client.clone(), url.to_string(), smiles.to_vec());
         tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
+            let (mut lat, mut refused) = (Vec::new(), Vec::new());
             for i in 0..per_client {
                 let body =
                     json!({"function": "QED", "inputs": [smiles[(c * 7 + i) % smiles.len()]]});
@@ -99,20 +114,29 @@ async fn load(url: &str, clients: usize, per_client: usize, smiles: &[String]) -
                     .send()
                     .await
                     .unwrap();
-                assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+                let status = r.status();
+                if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+                    r.bytes().await.unwrap();
+                    refused.push(t.elapsed().as_secs_f64());
+                    continue;
+                }
+                assert!(status.is_success(), "{}", r.text().await.unwrap());
                 r.bytes().await.unwrap();
                 lat.push(t.elapsed().as_secs_f64());
             }
-            lat
+            (lat, refused)
         }));
     }
-    let mut all = Vec::new();
+    let (mut all, mut refused) = (Vec::new(), Vec::new());
     for t in tasks {
-        all.extend(t.await.unwrap());
+        let (ok, no) = t.await.unwrap();
+        all.extend(ok);
+        refused.extend(no);
     }
     let secs = started.elapsed().as_secs_f64();
     all.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    (all.len() as f64 / secs, all)
+    refused.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (all.len() as f64 / secs, all, refused)
 }
 
 #[tokio::main]
@@ -120,10 +144,17 @@ async fn main() {
     let model =
         std::env::var("TAGLLM_MODEL").unwrap_or_else(|_| tagllm::model::DEFAULT_MODEL_PATH.into());
     let tags_dir = tempfile::tempdir().unwrap();
-    for batching in [true, false] {
+    // (batching, admission): throughput with batching on and off and no queue budget to
+    // speak of, then the default queue budget under overload.
+    for (batching, admission) in [(true, false), (false, false), (true, true)] {
         // Batching off: a one-token budget makes every request its own forward pass.
         let engine = EngineConfig {
             max_batch_tokens: if batching { 4096 } else { 1 },
+            max_queue_wait: if admission {
+                EngineConfig::default().max_queue_wait
+            } else {
+                Duration::from_secs(3600)
+            },
             ..Default::default()
         };
         let state = new_state(ServerConfig {
@@ -138,7 +169,7 @@ async fn main() {
             tags_dir.path(),
             false,
             Limits::default(),
-            engine,
+            engine.clone(),
             &state.metrics.registry,
         )
         .expect("run scripts/setup-model.sh first");
@@ -166,6 +197,26 @@ async fn main() {
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(tagllm::http::serve(listener, state.clone()));
 
+        if admission {
+            load(&url, 4, 2, &smiles).await; // warm-up: the engine measures its pace
+            let clients = 256;
+            let (rps, ok, refused) = load_with_refusals(&url, clients, 4, &smiles).await;
+            let pct = |v: &[f64], q: f64| {
+                if v.is_empty() {
+                    f64::NAN
+                } else {
+                    (percentile(v, q) * 1e4).round() / 10.0
+                }
+            };
+            println!(
+                "{}",
+                json!({"bench": "admission", "clients": clients, "max_queue_wait_ms": engine.max_queue_wait.as_millis() as u64,
+                       "admitted": ok.len(), "refused_429": refused.len(), "admitted_per_s": (rps * 100.0).round() / 100.0,
+                       "admitted_p50_ms": pct(&ok, 0.5), "admitted_p99_ms": pct(&ok, 0.99),
+                       "refused_p50_ms": pct(&refused, 0.5), "refused_p99_ms": pct(&refused, 0.99)})
+            );
+            continue;
+        }
         if batching {
             // The bare engine, one request at a time, for the server's overhead.
             let mut lat = Vec::new();

@@ -131,6 +131,10 @@ struct ServeArgs {
     /// Requests in flight at once; more get 429.
     #[arg(long, env = "TAGLLM_MAX_CONCURRENT_REQUESTS", default_value_t = 512)]
     max_concurrent_requests: usize,
+    /// Admission by work: a /predict whose estimated wait behind the queued work (at the
+    /// engine's measured pace) exceeds this gets 429 at once; queued twice as long, 503.
+    #[arg(long, env = "TAGLLM_MAX_QUEUE_MS", default_value_t = 1000)]
+    max_queue_ms: u64,
     /// Request body size limit in bytes; larger bodies get 413.
     #[arg(long, env = "TAGLLM_MAX_BODY_BYTES", default_value_t = 2 * 1024 * 1024)]
     max_body_bytes: usize,
@@ -356,7 +360,11 @@ fn serve(args: ServeArgs) -> Result<()> {
             max_batch_inputs: args.max_batch_inputs,
             max_new_tokens: args.max_new_tokens,
         };
-        let engine = tagllm::infer::EngineConfig { max_batch_tokens: args.max_batch_tokens, ..Default::default() };
+        let engine = tagllm::infer::EngineConfig {
+            max_batch_tokens: args.max_batch_tokens,
+            max_queue_wait: std::time::Duration::from_millis(args.max_queue_ms),
+            ..Default::default()
+        };
         let watch = !args.no_watch;
         let worker = (!args.no_worker).then(|| args.worker.config());
         let runtime = tokio::runtime::Handle::current();

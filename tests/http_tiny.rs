@@ -474,6 +474,11 @@ async fn bad_requests_get_clear_json_errors() {
             json!({"function": "QED", "inputs": ["CCO"], "surprise": 1}),
             "surprise",
         ),
+        // Results are keyed by function: a repeat would fold into one result.
+        (
+            json!({"functions": ["QED", "QED"], "inputs": ["CCO"]}),
+            "functions names `QED` twice",
+        ),
         // Refused before it is parsed (parsing "<" * 10^6 once froze the server).
         (
             json!({"template": "<".repeat(100_000) + "{x}", "inputs": ["a"]}),
@@ -770,4 +775,63 @@ async fn info_tokenize_metrics_and_openapi() {
         checked_in.trim(),
         "openapi/openapi.json drifted from the code: regenerate it with `cargo run -- openapi > openapi/openapi.json`"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_refuses_work_beyond_the_queue_budget_at_once() {
+    // A 1 ms budget: an empty queue takes any one request, anything more is refused.
+    let s = start(Options {
+        engine: tagllm::infer::EngineConfig {
+            max_queue_wait: Duration::from_millis(1),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    install_chem(&s).await;
+    let client = reqwest::Client::new();
+    let burst: Vec<_> = (0..24)
+        .map(|_| {
+            let req = client.post(format!("{}/predict", s.url)).json(
+                &json!({"template": "{x}", "inputs": ["the cat"], "parameters": {"max_new_tokens": 64}}),
+            );
+            tokio::spawn(async move {
+                let r = req.send().await.unwrap();
+                let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+                (r.status(), retry, r.json::<Value>().await.unwrap())
+            })
+        })
+        .collect();
+    let (mut served, mut refused) = (0, 0);
+    for b in burst {
+        let (status, retry, body) = b.await.unwrap();
+        match status {
+            StatusCode::OK => served += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                refused += 1;
+                assert_eq!(body["error_type"], "overloaded", "{body}");
+                assert!(
+                    body["error"].as_str().unwrap().contains("at capacity"),
+                    "{body}"
+                );
+                assert!(retry.unwrap().parse::<u64>().unwrap() >= 1);
+            }
+            other => panic!("{other}: {body}"),
+        }
+    }
+    assert!(
+        served >= 1 && refused >= 1,
+        "served {served}, refused {refused}"
+    );
+    // The budget frees as work finishes: the server takes new work again.
+    let (status, body) = post(
+        &s.url,
+        "/predict",
+        json!({"function": "QED", "inputs": ["CCO"]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, info) = get(&s.url, "/info").await;
+    assert_eq!(info["limits"]["max_queue_wait_ms"], 1);
+    assert!(info["limits"]["pace_units_per_second"].as_f64().unwrap() > 0.0);
 }

@@ -142,7 +142,9 @@ class Server:
         log = open(runs / "logs" / "serve.log", "w")
         self.proc = subprocess.Popen(
             [BIN, "serve", "--tags-dir", str(runs / "tags"), "--data-dir", str(runs / "serve"), "--no-worker",
-             "--no-watch", "--port", str(port), "--max-batch-inputs", "256"],
+             "--no-watch", "--port", str(port), "--max-batch-inputs", "256",
+             # An offline evaluation wants its requests queued, not refused with 429.
+             "--max-queue-ms", "3600000"],
             stdout=log, stderr=log)
         for _ in range(300):
             try:
@@ -154,11 +156,15 @@ class Server:
 
     def post(self, path, body):
         req = urllib.request.Request(self.url + path, json.dumps(body).encode(), {"content-type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=3600) as r:
-                return json.load(r)
-        except urllib.error.HTTPError as e:
-            raise SystemExit(f"{path}: {e.code} {e.read().decode()}")
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(req, timeout=3600) as r:
+                    return json.load(r)
+            except urllib.error.HTTPError as e:
+                if e.code != 429:
+                    raise SystemExit(f"{path}: {e.code} {e.read().decode()}")
+                time.sleep(float(e.headers.get("retry-after", "1")))
+        raise SystemExit(f"{path}: still refused (429) after 100 tries")
 
     def predict_all(self, requests, workers=4):
         """POSTs /predict bodies concurrently (the engine batches them); results in order."""

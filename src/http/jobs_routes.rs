@@ -240,7 +240,7 @@ pub async fn cancel_job(State(s): Shared, Path(id): Path<String>) -> Result<Json
 
 /// Server-sent events: the job (as in `GET /jobs/{id}`) each time it changes, until it ends.
 #[utoipa::path(get, path = "/jobs/{id}/events", params(("id" = String, Path)),
-    responses((status = 200, description = "text/event-stream of `progress` events carrying the job", body = Job), (status = 404, body = ErrorBody)))]
+    responses((status = 200, description = "Server-sent events: each `progress` event's data is the job as JSON (the `Job` schema), until the job ends", content_type = "text/event-stream", body = String), (status = 404, body = ErrorBody)))]
 pub async fn job_events(
     State(s): Shared,
     Path(id): Path<String>,
@@ -290,9 +290,10 @@ pub struct UploadParams {
     responses((status = 201, body = DatasetInfo), (status = 422, body = ErrorBody), (status = 413, body = ErrorBody)), security(("admin" = [])))]
 pub async fn upload_dataset(
     State(s): Shared,
-    Query(p): Query<UploadParams>,
+    query: Result<Query<UploadParams>, axum::extract::rejection::QueryRejection>,
     body: Result<String, axum::extract::rejection::StringRejection>,
 ) -> Result<(StatusCode, Json<DatasetInfo>), ApiError> {
+    let Query(p) = query?;
     let text = body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(

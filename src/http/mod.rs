@@ -32,15 +32,97 @@ pub use state::{AppState, HttpMetrics, ServerConfig};
 )]
 pub struct ApiDoc;
 
+/// Routes anyone may call, keys or not (probes).
+fn is_open(path: &str) -> bool {
+    path == "/health" || path == "/ready"
+}
+
+/// Routes that change state need the admin key where one is set; `/predict` and
+/// `/tokenize` are POSTs that only read.
+fn needs_admin(method: &Method, path: &str) -> bool {
+    method != Method::GET && path != "/predict" && path != "/tokenize"
+}
+
+/// The schemes, and the answers every route shares because of the layers around it
+/// (auth, body extraction, readiness), added to each operation so the document lists
+/// every status a route can give.
 struct Security;
 
 impl utoipa::Modify for Security {
     fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::SecurityRequirement;
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
         let c = doc.components.get_or_insert_with(Default::default);
         let bearer =
             || SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build());
         c.add_security_scheme("api_key", bearer());
         c.add_security_scheme("admin", bearer());
+        let error = |what: &str| {
+            ResponseBuilder::new()
+                .description(what)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build()
+        };
+        for (path, item) in doc.paths.paths.iter_mut() {
+            for (method, op) in [
+                (Method::GET, item.get.as_mut()),
+                (Method::POST, item.post.as_mut()),
+                (Method::DELETE, item.delete.as_mut()),
+            ] {
+                let Some(op) = op else { continue };
+                // A text body that is not JSON (NDJSON datasets) is bytes to a client, not a
+                // JSON string value.
+                if let Some(body) = op.request_body.as_mut() {
+                    if let Some(c) = body.content.get_mut("application/x-ndjson") {
+                        c.schema = Some(
+                            utoipa::openapi::ObjectBuilder::new()
+                                .schema_type(utoipa::openapi::Type::String)
+                                .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
+                                    utoipa::openapi::KnownFormat::Binary,
+                                )))
+                                .description(Some("NDJSON: one JSON object per line"))
+                                .into(),
+                        );
+                    }
+                }
+                let mut add = |status: &str, what: &str| {
+                    op.responses
+                        .responses
+                        .entry(status.to_string())
+                        .or_insert_with(|| error(what).into());
+                };
+                if op.request_body.is_some() {
+                    add("400", "The body is not well-formed (e.g. malformed JSON)");
+                    add("413", "The body is over the size limit");
+                    add(
+                        "415",
+                        "The body's Content-Type is not the one this route reads",
+                    );
+                }
+                if path != "/health" && path != "/metrics" {
+                    add("503", "The model or the job store is not ready");
+                }
+                if is_open(path) {
+                    continue;
+                }
+                add("401", "A key is required and none or a wrong one was given");
+                // Keys are the server's choice (`--api-key`, `--admin-api-key`): without
+                // them every route is open, hence the empty requirement.
+                let none = SecurityRequirement::default();
+                let scheme = |name: &str| SecurityRequirement::new(name, Vec::<String>::new());
+                if needs_admin(&method, path) {
+                    add("403", "The route needs the admin key");
+                    op.security = Some(vec![scheme("admin"), none]);
+                } else {
+                    op.security = Some(vec![scheme("api_key"), scheme("admin"), none]);
+                }
+            }
+        }
     }
 }
 
@@ -64,10 +146,10 @@ fn bearer(req: &Request) -> Option<&str> {
 /// guards everything that changes state.
 async fn auth(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
-    if path == "/health" || path == "/ready" {
+    if is_open(path) {
         return next.run(req).await;
     }
-    let changes_state = req.method() != Method::GET && path != "/predict" && path != "/tokenize";
+    let changes_state = needs_admin(req.method(), path);
     let token = bearer(&req);
     let cfg = &s.config;
     let is = |key: &Option<String>| {

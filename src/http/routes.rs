@@ -34,7 +34,13 @@ pub async fn health() -> Json<Status> {
 /// Readiness: the model is loaded and predictions can be served.
 #[utoipa::path(get, path = "/ready", responses((status = 200, body = Status), (status = 503, body = ErrorBody)))]
 pub async fn ready(State(s): Shared) -> Result<Json<Status>, ApiError> {
-    s.predictor()?;
+    if !s.predictor()?.engine.is_alive() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "engine_down",
+            "the inference engine has stopped; restart the server",
+        ));
+    }
     Ok(Json(Status {
         status: "ready".into(),
     }))
@@ -66,6 +72,11 @@ pub struct LimitsInfo {
     pub max_batch_tokens: usize,
     pub max_concurrent_requests: usize,
     pub max_body_bytes: usize,
+    /// Admission: the longest estimated queue wait a new /predict may face (else 429).
+    pub max_queue_wait_ms: u64,
+    /// The engine's measured pace, in token units (prompt tokens + decoded tokens) per
+    /// second, from which the queue's wait is estimated.
+    pub pace_units_per_second: f64,
 }
 
 /// The model, limits and version.
@@ -91,6 +102,8 @@ pub async fn info(State(s): Shared) -> Result<Json<InfoResponse>, ApiError> {
             max_batch_tokens: p.engine_config.max_batch_tokens,
             max_concurrent_requests: s.config.max_concurrent_requests,
             max_body_bytes: s.config.max_body_bytes,
+            max_queue_wait_ms: p.engine_config.max_queue_wait.as_millis() as u64,
+            pace_units_per_second: p.engine.admission.pace(),
         },
     }))
 }
@@ -220,11 +233,13 @@ pub async fn tokenize(
                 headers(("x-queue-time" = String, description = "ms waiting for the engine"),
                         ("x-inference-time" = String, description = "ms in the engine batch"))),
               (status = 422, body = ErrorBody), (status = 413, body = ErrorBody),
-              (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
+              (status = 429, body = ErrorBody, description = "Over capacity: too many requests in flight, or more queued work than the queue's wait budget",
+                headers(("retry-after" = String, description = "seconds, the queue's estimated wait (work admission only)"))),
+              (status = 503, body = ErrorBody, description = "Not ready, or queued past its deadline")))]
 pub async fn predict(
     State(s): Shared,
     body: Result<Json<PredictRequest>, JsonRejection>,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     let Json(req) = body?;
     let p = s.predictor()?.clone();
     let _permit = s
@@ -232,10 +247,33 @@ pub async fn predict(
         .clone()
         .try_acquire_owned()
         .map_err(|_| ApiError::overloaded())?;
-    let (resp, timings) = p.predict(req).await.map_err(|e| match e {
-        PredictError::Validation(m) => ApiError::validation(m),
-        PredictError::Backend(m) => ApiError::backend(m),
-    })?;
+    let (resp, timings) = match p.predict(req).await {
+        Ok(r) => r,
+        Err(PredictError::Overloaded(refused)) => {
+            // Retry-After: the queue's estimated wait, rounded up to whole seconds.
+            let secs = refused.estimated_wait.as_secs_f64().ceil().max(1.0) as u64;
+            let err = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "overloaded",
+                refused.to_string(),
+            );
+            return Ok((
+                StatusCode::TOO_MANY_REQUESTS,
+                [(axum::http::header::RETRY_AFTER, HeaderValue::from(secs))],
+                err,
+            )
+                .into_response());
+        }
+        Err(PredictError::Expired(m)) => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "queue_timeout",
+                m,
+            ))
+        }
+        Err(PredictError::Validation(m)) => return Err(ApiError::validation(m)),
+        Err(PredictError::Backend(m)) => return Err(ApiError::backend(m)),
+    };
     let mut headers = HeaderMap::new();
     let ms = |d: std::time::Duration| {
         HeaderValue::from_str(&format!("{:.3}", d.as_secs_f64() * 1e3)).unwrap()
@@ -243,7 +281,7 @@ pub async fn predict(
     headers.insert("x-queue-time", ms(timings.queue));
     headers.insert("x-inference-time", ms(timings.inference));
     headers.insert("x-batch-size", HeaderValue::from(timings.batch_size));
-    Ok((StatusCode::OK, headers, Json::<PredictResponse>(resp)))
+    Ok((StatusCode::OK, headers, Json::<PredictResponse>(resp)).into_response())
 }
 
 /// Prometheus metrics: requests, latency, queue depth, batch sizes, tags loaded.

@@ -14,6 +14,7 @@ use anyhow::Result;
 use candle_core::{DType, Tensor};
 use tokio::sync::{mpsc, oneshot};
 
+use super::admission::{Admission, Refused};
 use super::heads::{apply_head, Prediction};
 use crate::model::{rows_at, BaseModel, Decoder, GenerationParams, Mode};
 use crate::tags::compose::{common_prefix, Composed};
@@ -24,6 +25,9 @@ pub struct EngineConfig {
     pub max_batch_tokens: usize,
     /// A shared prefix at least this long is computed once for several functions.
     pub min_shared_prefix: usize,
+    /// Admission: the longest estimated wait in the queue a new request may face (more
+    /// answers 429 at once); work still queued after twice this fails with 503.
+    pub max_queue_wait: Duration,
 }
 
 impl Default for EngineConfig {
@@ -31,6 +35,7 @@ impl Default for EngineConfig {
         Self {
             max_batch_tokens: 4096,
             min_shared_prefix: 8,
+            max_queue_wait: Duration::from_secs(1),
         }
     }
 }
@@ -49,13 +54,43 @@ pub struct Timings {
     pub batch_size: usize,
 }
 
-pub type Reply = Result<(Vec<Vec<Prediction>>, Timings), String>;
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    /// Not admitted: the queue already holds more work than its wait budget.
+    #[error("{0}")]
+    Overloaded(Refused),
+    /// Admitted, but not started before its deadline (the pace dropped).
+    #[error("waited {:.1} s in the queue without being started; retry later", .0.as_secs_f64())]
+    Expired(Duration),
+    #[error("{0}")]
+    Failed(String),
+}
+
+pub type Reply = Result<(Vec<Vec<Prediction>>, Timings), EngineError>;
 
 struct Work {
     groups: Vec<Group>,
     params: GenerationParams,
     reply: oneshot::Sender<Reply>,
     enqueued: Instant,
+    deadline: Instant,
+}
+
+/// Token units of a request (see `admission`): every prompt token, and every token each
+/// generation may decode.
+pub fn work_units(groups: &[Group], params: &GenerationParams) -> u64 {
+    groups
+        .iter()
+        .flat_map(|g| &g.seqs)
+        .map(|c| {
+            c.len()
+                + if c.head.is_none() {
+                    params.max_new_tokens
+                } else {
+                    0
+                }
+        })
+        .sum::<usize>() as u64
 }
 
 impl Work {
@@ -74,6 +109,20 @@ impl Work {
 pub struct Engine {
     tx: mpsc::UnboundedSender<Work>,
     metrics: Arc<crate::infer::EngineMetrics>,
+    /// Bounds what the (otherwise unbounded) channel can hold, in work.
+    pub admission: Admission,
+    max_queue_wait: Duration,
+    /// Cleared when the inference thread ends, however it ends: `/ready` reads it.
+    alive: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Clears the engine's liveness flag when the inference thread exits or unwinds.
+struct AliveGuard(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Engine {
@@ -84,28 +133,58 @@ impl Engine {
     ) -> Result<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
         let m = metrics.clone();
+        let admission = Admission::new(cfg.max_queue_wait);
+        let max_queue_wait = cfg.max_queue_wait;
+        let pace = admission.clone();
+        let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let guard = AliveGuard(alive.clone());
         std::thread::Builder::new()
             .name("inference".into())
-            .spawn(move || run(model, cfg, rx, m))?;
-        Ok(Self { tx, metrics })
+            .spawn(move || {
+                let _guard = guard;
+                run(model, cfg, rx, m, pace)
+            })?;
+        Ok(Self {
+            tx,
+            metrics,
+            admission,
+            max_queue_wait,
+            alive,
+        })
+    }
+
+    /// Whether the inference thread is still serving.
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Queues the groups and waits for one list of predictions per group.
+    /// Refused at once (429) when the queue's work would take longer than its budget.
     pub async fn predict(&self, groups: Vec<Group>, params: GenerationParams) -> Reply {
+        // Held until answered or abandoned (the future dropped with its client).
+        let _ticket = self
+            .admission
+            .admit(work_units(&groups, &params))
+            .map_err(EngineError::Overloaded)?;
         let (reply, rx) = oneshot::channel();
         self.metrics.queue_depth.inc();
+        let now = Instant::now();
         let work = Work {
             groups,
             params,
             reply,
-            enqueued: Instant::now(),
+            enqueued: now,
+            deadline: now + 2 * self.max_queue_wait,
         };
         if self.tx.send(work).is_err() {
             self.metrics.queue_depth.dec();
-            return Err("the inference thread has stopped".into());
+            return Err(EngineError::Failed(
+                "the inference thread has stopped".into(),
+            ));
         }
-        rx.await
-            .map_err(|_| "the inference thread dropped the request".to_string())?
+        rx.await.map_err(|_| {
+            EngineError::Failed("the inference thread dropped the request".to_string())
+        })?
     }
 }
 
@@ -132,6 +211,7 @@ fn run(
     cfg: EngineConfig,
     mut rx: mpsc::UnboundedReceiver<Work>,
     metrics: Arc<crate::infer::EngineMetrics>,
+    pace: Admission,
 ) {
     let mut pending: Option<Work> = None;
     let mut flights: HashMap<u64, InFlight> = HashMap::new();
@@ -159,8 +239,22 @@ fn run(
             intake.push(w);
         }
         metrics.queue_depth.sub(intake.len() as i64);
-        // A client that went away costs nothing more.
+        // A client that went away costs nothing more; work past its deadline is answered
+        // at once (its client would rather retry than wait on).
+        let now = Instant::now();
         intake.retain(|w| !w.reply.is_closed());
+        let (late, intake): (Vec<Work>, Vec<Work>) =
+            intake.into_iter().partition(|w| now > w.deadline);
+        for w in late {
+            let _ = w.reply.send(Err(EngineError::Expired(now - w.enqueued)));
+        }
+        let iteration = Instant::now();
+        let mut units = intake
+            .iter()
+            .flat_map(|w| &w.groups)
+            .flat_map(|g| &g.seqs)
+            .map(Composed::len)
+            .sum::<usize>() as u64;
 
         // 2. Every head sequence of the intake in shared forwards; generations start.
         if !intake.is_empty() {
@@ -235,6 +329,7 @@ fn run(
                 .filter_map(|g| g.decoder.as_mut())
                 .collect();
             let n = decoders.len();
+            units += n as u64;
             catch_unwind(AssertUnwindSafe(|| {
                 Decoder::step_many(&mut decoders, &model)
             }))
@@ -267,6 +362,7 @@ fn run(
             }
         }
         generations.retain(|g| g.decoder.is_some());
+        pace.record(units, iteration.elapsed());
 
         // 4. Answer what is complete; forget what nobody waits for any more.
         let done: Vec<u64> = flights
@@ -288,7 +384,7 @@ fn run(
                 batch_size: f.batch_size,
             };
             let result = match f.failure {
-                Some(e) => Err(e),
+                Some(e) => Err(EngineError::Failed(e)),
                 // No failure and no open generation: every slot should be filled.
                 None => f
                     .preds
@@ -296,7 +392,11 @@ fn run(
                     .map(|g| g.into_iter().collect::<Option<Vec<_>>>())
                     .collect::<Option<Vec<_>>>()
                     .map(|p| (p, timings))
-                    .ok_or_else(|| "internal error: a sequence produced no prediction".to_string()),
+                    .ok_or_else(|| {
+                        EngineError::Failed(
+                            "internal error: a sequence produced no prediction".to_string(),
+                        )
+                    }),
             };
             let _ = f.work.reply.send(result);
         }

@@ -1,6 +1,7 @@
 //! The prediction side: the batching engine, heads, and the `predict` entry point the
 //! HTTP layer calls.
 
+pub mod admission;
 pub mod engine;
 pub mod heads;
 
@@ -12,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 pub use crate::tags::compose::{compose, ComposeError, Composed, Input};
-pub use engine::{Engine, EngineConfig, Group, Timings};
+pub use engine::{Engine, EngineConfig, EngineError, Group, Timings};
 pub use heads::Prediction;
 
 use crate::model::{BaseModel, GenerationParams};
@@ -65,10 +66,12 @@ pub struct PredictRequest {
     /// A function tag: its manifest's template, slots and head.
     pub function: Option<String>,
     /// Several function tags over the same inputs; their common prefix is computed once.
+    #[schema(value_type = Option<std::collections::BTreeSet<String>>, min_items = 1)]
     pub functions: Option<Vec<String>>,
     /// Any composition of registered tags, `<Tag>`, with input slots `{slot}`.
     pub template: Option<String>,
     /// One per example: an object of slot values, or a bare string for one slot.
+    #[schema(min_items = 1)]
     pub inputs: Vec<Input>,
     #[serde(default)]
     pub parameters: Parameters,
@@ -95,6 +98,22 @@ pub enum PredictError {
     Validation(String),
     #[error("inference failed: {0}")]
     Backend(String),
+    /// Not admitted (429): the queue holds more work than its wait budget.
+    #[error("{0}")]
+    Overloaded(admission::Refused),
+    /// Admitted but not started in time (503).
+    #[error("{0}")]
+    Expired(String),
+}
+
+impl From<EngineError> for PredictError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Overloaded(r) => Self::Overloaded(r),
+            EngineError::Expired(_) => Self::Expired(e.to_string()),
+            EngineError::Failed(m) => Self::Backend(m),
+        }
+    }
 }
 
 fn invalid(msg: impl Into<String>) -> PredictError {
@@ -217,11 +236,7 @@ impl Predictor {
             names,
             versions,
         } = prepared;
-        let (preds, timings) = self
-            .engine
-            .predict(groups, params)
-            .await
-            .map_err(PredictError::Backend)?;
+        let (preds, timings) = self.engine.predict(groups, params).await?;
         let predictions = preds
             .into_iter()
             .map(|mut per_fn| match &names {
@@ -263,6 +278,10 @@ impl Predictor {
                 (None, Some(fs), None) => {
                     if fs.is_empty() {
                         return Err(invalid("functions must not be empty"));
+                    }
+                    // Results are keyed by name: a repeat would silently fold into one.
+                    if let Some(dup) = fs.iter().enumerate().find(|(i, f)| fs[..*i].contains(f)) {
+                        return Err(invalid(format!("functions names `{}` twice", dup.1)));
                     }
                     let plans = fs
                         .iter()

@@ -62,8 +62,8 @@ pub struct Job {
     pub loss: Option<f64>,
     /// Best held-out loss so far.
     pub best_loss: Option<f64>,
-    /// Latest held-out metrics.
-    #[schema(value_type = Object)]
+    /// Latest held-out metrics; null until the first evaluation.
+    #[schema(value_type = Option<Object>)]
     pub eval: serde_json::Value,
     pub error: Option<String>,
     pub attempts: i64,

@@ -71,6 +71,7 @@ pub struct Options {
     pub model: Option<PathBuf>,
     pub config: ServerConfig,
     pub limits: Limits,
+    pub engine: EngineConfig,
     pub load: bool,
     /// Run an embedded training worker.
     pub worker: bool,
@@ -87,6 +88,12 @@ impl Default for Options {
                 ..Default::default()
             },
             limits: Limits::default(),
+            // Tests fire bursts on purpose: a queue budget no test reaches, unless it
+            // tests admission itself.
+            engine: EngineConfig {
+                max_queue_wait: std::time::Duration::from_secs(600),
+                ..Default::default()
+            },
             load: true,
             worker: true,
         }
@@ -130,7 +137,7 @@ pub async fn start(opts: Options) -> TestServer {
             &tags_dir,
             true,
             opts.limits,
-            EngineConfig::default(),
+            opts.engine,
             &state.metrics.registry,
         )
         .unwrap();
