@@ -8,13 +8,13 @@
 //! in-process on a loopback port; the tag is synthetic (seeded vectors and head), which
 //! costs exactly what a trained one costs. Prints one JSON line per measurement.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
-use tagllm::http::{new_state, ServerConfig};
+use tagllm::http::ServerConfig;
 use tagllm::infer::{EngineConfig, Input, Limits, PredictRequest, Predictor};
+use tagllm::service::{Service, ServiceConfig};
 use tagllm::tags::{Head, HeadSpec, TagBundle, TagKind, TagManifest};
 
 const TEMPLATE: &str = "The SMILES of the molecule is <SMILES> {smiles}. The druglikeness is <QED>";
@@ -157,22 +157,30 @@ async fn main() {
             },
             ..Default::default()
         };
-        let state = new_state(ServerConfig {
-            max_concurrent_requests: 256,
-            max_body_bytes: 1 << 20,
-            ..Default::default()
+        let data = tempfile::tempdir().unwrap();
+        // The service as `tagllm serve` assembles it (no training worker).
+        let mut service = Service::start(ServiceConfig {
+            server: ServerConfig {
+                max_concurrent_requests: 256,
+                max_body_bytes: 1 << 20,
+                ..Default::default()
+            },
+            model_path: model.clone().into(),
+            device: Device::Cpu,
+            tags_dir: tags_dir.path().to_path_buf(),
+            watch: false,
+            limits: Limits::default(),
+            engine: engine.clone(),
+            database_url: format!("sqlite://{}", data.path().join("jobs.db").display()),
+            worker: None,
         })
+        .await
         .unwrap();
-        let p = Predictor::load(
-            std::path::Path::new(&model),
-            &Device::Cpu,
-            tags_dir.path(),
-            false,
-            Limits::default(),
-            engine.clone(),
-            &state.metrics.registry,
-        )
-        .expect("run scripts/setup-model.sh first");
+        service
+            .loaded()
+            .await
+            .expect("run scripts/setup-model.sh first");
+        let p = service.state.predictor.get().unwrap().clone();
         let (fp, d) = (p.model.fingerprint.clone(), p.model.config().hidden_size);
         tag("SMILES", TagKind::Domain, None, &fp, d)
             .save(tags_dir.path())
@@ -191,11 +199,9 @@ async fn main() {
         .unwrap();
         p.registry.rescan();
         let smiles = inputs(&p);
-        let p = Arc::new(p);
-        let _ = state.predictor.set(p.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(tagllm::http::serve(listener, state.clone()));
+        tokio::spawn(service.serve(listener));
 
         if admission {
             load(&url, 4, 2, &smiles).await; // warm-up: the engine measures its pace

@@ -326,69 +326,52 @@ enum TagsCommand {
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,tower_http=warn".into()),
-        )
-        .init();
+    init_logging();
     let loopback = args.host == "127.0.0.1" || args.host == "localhost" || args.host == "::1";
     if !loopback && args.api_key.as_ref().and_then(|k| k.0.as_ref()).is_none() {
         tracing::warn!(host = %args.host, "listening beyond loopback without --api-key: anyone who can reach it can use it");
     }
     let device = device::parse_device(&args.model.device)?;
     std::fs::create_dir_all(&args.data_dir)?;
-    let state = tagllm::http::new_state(tagllm::http::ServerConfig {
-        api_key: args.api_key.clone().and_then(|k| k.0),
-        admin_api_key: args.admin_api_key.clone().and_then(|k| k.0),
-        max_concurrent_requests: args.max_concurrent_requests,
-        max_body_bytes: args.max_body_bytes,
-        max_dataset_bytes: args.max_dataset_bytes,
-        data_root: args.data_root.clone(),
-    })?;
+    let config = tagllm::service::ServiceConfig {
+        server: tagllm::http::ServerConfig {
+            api_key: args.api_key.clone().and_then(|k| k.0),
+            admin_api_key: args.admin_api_key.clone().and_then(|k| k.0),
+            max_concurrent_requests: args.max_concurrent_requests,
+            max_body_bytes: args.max_body_bytes,
+            max_dataset_bytes: args.max_dataset_bytes,
+            data_root: args.data_root.clone(),
+        },
+        model_path: args.model.model.clone(),
+        device,
+        tags_dir: args.tags_dir.clone(),
+        watch: !args.no_watch,
+        limits: tagllm::infer::Limits {
+            max_input_tokens: args.max_input_tokens,
+            max_batch_inputs: args.max_batch_inputs,
+            max_new_tokens: args.max_new_tokens,
+        },
+        engine: tagllm::infer::EngineConfig {
+            max_batch_tokens: args.max_batch_tokens,
+            max_queue_wait: std::time::Duration::from_millis(args.max_queue_ms),
+            ..Default::default()
+        },
+        database_url: args
+            .database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", args.data_dir.join("tagllm.db").display())),
+        worker: (!args.no_worker).then(|| args.worker.config()),
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port)).await?;
-        let db = args.database_url.clone().unwrap_or_else(|| format!("sqlite://{}", args.data_dir.join("tagllm.db").display()));
-        let _ = state.jobs.set(tagllm::jobs::JobStore::connect(&db).await?);
         tracing::info!(addr = %listener.local_addr()?, "listening; loading the model");
-        let loading = state.clone();
-        let limits = tagllm::infer::Limits {
-            max_input_tokens: args.max_input_tokens,
-            max_batch_inputs: args.max_batch_inputs,
-            max_new_tokens: args.max_new_tokens,
-        };
-        let engine = tagllm::infer::EngineConfig {
-            max_batch_tokens: args.max_batch_tokens,
-            max_queue_wait: std::time::Duration::from_millis(args.max_queue_ms),
-            ..Default::default()
-        };
-        let watch = !args.no_watch;
-        let worker = (!args.no_worker).then(|| args.worker.config());
-        let runtime = tokio::runtime::Handle::current();
-        let model_path = args.model.model.clone();
-        let tags_dir = args.tags_dir.clone();
-        tokio::task::spawn_blocking(move || {
-            match tagllm::infer::Predictor::load(&model_path, &device, &tags_dir, watch, limits, engine, &loading.metrics.registry) {
-                Ok(p) => {
-                    tracing::info!(model = %p.model.name, tags = p.registry.snapshot().tags.len(), "ready");
-                    if let (Some(config), Some(store)) = (worker, loading.jobs.get()) {
-                        // Training runs on its own thread so predictions stay responsive.
-                        let w = tagllm::jobs::Worker { store: store.clone(), model: p.model.clone(), registry: p.registry.clone(), config, runtime };
-                        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-                        std::thread::Builder::new().name("training-worker".into()).spawn(move || w.run(stop)).expect("spawning the worker");
-                    }
-                    let _ = loading.predictor.set(std::sync::Arc::new(p));
-                }
-                Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "loading failed");
-                    std::process::exit(1);
-                }
-            }
-        });
-        tagllm::http::serve(listener, state).await
+        tagllm::service::Service::start(config)
+            .await?
+            .serve(listener)
+            .await
     })
 }
 
@@ -419,7 +402,14 @@ fn worker(cmd: WorkerCmd) -> Result<()> {
         config: cmd.worker.config(),
         runtime: rt.handle().clone(),
     };
+    // SIGTERM hands the running job back to the queue at its next step.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    rt.spawn(async move {
+        tagllm::shutdown::signal().await;
+        tracing::info!("stopping: the running job goes back to the queue");
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
     w.run(stop);
     Ok(())
 }

@@ -369,3 +369,36 @@ async fn event_streams_end_when_the_server_shuts_down() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_hands_a_running_job_back_to_the_queue() {
+    let mut s = start(Options::default()).await;
+    let (status, acc) = post(
+        &s,
+        "/train",
+        json!({"stage": 1, "tag": "Long", "dataset": {"records": text(6)},
+        "hyperparameters": {"steps": 1000000, "batch_size": 2, "num_vectors": 2}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{acc}");
+    let id = acc["id"].as_str().unwrap().to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while wait_state(&s, &id, "running").await["step"]
+        .as_i64()
+        .unwrap()
+        < 3
+    {
+        assert!(std::time::Instant::now() < deadline, "no progress");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    s.shut_down().await;
+    // Back in the queue, claimable at once by another worker, the attempt not counted.
+    let store = tagllm::jobs::JobStore::connect(&s.database_url)
+        .await
+        .unwrap();
+    let job = store.get(&id).await.unwrap().unwrap();
+    assert_eq!(job.state.as_str(), "queued", "{job:?}");
+    assert_eq!(job.worker, None);
+    assert_eq!(job.attempts, 0);
+    assert!(job.step >= 3, "its progress is kept: {job:?}");
+}

@@ -272,11 +272,22 @@ fn same_secret(presented: &str, key: &str) -> bool {
 
 /// Serves until SIGTERM or Ctrl-C, then finishes the requests in flight (event streams
 /// end at once).
+/// Serves until SIGTERM or ctrl-c, then finishes the requests in flight.
 pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) -> anyhow::Result<()> {
+    serve_until(listener, state, crate::shutdown::signal()).await
+}
+
+/// Serves until `stop` completes, then ends event streams and finishes requests in flight.
+pub async fn serve_until(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let signal = {
         let state = state.clone();
         async move {
-            shutdown_signal().await;
+            stop.await;
+            tracing::info!("shutting down: finishing requests in flight");
             state.shutdown.send_replace(true);
         }
     };
@@ -284,21 +295,4 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) -> a
         .with_graceful_shutdown(signal)
         .await?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            s.recv().await;
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-    tracing::info!("shutting down: finishing requests in flight");
 }

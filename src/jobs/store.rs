@@ -356,6 +356,23 @@ impl JobStore {
         }))
     }
 
+    /// Hands a running job back to the queue (its worker is shutting down), if this worker
+    /// still holds it: claimable at once, and this attempt does not count against it.
+    pub async fn release(&self, id: &str, worker: &str) -> Result<bool> {
+        let n = sqlx::query(
+            "UPDATE jobs SET state = 'queued', worker = NULL, lease_until = NULL, updated_at = $1,
+                 attempts = attempts - 1
+             WHERE id = $2 AND worker = $3 AND state = 'running'",
+        )
+        .bind(now_ms())
+        .bind(id)
+        .bind(worker)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
     /// Extends the lease and records progress, if this worker still holds the job.
     pub async fn heartbeat(
         &self,

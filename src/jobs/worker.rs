@@ -55,6 +55,8 @@ pub struct Worker {
 enum Outcome {
     Cancelled,
     Lost,
+    /// The worker is shutting down: the job goes back to the queue.
+    Stopped,
 }
 
 struct JobHooks<'a> {
@@ -62,10 +64,15 @@ struct JobHooks<'a> {
     job_id: String,
     last_beat: Instant,
     outcome: Option<Outcome>,
+    stop: &'a AtomicBool,
 }
 
 impl Hooks for JobHooks<'_> {
     fn progress(&mut self, p: &Progress) -> bool {
+        if self.stop.load(Ordering::Relaxed) {
+            self.outcome = Some(Outcome::Stopped);
+            return false;
+        }
         let due =
             self.last_beat.elapsed() >= self.worker.config.heartbeat || p.step == p.total_steps;
         if !due {
@@ -130,7 +137,7 @@ impl Worker {
     pub fn run(&self, stop: Arc<AtomicBool>) {
         tracing::info!(worker = %self.config.id, "training worker started");
         while !stop.load(Ordering::Relaxed) {
-            match self.run_one() {
+            match self.run_one(&stop) {
                 Ok(true) => {}
                 Ok(false) => std::thread::sleep(self.config.poll),
                 Err(e) => {
@@ -142,7 +149,9 @@ impl Worker {
     }
 
     /// Claims one job and runs it to its end. Returns false when there was none.
-    pub fn run_one(&self) -> Result<bool> {
+    /// Claims and runs one job; `stop` set meanwhile hands the job back to the queue (it
+    /// resumes from its last checkpoint wherever it is claimed next).
+    pub fn run_one(&self, stop: &AtomicBool) -> Result<bool> {
         let Some(claimed) = self
             .runtime
             .block_on(self.store.claim(&self.config.id, self.config.lease))?
@@ -157,6 +166,7 @@ impl Worker {
             job_id: id.clone(),
             last_beat: Instant::now(),
             outcome: None,
+            stop,
         };
         let result = if claimed.job.attempts > MAX_ATTEMPTS {
             // Every earlier attempt ended with its worker gone (killed, out of memory):
@@ -181,6 +191,10 @@ impl Worker {
         match (result, hooks.outcome) {
             (_, Some(Outcome::Lost)) => {
                 tracing::warn!(job = %id, "lease lost; another worker owns the job now")
+            }
+            (_, Some(Outcome::Stopped)) => {
+                self.runtime.block_on(self.store.release(&id, me))?;
+                tracing::info!(job = %id, "worker stopping: job handed back to the queue");
             }
             (_, Some(Outcome::Cancelled)) => {
                 self.runtime.block_on(self.store.finish(

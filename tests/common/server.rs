@@ -8,6 +8,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use tagllm::http::{new_state, AppState, ServerConfig};
 use tagllm::infer::{EngineConfig, Limits, Predictor};
+use tagllm::service::{Service, ServiceConfig};
 use tagllm::tags::{Head, HeadSpec, TagBundle, TagKind, TagManifest};
 
 pub struct TestServer {
@@ -17,15 +18,10 @@ pub struct TestServer {
     pub data_root: PathBuf,
     pub database_url: String,
     pub model_path: PathBuf,
-    stop_worker: Arc<std::sync::atomic::AtomicBool>,
+    /// Sent (or dropped with the server): the service shuts down and stops its worker.
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    serving: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     pub _dir: tempfile::TempDir,
-}
-
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        self.stop_worker
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-    }
 }
 
 /// A fresh job store: SQLite in `dir`, or, when `TAGLLM_TEST_DATABASE_URL` names a
@@ -53,6 +49,16 @@ pub async fn fresh_database_url(dir: &Path) -> String {
 }
 
 impl TestServer {
+    /// Shuts the service down as SIGTERM does and waits until it has stopped.
+    pub async fn shut_down(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.serving.take() {
+            h.await.unwrap().unwrap();
+        }
+    }
+
     pub fn predictor(&self) -> &Arc<Predictor> {
         self.state.predictor.get().unwrap()
     }
@@ -122,41 +128,42 @@ pub async fn start(opts: Options) -> TestServer {
         .unwrap_or_else(|| write_tiny_model(dir.path()));
     let mut config = opts.config;
     config.data_root = Some(data_root.clone());
-    let state = new_state(config).unwrap();
     let database_url = fresh_database_url(dir.path()).await;
-    let _ = state.jobs.set(
-        tagllm::jobs::JobStore::connect(&database_url)
-            .await
-            .unwrap(),
-    );
-    let stop_worker = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    if opts.load {
-        let p = Predictor::load(
-            &model,
-            &Device::Cpu,
-            &tags_dir,
-            true,
-            opts.limits,
-            opts.engine,
-            &state.metrics.registry,
-        )
-        .unwrap();
-        if opts.worker {
-            let w = tagllm::jobs::Worker {
-                store: state.jobs.get().unwrap().clone(),
-                model: p.model.clone(),
-                registry: p.registry.clone(),
-                config: test_worker_config(),
-                runtime: tokio::runtime::Handle::current(),
-            };
-            let stop = stop_worker.clone();
-            std::thread::spawn(move || w.run(stop));
-        }
-        let _ = state.predictor.set(Arc::new(p));
-    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(tagllm::http::serve(listener, state.clone()));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let stop = async move {
+        let _ = stop_rx.await;
+    };
+    let (state, serving) = if opts.load {
+        // The real assembly, as `tagllm serve` runs it.
+        let mut service = Service::start(ServiceConfig {
+            server: config,
+            model_path: model.clone(),
+            device: Device::Cpu,
+            tags_dir: tags_dir.clone(),
+            watch: true,
+            limits: opts.limits,
+            engine: opts.engine,
+            database_url: database_url.clone(),
+            worker: opts.worker.then(test_worker_config),
+        })
+        .await
+        .unwrap();
+        service.loaded().await.unwrap();
+        let state = service.state.clone();
+        (state, tokio::spawn(service.serve_until(listener, stop)))
+    } else {
+        // A server whose model never loads: the state alone, with its job store.
+        let state = new_state(config).unwrap();
+        let _ = state.jobs.set(
+            tagllm::jobs::JobStore::connect(&database_url)
+                .await
+                .unwrap(),
+        );
+        let serving = tokio::spawn(tagllm::http::serve_until(listener, state.clone(), stop));
+        (state, serving)
+    };
     TestServer {
         url,
         state,
@@ -164,7 +171,8 @@ pub async fn start(opts: Options) -> TestServer {
         data_root,
         database_url,
         model_path: model,
-        stop_worker,
+        stop: Some(stop_tx),
+        serving: Some(serving),
         _dir: dir,
     }
 }
