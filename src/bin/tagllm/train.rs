@@ -1,0 +1,190 @@
+//! `tagllm train`: a local training run with a progress bar and a JSONL loss curve.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+use crate::eval::model_and_tags;
+use crate::ModelArgs;
+
+#[derive(clap::Args)]
+pub(crate) struct TrainCmd {
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    #[arg(long, env = "TAGLLM_TAGS_DIR", default_value = "tags")]
+    pub(crate) tags_dir: PathBuf,
+    /// 1: domain tags; 2: a single-domain function tag; 3: cross-domain / multi-task.
+    #[arg(long)]
+    pub(crate) stage: u8,
+    /// The tag to learn (repeat for several domain tags in stage 1).
+    #[arg(long = "tag", required = true)]
+    pub(crate) tags: Vec<String>,
+    /// Default for stage 1: `<TAG>{text}`.
+    #[arg(long)]
+    pub(crate) template: Option<String>,
+    /// The labelled field (stages 2 and 3).
+    #[arg(long)]
+    pub(crate) target: Option<String>,
+    #[arg(long, value_parser = ["regression", "classification", "none"], default_value = "none")]
+    pub(crate) head: String,
+    /// JSONL training data.
+    #[arg(long)]
+    pub(crate) data: PathBuf,
+    /// JSONL held-out data.
+    #[arg(long)]
+    pub(crate) eval_data: Option<PathBuf>,
+    // Hyperparameters left out take the defaults `POST /train` uses
+    // (`Hyperparameters::default`), so the CLI and the API train alike.
+    #[arg(long)]
+    pub(crate) steps: Option<usize>,
+    /// Passes over the training data; sets the number of steps when given.
+    #[arg(long)]
+    pub(crate) epochs: Option<f64>,
+    #[arg(long)]
+    pub(crate) batch_size: Option<usize>,
+    /// Peak learning rate of the tag vectors.
+    #[arg(long)]
+    pub(crate) learning_rate: Option<f64>,
+    /// Peak learning rate of the head (default: --learning-rate).
+    #[arg(long)]
+    pub(crate) head_learning_rate: Option<f64>,
+    #[arg(long)]
+    pub(crate) warmup_ratio: Option<f64>,
+    #[arg(long)]
+    pub(crate) grad_accum: Option<usize>,
+    #[arg(long)]
+    pub(crate) num_vectors: Option<usize>,
+    #[arg(long)]
+    pub(crate) seed: Option<u64>,
+    #[arg(long)]
+    pub(crate) weight_decay: Option<f64>,
+    /// Where tag vectors start: `mean`, `text:PHRASE` or `tag:NAME`.
+    #[arg(long)]
+    pub(crate) init: Option<String>,
+    /// `fit` (closed form on the step-0 features) or `random`.
+    #[arg(long, value_parser = ["fit", "random"])]
+    pub(crate) head_init: Option<String>,
+    /// Evaluate every N steps (0: every epoch).
+    #[arg(long)]
+    pub(crate) eval_every: Option<usize>,
+    /// Stop after this many evaluations without improvement (0: never).
+    #[arg(long)]
+    pub(crate) patience: Option<usize>,
+    /// Memory for the frozen-prefix cache, MiB (default: half the available memory).
+    #[arg(long, env = "TAGLLM_PREFIX_CACHE_MB")]
+    pub(crate) prefix_cache_mb: Option<usize>,
+    /// Appends one JSON line per step (step, loss, learning rate, eval metrics when
+    /// evaluated, seconds since start): the loss curve.
+    #[arg(long)]
+    pub(crate) log: Option<PathBuf>,
+}
+
+impl TrainCmd {
+    fn hyperparameters(&self) -> tagllm::train::Hyperparameters {
+        let d = tagllm::train::Hyperparameters::default();
+        tagllm::train::Hyperparameters {
+            steps: self.steps.unwrap_or(d.steps),
+            epochs: self.epochs.unwrap_or(d.epochs),
+            batch_size: self.batch_size.unwrap_or(d.batch_size),
+            learning_rate: self.learning_rate.unwrap_or(d.learning_rate),
+            head_learning_rate: self.head_learning_rate.or(d.head_learning_rate),
+            warmup_ratio: self.warmup_ratio.unwrap_or(d.warmup_ratio),
+            grad_accum: self.grad_accum.unwrap_or(d.grad_accum),
+            num_vectors: self.num_vectors.unwrap_or(d.num_vectors),
+            seed: self.seed.unwrap_or(d.seed),
+            weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
+            init: self.init.clone().unwrap_or(d.init),
+            head_init: match self.head_init.as_deref() {
+                Some("random") => tagllm::train::HeadInit::Random,
+                Some(_) => tagllm::train::HeadInit::Fit,
+                None => d.head_init,
+            },
+            eval_every: self.eval_every.unwrap_or(d.eval_every),
+            patience: self.patience.unwrap_or(d.patience),
+        }
+    }
+}
+
+pub(crate) fn train(cmd: TrainCmd) -> Result<()> {
+    use tagllm::train::{Dataset, HeadKind, TrainJob, Trainer};
+    let (m, tags) = model_and_tags(&cmd.model, &cmd.tags_dir)?;
+    let read = |p: &PathBuf| -> Result<Dataset> {
+        let text = std::fs::read_to_string(p)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))?;
+        Dataset::from_jsonl(&text).map_err(|e| anyhow::anyhow!("{}: {e:#}", p.display()))
+    };
+    let data = read(&cmd.data)?;
+    let eval = cmd.eval_data.as_ref().map(read).transpose()?;
+    let head = match cmd.head.as_str() {
+        "regression" => HeadKind::Regression,
+        "classification" => HeadKind::Classification,
+        _ => HeadKind::None,
+    };
+    let template = cmd.template.clone().unwrap_or_else(|| {
+        cmd.tags
+            .iter()
+            .map(|t| format!("<{t}>"))
+            .collect::<String>()
+            + "{text}"
+    });
+    let job = TrainJob {
+        stage: cmd.stage,
+        tags: cmd.tags.clone(),
+        template,
+        target: cmd.target.clone(),
+        head,
+        hyperparameters: cmd.hyperparameters(),
+    };
+    let frozen = std::sync::Arc::new(tags.clone_tags());
+    let mut trainer = Trainer::new(&m, frozen, job, &data, eval.as_ref())?;
+    if let Some(mb) = cmd.prefix_cache_mb {
+        trainer.set_prefix_cache_budget(mb << 20);
+    }
+    let bar = indicatif::ProgressBar::new(trainer.total_steps() as u64);
+    bar.set_style(indicatif::ProgressStyle::with_template(
+        "{bar:40} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
+    )?);
+    let mut log = cmd
+        .log
+        .as_ref()
+        .map(|p| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+        })
+        .transpose()?;
+    let started = std::time::Instant::now();
+    let trained = trainer.run(None, &mut |p: &tagllm::train::Progress| {
+        if let Some(f) = log.as_mut() {
+            use std::io::Write;
+            let line = serde_json::json!({"step": p.step, "loss": p.loss, "learning_rate": p.learning_rate,
+                "eval": p.eval, "seconds": started.elapsed().as_secs_f64()});
+            if let Err(e) = writeln!(f, "{line}") {
+                eprintln!("warning: cannot write the training log: {e}");
+            }
+        }
+        bar.set_position(p.step as u64);
+        let best = p
+            .best_eval_loss
+            .map(|b| format!(" best eval {b:.4}"))
+            .unwrap_or_default();
+        bar.set_message(format!("loss {:.4}{best}", p.loss));
+        true
+    })?;
+    bar.finish();
+    for b in &trained.bundles {
+        let version = b.save(&cmd.tags_dir)?;
+        eprintln!(
+            "wrote {} v{} to {}",
+            b.name(),
+            version,
+            cmd.tags_dir.join(b.name()).display()
+        );
+    }
+    println!(
+        "{}",
+        serde_json::json!({"tags": trained.bundles.iter().map(|b| b.name()).collect::<Vec<_>>(), "eval": trained.eval, "best_step": trained.best_step, "steps_run": trained.steps_run})
+    );
+    Ok(())
+}
