@@ -8,8 +8,8 @@ Sources (downloaded once into --cache by pip / apt, checked against pinned sha25
   mmseqs2-examples 14-7e284+ds-1       20,000 UniProt sequences (CC BY 4.0) -> <Protein> text
     (Debian bookworm)                  and the first BLOSUM index (peptides 0.5.0, MIT) -> <Descriptor>
   django 5.2.19 (PyPI, BSD-3)          UI strings in ~99 languages -> language tags, <Translate>
-  dict-freedict-eng-{fra,deu,ita}      bilingual dictionaries (GPL-2+) -> extra <Translate> pairs
-    2022.04.21-1 (Debian bookworm)
+  15 Debian bookworm packages'          message catalogs (GPL/LGPL) -> sentences in each language
+    .mo catalogs (CATALOG_DEBS)        for the language tags, sentence pairs for <Translate>
 
 Everything is seeded; the same packages give byte-identical files. data/SHA256SUMS lists
 them, and `--check` compares against the committed copy in scripts/repro/SHA256SUMS.
@@ -35,9 +35,25 @@ WHEELS = {
 }
 DEBS = {
     "mmseqs2-examples=14-7e284+ds-1": "ad2a14a4ca48735eff75de49b702ba969187c4e3b7814b8ae4ec0073f17cd4d2",
-    "dict-freedict-eng-fra=2022.04.21-1": "b8db6774b640ae8a372bee119b4304d88e6fd471a283d1326d7ec0abcc8b930e",
-    "dict-freedict-eng-deu=2022.04.21-1": "e85da1519a4d5efdbd7a5a169e828b97920f91e899f45d56fd5b2266a05b5906",
-    "dict-freedict-eng-ita=2022.04.21-1": "aef18ac10bd7582f99b819f634edad0dc0060e59a06f3f041a40203c53e9bb22",
+}
+# Message catalogs (.mo) of Debian bookworm's base tools: translated sentences (messages,
+# option help) in every language we train, aligned on their English msgid.
+CATALOG_DEBS = {
+    "apt=2.6.2": "796fc7fe18866f5b1fb27a115d7339e549d71b7ddbc15b8d6fc4226c243e96d1",
+    "bash=5.2.15-2+b13": "82130bb6a560cd2a7234d8018baf73f188f5dd56413d5aa0accc987b2197a6a1",
+    "coreutils=9.1-1": "61038f857e346e8500adf53a2a0a20859f4d3a3b51570cc876b153a2d51a3091",
+    "diffutils=1:3.8-4": "8bdfedc14c1035e3750e9f055ac9c1ecd9b5d05d9e6dc6466c4e9237eef407dd",
+    "dpkg=1.21.23": "f89e9f8d1a4a50ade44be3ed59a6ec55460fce205d2f8520c5c492137c5b609b",
+    "e2fsprogs=1.47.0-2+b2": "fedd424691c08ef0739729026be298e7be8236337bf8e031b3c7ec66794e6fc2",
+    "findutils=4.9.0-4": "5dd86bd0af4aa73f067dfd6b8339dd868f2dd84056aa79db29d1206d4fbc5e04",
+    "gettext=0.21-12": "8c1f9d43575373ce311f51d00a13afbb4888d63aa559a93a3472f5d77513b60c",
+    "gnupg-l10n=2.2.40-1.1+deb12u2": "c985452d06cc7b3b1044cd1eb3f2acac773836d34cafb35b5a4bebae02c1caa0",
+    "grep=3.8-5": "3264acea728df3c48a54f20e9291b965130e306b9d00adac76647049da7196df",
+    "nano=7.2-1+deb12u1": "45a9b3960aa5ac18552459225ec26800abb73fc2edd11626046daf6d968ac968",
+    "sed=4.9-1+deb12u1": "fd557efeee8aae4619c2cb7f68aadccb804322ad4a99ab048aaae5901d253885",
+    "tar=1.34+dfsg-1.2+deb12u1": "24fb92e98c2969171f81a8b589263d705f6b1670f95d121cd74c810d4605acc3",
+    "util-linux-locales=2.38.1-5+deb12u3": "2cb091d6fdc2f38d3ce414102877dcc7434e4d42f18b58e73708219c2b9ec18e",
+    "wget=1.21.3-1+deb12u1": "b389052d1d8a8cacec4f0380d9ee54e8082bfbebe374299be95b5286c9380f80",
 }
 LANGS = ["en", "fr", "de", "it", "es", "pt"]
 TRANSLATE_TRAINED = [("en", "fr"), ("fr", "en"), ("en", "de"), ("de", "en"), ("en", "it"), ("it", "en")]
@@ -61,14 +77,14 @@ def fetch(cache: Path):
     if missing:
         pins = [w.split("-py3")[0].replace("-", "==", 1) for w in missing]
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache), *pins], check=True)
-    for pin in DEBS:
-        name, version = pin.split("=")
+    for pin in {**DEBS, **CATALOG_DEBS}:
+        name, version = pin.split("=", 1)
         if not list(cache.glob(f"{name}_*.deb")):
             subprocess.run(["apt-get", "download", pin], cwd=cache, check=True, capture_output=True)
     for w, want in WHEELS.items():
         assert sha256(cache / w) == want, f"{w}: sha256 mismatch"
     debs = {}
-    for pin, want in DEBS.items():
+    for pin, want in {**DEBS, **CATALOG_DEBS}.items():
         (deb,) = cache.glob(f"{pin.split('=')[0]}_*.deb")
         assert sha256(deb) == want, f"{deb}: sha256 mismatch"
         root = cache / deb.stem
@@ -182,53 +198,58 @@ def languages(cache: Path, debs, out: Path):
     n = len(common)
     test_ids, val_ids, train_ids = common[: n // 10], common[n // 10 : n // 5], common[n // 5 :]
     text = {"en": {s: s for s in common}, **{l: catalogs[l] for l in LANGS[1:]}}
+    # Debian's catalogs: sentences, never a string of Django's validation or test split.
+    held_out = {t.casefold() for s in test_ids + val_ids for t in [text[l][s] for l in LANGS]}
+    debian = debian_catalogs(debs, held_out)
     for lang in LANGS:  # stage-1 text: training strings only
-        write_jsonl(out / f"lang/{lang}.jsonl", [{"text": text[lang][s]} for s in train_ids])
+        mine = [text[lang][s] for s in train_ids] + sorted(debian[lang].values())
+        random.Random(SEED).shuffle(mine)
+        write_jsonl(out / f"lang/{lang}.jsonl", [{"text": t} for t in mine])
+
+    def row(a, b, x, y):
+        return {"text": x, "target": y, "template": translate_template(a, b), "pair": f"{a}-{b}"}
 
     def pairs(ids, directions):
-        return [
-            {"text": text[a][s], "target": text[b][s], "template": f"<{a.upper()}> {{text}} <Translate> <{b.upper()}>", "pair": f"{a}-{b}"}
-            for s in ids
-            for a, b in directions
-        ]
+        return [row(a, b, text[a][s], text[b][s]) for s in ids for a, b in directions]
 
     train = pairs(train_ids, TRANSLATE_TRAINED)
-    # Dictionary pairs (words and short phrases) for the trained directions only.
-    for lang, code in [("fr", "fra"), ("de", "deu"), ("it", "ita")]:
-        words = freedict(debs[f"dict-freedict-eng-{code}"] / f"usr/share/dictd/freedict-eng-{code}")
-        for en, tr in random.Random(SEED).sample(words, min(1000, len(words))):
-            for a, b, x, y in [("en", lang, en, tr), (lang, "en", tr, en)]:
-                train.append({"text": x, "target": y, "template": f"<{a.upper()}> {{text}} <Translate> <{b.upper()}>", "pair": f"{a}-{b}"})
+    for a, b in TRANSLATE_TRAINED:
+        shared = sorted(set(debian[a]) & set(debian[b]))
+        train += [row(a, b, debian[a][s], debian[b][s]) for s in shared]
     random.Random(SEED).shuffle(train)
     write_jsonl(out / "translate/train.jsonl", train)
     write_jsonl(out / "translate/val.jsonl", pairs(val_ids, TRANSLATE_TRAINED))
     write_jsonl(out / "translate/test.jsonl", pairs(test_ids, TRANSLATE_TRAINED + TRANSLATE_ZERO_SHOT))
 
 
-def freedict(stem: Path):
-    """(English headword, first translation) pairs of a dictd database."""
-    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+def translate_template(a, b):
+    """The instruct model's own chat turn around the tags: at initialisation (`<Translate>`
+    from "Translate this", a language tag from its name) it reads as the base model's prompt
+    in words, "Translate this English text to French: {text}"."""
+    return f"<|im_start|>user\n<Translate><{a.upper()}> text to<{b.upper()}>: {{text}}<|im_end|>\n<|im_start|>assistant\n"
 
-    def num(s):
-        v = 0
-        for c in s:
-            v = v * 64 + alphabet.index(c)
-        return v
 
-    data = gzip.open(str(stem) + ".dict.dz").read()
-    pairs = []
-    for line in open(str(stem) + ".index", encoding="utf-8"):
-        word, off, size = line.rstrip("\n").split("\t")
-        if word.startswith("00") or not re.fullmatch(r"[a-z][a-z ]{1,30}", word):
-            continue
-        entry = data[num(off) : num(off) + num(size)].decode("utf-8").split("\n")
-        if len(entry) < 2:
-            continue
-        tr = re.sub(r"^\d+\.\s*", "", entry[1].strip())
-        tr = re.sub(r"<[^>]*>|\[[^\]]*\]", "", tr.split(",")[0].split(";")[0]).strip()
-        if tr and len(tr) <= 40 and "{" not in tr:
-            pairs.append((word, tr))
-    return sorted(set(pairs))
+SENTENCE = re.compile(r"[A-Za-z][A-Za-z ,.'()!?:;-]*")
+
+
+def debian_catalogs(debs, held_out):
+    """{lang: {English msgid: text}} from the catalogs of CATALOG_DEBS: single-line messages
+    of 3-20 words with no format directives, first catalog (by path) wins."""
+    out = {"en": {}}
+    for lang in LANGS[1:]:
+        out[lang] = {}
+        for name in sorted(p.split("=")[0] for p in CATALOG_DEBS):
+            for mo in sorted((debs[name] / f"usr/share/locale/{lang}/LC_MESSAGES").glob("*.mo")):
+                for k, v in gettext.GNUTranslations(open(mo, "rb"))._catalog.items():
+                    if not (isinstance(k, str) and isinstance(v, str) and v.strip() and SENTENCE.fullmatch(k)):
+                        continue
+                    if not 3 <= len(k.split()) <= 20 or "\n" in v or "%" in v:
+                        continue
+                    if k.casefold() in held_out or v.casefold() in held_out:
+                        continue
+                    out[lang].setdefault(k, v.strip())
+                    out["en"].setdefault(k, k)
+    return out
 
 
 def main():

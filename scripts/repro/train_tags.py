@@ -19,7 +19,9 @@ LR = "1e-3"  # 10x the paper's 1e-4: we run hundreds of steps, not tens of thous
 QED_TEMPLATE = "The molecule <SMILES> {smiles} has druglikeness <QED>"
 DESCRIPTOR_TEMPLATE = "The protein <Protein> {protein} has BLOSUM index <Descriptor>"
 BA_TEMPLATE = "The protein <Protein> {protein} binds the molecule <SMILES> {smiles} with affinity <BA>"
-TRANSLATE_TEMPLATE = "<EN> {text} <Translate> <FR>"  # the default; each record names its own
+# The default; each record names its own (prepare_data.translate_template).
+TRANSLATE_TEMPLATE = "<|im_start|>user\n<Translate><EN> text to<FR>: {text}<|im_end|>\n<|im_start|>assistant\n"
+LANG_NAMES = {"EN": "English", "FR": "French", "DE": "German", "IT": "Italian", "ES": "Spanish", "PT": "Portuguese"}
 
 # Stage-2 method (issue: tags that beat the baselines): 3 epochs at batch 32, evaluated
 # every 25 steps, stopped after 6 evaluations without gain (its rate replaces LR).
@@ -37,7 +39,10 @@ DESCRIPTOR_METHOD = ["--epochs", "2", "--batch-size", "16", "--learning-rate", "
 JOBS = [
     ("SMILES", 1, ["--data", "data/smiles/text.jsonl", "--steps", "120"]),
     ("Protein", 1, ["--data", "data/protein/text.jsonl", "--steps", "120"]),
-    *[(l, 1, ["--data", f"data/lang/{l.lower()}.jsonl", "--steps", "40"]) for l in ["EN", "FR", "DE", "IT", "ES", "PT"]],
+    # A language tag is one vector that starts as its language's name (" French") and
+    # learns from sentences in that language at a gentle rate, so it still names it.
+    *[(l, 1, ["--data", f"data/lang/{l.lower()}.jsonl", "--num-vectors", "1", "--init", f"text: {name}",
+              "--learning-rate", "3e-4", "--batch-size", "16", "--steps", "60"]) for l, name in LANG_NAMES.items()],
     # The head starts as a ridge fit on the step-0 features (a linear probe, all 4,000
     # examples); the tag at a high rate, the head at a low one (its features have a few
     # very large coordinates, and Adam moves every weight by about the rate).
@@ -50,9 +55,12 @@ JOBS = [
     ("BA", 3, ["--template", BA_TEMPLATE, "--head", "regression", "--target", "affinity",
                "--data", "data/ba/train.jsonl", "--eval-data", "runs/data/ba_val.jsonl",
                "--steps", "400", "--eval-every", "100"]),
-    ("Translate", 3, ["--template", TRANSLATE_TEMPLATE, "--target", "target",
+    # <Translate> starts as the words "Translate this": step 0 is the base model prompted
+    # in words; sentence pairs (Debian's and Django's catalogs) teach it from there.
+    ("Translate", 3, ["--template", TRANSLATE_TEMPLATE, "--target", "target", "--num-vectors", "2",
+                      "--init", "text:Translate this", "--batch-size", "16", "--learning-rate", "1e-3",
                       "--data", "data/translate/train.jsonl", "--eval-data", "runs/data/translate_val.jsonl",
-                      "--steps", "250", "--eval-every", "125"]),
+                      "--steps", "400", "--eval-every", "50", "--patience", "4"]),
     # Ablations (not shipped): no domain tag; no head (the number generated as text).
     # 100 steps each (the budget ran out): compare with <QED>'s own curve at step 100.
     ("QEDNoDomain", 2, ["--template", "The molecule {smiles} has druglikeness <QEDNoDomain>",
