@@ -456,12 +456,20 @@ def ship(runs, R):
             data["command"] = " ".join(cmd)
             files = [cmd[i + 1] for i, a in enumerate(cmd) if a in ("--data", "--eval-data")]
             data["data_sha256"] = {f: hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files}
+        # A retrained tag ships as the next version of the one it replaces.
+        shipped = Path("tags") / name / "manifest.json"
+        if shipped.exists():
+            before = json.loads(shipped.read_text())
+            if before.get("tensors_sha256") == manifest.get("tensors_sha256"):
+                manifest["version"] = before["version"]
+            else:
+                manifest["version"] = max(manifest["version"], before["version"] + 1)
         tmp = src / "manifest.json.tmp"
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
         os.replace(tmp, src / "manifest.json")
         dst = Path("tags") / name
         shutil.rmtree(dst, ignore_errors=True)
-        shutil.copytree(src, dst)
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock", "*.tmp"))
 
 
 if __name__ == "__main__":
