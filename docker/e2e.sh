@@ -10,7 +10,9 @@
 # after an api restart the tag and the job history are still there; after an image upgrade
 # (rebuild, `up -d`) the tag the job published is still there and served; a worker killed
 # mid-job is started again and the job resumes from its checkpoint and finishes;
-# `compose down` leaves no container behind. Any failure prints the logs and exits 1.
+# the GPU worker image (when scripts/build-cuda.sh --stage-docker has staged it) builds and,
+# with no GPU, stops with one line naming libcuda.so.1; `compose down` leaves no container
+# behind. Any failure prints the logs and exits 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -152,6 +154,19 @@ resumed=$(get "/jobs/$id2" | field "v['resumed_from_step']")
 echo "   resumed from step $resumed" >&2
 post /predict '{"function": "E2EResume", "inputs": ["CCO"]}' >/dev/null ||
     wait_for 30 "<E2EResume> served" post /predict '{"function": "E2EResume", "inputs": ["CCO"]}'
+
+if [ -f target/cuda/docker/Dockerfile ]; then # staged by scripts/build-cuda.sh --stage-docker
+    step "the GPU worker image: built without a registry; with no GPU it stops with one clear line"
+    "${COMPOSE[@]}" --env-file docker/.env -f docker/compose.yaml --profile gpu build worker >&2 ||
+        fail "docker compose --profile gpu build"
+    out=$(docker run --rm "tagllm-cuda:${TAGLLM_IMAGE_TAG:-latest}" info --device cuda 2>&1) &&
+        fail "info --device cuda succeeded with no GPU: $out"
+    [ "$(echo "$out" | wc -l)" -eq 1 ] && echo "$out" | grep -q "libcuda.so.1" ||
+        fail "no GPU, unclear error: $out"
+    echo "   $out" >&2
+else
+    step "GPU worker image skipped: run scripts/build-cuda.sh --stage-docker first"
+fi
 
 step "compose down leaves nothing behind"
 dc down -v --remove-orphans >&2
