@@ -418,6 +418,7 @@ async fn bad_requests_get_clear_json_errors() {
     let opts = Options {
         limits: tagllm::infer::Limits {
             max_input_tokens: 80,
+            max_generation_tokens: 300,
             ..Default::default()
         },
         ..Default::default()
@@ -473,6 +474,12 @@ async fn bad_requests_get_clear_json_errors() {
         (
             json!({"function": "QED", "inputs": ["CCO"], "surprise": 1}),
             "surprise",
+        ),
+        // One request's generations are bounded in tokens (the probe's 24 x 1,000-token
+        // generation took 2.2 GB); heads are not (they run in bounded batches).
+        (
+            json!({"template": "{x}", "inputs": vec!["C".repeat(70); 24], "parameters": {"max_new_tokens": 4}}),
+            "the limit is 300",
         ),
         // Results are keyed by function: a repeat would fold into one result.
         (

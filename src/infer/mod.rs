@@ -125,6 +125,10 @@ pub struct Limits {
     pub max_input_tokens: usize,
     pub max_batch_inputs: usize,
     pub max_new_tokens: usize,
+    /// Tokens a request's generations may hold in the KV cache at once (prompt +
+    /// max_new_tokens, summed over its generated sequences): generations run side by side,
+    /// so this bounds one request's memory (~46 KB per token on the default model).
+    pub max_generation_tokens: usize,
 }
 
 impl Default for Limits {
@@ -133,6 +137,7 @@ impl Default for Limits {
             max_input_tokens: 1024,
             max_batch_inputs: 256,
             max_new_tokens: 512,
+            max_generation_tokens: 16384,
         }
     }
 }
@@ -317,6 +322,19 @@ impl Predictor {
                 seqs.push(c);
             }
             groups.push(Group { seqs });
+        }
+        let generation_tokens: usize = groups
+            .iter()
+            .flat_map(|g| &g.seqs)
+            .filter(|c| c.head.is_none())
+            .map(|c| c.len() + params.max_new_tokens)
+            .sum();
+        if generation_tokens > self.limits.max_generation_tokens {
+            return Err(invalid(format!(
+                "the generations of this request would hold {generation_tokens} tokens \
+                 (prompts + max_new_tokens); the limit is {}: send fewer or shorter inputs",
+                self.limits.max_generation_tokens
+            )));
         }
         Ok(Prepared {
             groups,

@@ -32,6 +32,9 @@ pub(crate) struct ServeArgs {
     pub(crate) max_batch_inputs: usize,
     #[arg(long, env = "TAGLLM_MAX_NEW_TOKENS", default_value_t = 512)]
     pub(crate) max_new_tokens: usize,
+    /// Prompt + new tokens one request's generations may hold at once (its memory bound).
+    #[arg(long, env = "TAGLLM_MAX_GENERATION_TOKENS", default_value_t = 16384)]
+    pub(crate) max_generation_tokens: usize,
     /// Requests in flight at once; more get 429.
     #[arg(long, env = "TAGLLM_MAX_CONCURRENT_REQUESTS", default_value_t = 512)]
     pub(crate) max_concurrent_requests: usize,
@@ -137,6 +140,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
             max_input_tokens: args.max_input_tokens,
             max_batch_inputs: args.max_batch_inputs,
             max_new_tokens: args.max_new_tokens,
+            max_generation_tokens: args.max_generation_tokens,
         },
         engine: tagllm::infer::EngineConfig {
             max_batch_tokens: args.max_batch_tokens,
