@@ -35,7 +35,7 @@ impl Default for EngineConfig {
         Self {
             max_batch_tokens: 4096,
             min_shared_prefix: 8,
-            max_queue_wait: Duration::from_secs(1),
+            max_queue_wait: Duration::from_millis(700),
         }
     }
 }

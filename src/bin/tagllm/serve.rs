@@ -40,7 +40,7 @@ pub(crate) struct ServeArgs {
     pub(crate) max_concurrent_requests: usize,
     /// Admission by work: a /predict whose estimated wait behind the queued work (at the
     /// engine's measured pace) exceeds this gets 429 at once; queued twice as long, 503.
-    #[arg(long, env = "TAGLLM_MAX_QUEUE_MS", default_value_t = 1000)]
+    #[arg(long, env = "TAGLLM_MAX_QUEUE_MS", default_value_t = 700)]
     pub(crate) max_queue_ms: u64,
     /// Request body size limit in bytes; larger bodies get 413.
     #[arg(long, env = "TAGLLM_MAX_BODY_BYTES", default_value_t = 2 * 1024 * 1024)]
