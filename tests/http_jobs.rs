@@ -149,18 +149,23 @@ async fn a_stage2_job_submitted_over_http_publishes_a_tag_that_predict_serves() 
     assert_eq!(list["jobs"].as_array().unwrap().len(), 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_running_job_can_be_cancelled() {
-    let s = start(Options::default()).await;
+/// A stage-1 job of a million steps on the tiny model: running until it is stopped.
+async fn submit_endless_job(s: &TestServer) -> String {
     let (status, acc) = post(
-        &s,
+        s,
         "/train",
         json!({"stage": 1, "tag": "Long", "dataset": {"records": text(6)},
         "hyperparameters": {"steps": 1000000, "batch_size": 2, "num_vectors": 2}}),
     )
     .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{acc}");
-    let id = acc["id"].as_str().unwrap();
+    acc["id"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_job_can_be_cancelled() {
+    let s = start(Options::default()).await;
+    let id = &submit_endless_job(&s).await;
     wait_state(&s, id, "running").await;
     let (status, job) = call(
         reqwest::Method::DELETE,
@@ -373,15 +378,7 @@ async fn event_streams_end_when_the_server_shuts_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_hands_a_running_job_back_to_the_queue() {
     let mut s = start(Options::default()).await;
-    let (status, acc) = post(
-        &s,
-        "/train",
-        json!({"stage": 1, "tag": "Long", "dataset": {"records": text(6)},
-        "hyperparameters": {"steps": 1000000, "batch_size": 2, "num_vectors": 2}}),
-    )
-    .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{acc}");
-    let id = acc["id"].as_str().unwrap().to_string();
+    let id = submit_endless_job(&s).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while wait_state(&s, &id, "running").await["step"]
         .as_i64()
