@@ -48,38 +48,17 @@ async fn dataset_text(
             Ok((text, Some(id.clone())))
         }
         DatasetRef::Path { path } => {
-            let root = s.config.data_root.as_ref().ok_or_else(|| {
+            let root = s.config.data_root.clone().ok_or_else(|| {
                 ApiError::validation(format!(
                     "{what}: this server has no data root; upload with POST /datasets"
                 ))
             })?;
-            let rel = FsPath::new(path);
-            if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
-                return Err(ApiError::validation(format!(
-                    "{what}: `{path}` must be a relative path without `..`"
-                )));
-            }
-            let full = root.join(rel);
-            let (canon_root, canon) = (std::fs::canonicalize(root), std::fs::canonicalize(&full));
-            match (canon_root, canon) {
-                (Ok(r), Ok(f)) if f.starts_with(&r) => {}
-                _ => {
-                    return Err(ApiError::validation(format!(
-                        "{what}: no file `{path}` under the data root"
-                    )))
-                }
-            }
-            let meta = std::fs::metadata(&full)
-                .map_err(|e| ApiError::validation(format!("{what}: {e}")))?;
-            if meta.len() as usize > s.config.max_dataset_bytes {
-                return Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    format!("{what}: `{path}` is over the dataset size limit"),
-                ));
-            }
-            let text = std::fs::read_to_string(&full)
-                .map_err(|e| ApiError::validation(format!("{what}: reading `{path}`: {e}")))?;
+            let (path, what, limit) = (path.clone(), what.to_string(), s.config.max_dataset_bytes);
+            // Up to the dataset size limit of file reading: off the async threads.
+            let text =
+                tokio::task::spawn_blocking(move || read_under_root(&root, &path, &what, limit))
+                    .await
+                    .map_err(|e| ApiError::backend(e.to_string()))??;
             Ok((text, None))
         }
         DatasetRef::Records { records } => {
@@ -89,8 +68,52 @@ async fn dataset_text(
     }
 }
 
-fn parse(text: &str, what: &str) -> Result<Dataset, ApiError> {
-    Dataset::from_jsonl(text).map_err(|e| ApiError::validation(format!("{what}: {e:#}")))
+/// A dataset file named relative to the data root, never outside it.
+fn read_under_root(
+    root: &FsPath,
+    path: &str,
+    what: &str,
+    limit: usize,
+) -> Result<String, ApiError> {
+    let rel = FsPath::new(path);
+    if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
+        return Err(ApiError::validation(format!(
+            "{what}: `{path}` must be a relative path without `..`"
+        )));
+    }
+    let full = root.join(rel);
+    let (canon_root, canon) = (std::fs::canonicalize(root), std::fs::canonicalize(&full));
+    match (canon_root, canon) {
+        (Ok(r), Ok(f)) if f.starts_with(&r) => {}
+        _ => {
+            return Err(ApiError::validation(format!(
+                "{what}: no file `{path}` under the data root"
+            )))
+        }
+    }
+    let meta =
+        std::fs::metadata(&full).map_err(|e| ApiError::validation(format!("{what}: {e}")))?;
+    if meta.len() as usize > limit {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("{what}: `{path}` is over the dataset size limit"),
+        ));
+    }
+    std::fs::read_to_string(&full)
+        .map_err(|e| ApiError::validation(format!("{what}: reading `{path}`: {e}")))
+}
+
+/// Parses JSONL (up to the dataset size limit) on the blocking pool; hands the text back.
+async fn parse(text: String, what: &str) -> Result<(String, Dataset), ApiError> {
+    let what = what.to_string();
+    tokio::task::spawn_blocking(move || {
+        Dataset::from_jsonl(&text)
+            .map(|d| (text, d))
+            .map_err(|e| ApiError::validation(format!("{what}: {e:#}")))
+    })
+    .await
+    .map_err(|e| ApiError::backend(e.to_string()))?
 }
 
 /// Queues a training job (stage 1, 2 or 3) after validating it against the model, the
@@ -107,11 +130,11 @@ pub async fn train(
     let predictor = s.predictor()?.clone();
     let job = req.to_job().map_err(ApiError::validation)?;
     let (train_text, train_id) = dataset_text(&s, &store, &req.dataset, "dataset").await?;
-    let train_data = parse(&train_text, "dataset")?;
+    let (train_text, train_data) = parse(train_text, "dataset").await?;
     let eval = match &req.eval_dataset {
         Some(r) => {
             let (text, id) = dataset_text(&s, &store, r, "eval_dataset").await?;
-            let data = parse(&text, "eval_dataset")?;
+            let (text, data) = parse(text, "eval_dataset").await?;
             Some((text, id, data))
         }
         None => None,
@@ -134,7 +157,7 @@ pub async fn train(
             match id {
                 Some(id) => Ok(id),
                 None => store
-                    .add_dataset(None, &text, n as i64)
+                    .add_dataset(None, text, n as i64)
                     .await
                     .map(|d| d.id)
                     .map_err(|e| ApiError::backend(format!("{e:#}"))),
@@ -306,9 +329,9 @@ pub async fn upload_dataset(
         }
     })?;
     let store = s.jobs()?;
-    let data = parse(&text, "dataset")?;
+    let (text, data) = parse(text, "dataset").await?;
     let info = store
-        .add_dataset(p.name.as_deref(), &text, data.records.len() as i64)
+        .add_dataset(p.name.as_deref(), text, data.records.len() as i64)
         .await
         .map_err(|e| ApiError::backend(format!("{e:#}")))?;
     Ok((StatusCode::CREATED, Json(info)))

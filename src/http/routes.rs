@@ -215,16 +215,22 @@ pub async fn tokenize(
     body: Result<Json<TokenizeRequest>, JsonRejection>,
 ) -> Result<Json<TokenizeResponse>, ApiError> {
     let Json(req) = body?;
-    let p = s.predictor()?;
-    let ids = p
-        .model
-        .tokenizer
-        .encode(&req.text)
-        .map_err(|e| ApiError::validation(format!("{e:#}")))?;
-    let tokens = ids
-        .iter()
-        .map(|&i| p.model.tokenizer.id_to_token(i).unwrap_or_default())
-        .collect();
+    let p = s.predictor()?.clone();
+    // Up to a body's worth of text: tokenised on the blocking pool.
+    let (ids, tokens) = tokio::task::spawn_blocking(move || {
+        let ids = p
+            .model
+            .tokenizer
+            .encode(&req.text)
+            .map_err(|e| ApiError::validation(format!("{e:#}")))?;
+        let tokens = ids
+            .iter()
+            .map(|&i| p.model.tokenizer.id_to_token(i).unwrap_or_default())
+            .collect();
+        Ok::<_, ApiError>((ids, tokens))
+    })
+    .await
+    .map_err(|e| ApiError::backend(e.to_string()))??;
     Ok(Json(TokenizeResponse { ids, tokens }))
 }
 

@@ -460,15 +460,22 @@ impl JobStore {
         Ok(n == 1)
     }
 
+    /// Stores a dataset's text (up to the dataset size limit); its sha256 is computed on
+    /// the blocking pool, not on the async threads.
     pub async fn add_dataset(
         &self,
         name: Option<&str>,
-        content: &str,
+        content: String,
         records: i64,
     ) -> Result<DatasetInfo> {
         use sha2::Digest;
         let id = uuid::Uuid::new_v4().to_string();
-        let sha = hex::encode(sha2::Sha256::digest(content.as_bytes()));
+        let (content, sha) = tokio::task::spawn_blocking(move || {
+            let sha = hex::encode(sha2::Sha256::digest(content.as_bytes()));
+            (content, sha)
+        })
+        .await?;
+        let content = content.as_str();
         let now = now_ms();
         sqlx::query("INSERT INTO datasets (id, name, records, bytes, sha256, content, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)")
             .bind(&id)
