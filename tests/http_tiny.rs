@@ -816,11 +816,7 @@ async fn admission_refuses_work_beyond_the_queue_budget_at_once() {
             StatusCode::OK => served += 1,
             StatusCode::TOO_MANY_REQUESTS => {
                 refused += 1;
-                assert_eq!(body["error_type"], "overloaded", "{body}");
-                assert!(
-                    body["error"].as_str().unwrap().contains("at capacity"),
-                    "{body}"
-                );
+                assert_error(status, &body, status, "overloaded", "at capacity");
                 assert!(retry.unwrap().parse::<u64>().unwrap() >= 1);
             }
             other => panic!("{other}: {body}"),

@@ -272,7 +272,6 @@ fn same_secret(presented: &str, key: &str) -> bool {
 
 /// Serves until SIGTERM or Ctrl-C, then finishes the requests in flight (event streams
 /// end at once).
-/// Serves until SIGTERM or ctrl-c, then finishes the requests in flight.
 pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) -> anyhow::Result<()> {
     serve_until(listener, state, crate::shutdown::signal()).await
 }

@@ -25,6 +25,13 @@ struct State {
     busy_seconds: f64,
 }
 
+impl State {
+    /// Measured units per second of engine time.
+    fn pace(&self) -> f64 {
+        self.done_units / self.busy_seconds.max(1e-9)
+    }
+}
+
 /// Shared between the request side (admit, release) and the engine thread (record).
 #[derive(Debug, Clone)]
 pub struct Admission {
@@ -82,8 +89,7 @@ impl Admission {
 
     /// Measured units per second of engine time.
     pub fn pace(&self) -> f64 {
-        let s = self.lock();
-        s.done_units / s.busy_seconds.max(1e-9)
+        self.lock().pace()
     }
 
     pub fn queued_units(&self) -> u64 {
@@ -97,7 +103,7 @@ impl Admission {
     /// Lets `units` of work in, or says how long the queue already is.
     pub fn admit(&self, units: u64) -> Result<Ticket, Refused> {
         let mut s = self.lock();
-        let pace = s.done_units / s.busy_seconds.max(1e-9);
+        let pace = s.pace();
         let budget = (pace * self.max_wait.as_secs_f64()) as u64;
         let after = s.queued + units;
         if s.queued > 0 && after > budget {

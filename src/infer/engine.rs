@@ -76,20 +76,23 @@ struct Work {
     deadline: Instant,
 }
 
-/// Token units of a request (see `admission`): every prompt token, and every token each
-/// generation may decode.
+/// Tokens one sequence takes: its prompt, plus, for a generation, every token it may
+/// decode (what its KV cache may come to hold).
+pub fn sequence_tokens(c: &Composed, params: &GenerationParams) -> usize {
+    c.len()
+        + if c.head.is_none() {
+            params.max_new_tokens
+        } else {
+            0
+        }
+}
+
+/// Token units of a request (see `admission`): its sequences' tokens.
 pub fn work_units(groups: &[Group], params: &GenerationParams) -> u64 {
     groups
         .iter()
         .flat_map(|g| &g.seqs)
-        .map(|c| {
-            c.len()
-                + if c.head.is_none() {
-                    params.max_new_tokens
-                } else {
-                    0
-                }
-        })
+        .map(|c| sequence_tokens(c, params))
         .sum::<usize>() as u64
 }
 
@@ -111,7 +114,6 @@ pub struct Engine {
     metrics: Arc<crate::infer::EngineMetrics>,
     /// Bounds what the (otherwise unbounded) channel can hold, in work.
     pub admission: Admission,
-    max_queue_wait: Duration,
     /// Cleared when the inference thread ends, however it ends: `/ready` reads it.
     alive: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -134,7 +136,6 @@ impl Engine {
         let (tx, rx) = mpsc::unbounded_channel();
         let m = metrics.clone();
         let admission = Admission::new(cfg.max_queue_wait);
-        let max_queue_wait = cfg.max_queue_wait;
         let pace = admission.clone();
         let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let guard = AliveGuard(alive.clone());
@@ -148,7 +149,6 @@ impl Engine {
             tx,
             metrics,
             admission,
-            max_queue_wait,
             alive,
         })
     }
@@ -174,7 +174,7 @@ impl Engine {
             params,
             reply,
             enqueued: now,
-            deadline: now + 2 * self.max_queue_wait,
+            deadline: now + 2 * self.admission.max_wait(),
         };
         if self.tx.send(work).is_err() {
             self.metrics.queue_depth.dec();

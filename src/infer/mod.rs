@@ -327,7 +327,7 @@ impl Predictor {
             .iter()
             .flat_map(|g| &g.seqs)
             .filter(|c| c.head.is_none())
-            .map(|c| c.len() + params.max_new_tokens)
+            .map(|c| engine::sequence_tokens(c, &params))
             .sum();
         if generation_tokens > self.limits.max_generation_tokens {
             return Err(invalid(format!(

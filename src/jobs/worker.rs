@@ -148,9 +148,9 @@ impl Worker {
         }
     }
 
-    /// Claims one job and runs it to its end. Returns false when there was none.
-    /// Claims and runs one job; `stop` set meanwhile hands the job back to the queue (it
-    /// resumes from its last checkpoint wherever it is claimed next).
+    /// Claims one job and runs it to its end. Returns false when there was none. `stop`
+    /// set meanwhile hands the job back to the queue (it resumes from its last checkpoint
+    /// wherever it is claimed next).
     pub fn run_one(&self, stop: &AtomicBool) -> Result<bool> {
         let Some(claimed) = self
             .runtime

@@ -169,8 +169,7 @@ impl Decoder {
     /// other than an EOS are never sampled: generated text holds no control tokens.
     fn advance(&mut self, model: &BaseModel, logits: &Tensor) -> Result<bool> {
         let mut logits = logits.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-        let eos = model.tokenizer.eos_ids();
-        for id in model.tokenizer.special_ids().filter(|id| !eos.contains(id)) {
+        for &id in model.tokenizer.never_generated() {
             if let Some(l) = logits.get_mut(id as usize) {
                 *l = f32::NEG_INFINITY;
             }

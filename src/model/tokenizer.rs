@@ -39,6 +39,8 @@ pub struct TextTokenizer {
     plain: Tokenizer,
     /// Special tokens (content, id), longest first, for splitting trusted template text.
     specials: Vec<(String, u32)>,
+    /// The special tokens a generation never samples: all but the EOS.
+    never_generated: Vec<u32>,
     bos_id: Option<u32>,
     eos_ids: Vec<u32>,
     add_bos: bool,
@@ -227,10 +229,16 @@ impl TextTokenizer {
             .map(|(id, t)| (t.content, id))
             .collect();
         specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        let never_generated = specials
+            .iter()
+            .map(|(_, id)| *id)
+            .filter(|id| !eos_ids.contains(id))
+            .collect();
         Self {
             inner,
             plain,
             specials,
+            never_generated,
             bos_id,
             eos_ids,
             add_bos,
@@ -293,10 +301,14 @@ impl TextTokenizer {
         out
     }
 
-    /// Ids of special tokens that end a sequence or mark structure: never generated as
-    /// text, so a generation can only produce them as its end (an EOS).
+    /// Ids of the special tokens (those that end a sequence or mark structure).
     pub fn special_ids(&self) -> impl Iterator<Item = u32> + '_ {
         self.specials.iter().map(|(_, id)| *id)
+    }
+
+    /// The special tokens other than an EOS: a generation never samples these.
+    pub fn never_generated(&self) -> &[u32] {
+        &self.never_generated
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
