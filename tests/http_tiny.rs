@@ -413,6 +413,47 @@ async fn a_peft_prompt_tuning_directory_is_served_and_exported_back() {
     );
 }
 
+/// The configured input limit (1,024 by default) may exceed the model's context (the tiny
+/// model's 512): the context is the limit then, and a longer prompt is a 422, not a 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompts_are_capped_at_the_models_context() {
+    let s = start(Options::default()).await;
+    install_chem(&s).await;
+    // An input between the context (512) and the input limit (1,024) in tokens.
+    let mut long = String::new();
+    let mut i = 0;
+    while post(&s.url, "/tokenize", json!({"text": long})).await.1["ids"]
+        .as_array()
+        .unwrap()
+        .len()
+        < 600
+    {
+        long.push_str(&format!("{i} "));
+        i += 1;
+    }
+    let (status, resp) = post(
+        &s.url,
+        "/predict",
+        json!({"function": "QED", "inputs": [long]}),
+    )
+    .await;
+    assert_error(
+        status,
+        &resp,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation",
+        "limit is 512",
+    );
+    // Up to the context, a head still answers.
+    let (status, resp) = post(
+        &s.url,
+        "/predict",
+        json!({"function": "QED", "inputs": [&long[..long.len() / 2]]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_clear_json_errors() {
     let opts = Options {
@@ -480,6 +521,12 @@ async fn bad_requests_get_clear_json_errors() {
         (
             json!({"template": "{x}", "inputs": vec!["C".repeat(70); 24], "parameters": {"max_new_tokens": 4}}),
             "the limit is 300",
+        ),
+        // Found by the fuzzer as a 500: a generation may not outgrow the model's context
+        // (the tiny model's is 512 positions).
+        (
+            json!({"template": "{x}", "inputs": ["a"], "parameters": {"max_new_tokens": 512}}),
+            "exceeds the model's context of 512 tokens",
         ),
         // Results are keyed by function: a repeat would fold into one result.
         (

@@ -276,6 +276,10 @@ impl Predictor {
             )));
         }
         let tags = self.registry.snapshot();
+        // Positions past the model's context have no rotary embedding: a longer sequence
+        // is the client's to shorten (422), never the model's to fail on (500).
+        let context = self.model.config().max_position_embeddings;
+        let max_prompt = self.limits.max_input_tokens.min(context);
         // (template, head tag) per function in the request.
         let (plans, names): (Vec<(Template, Option<String>)>, Option<Vec<String>>) =
             match (&req.function, &req.functions, &req.template) {
@@ -312,12 +316,21 @@ impl Predictor {
                     tpl,
                     input,
                     head.as_deref(),
-                    self.limits.max_input_tokens,
+                    max_prompt,
                 )
                 .map_err(|e| match e {
                     ComposeError::UnknownTag(_) => invalid(e.to_string()),
                     _ => invalid(format!("inputs[{i}]: {e}")),
                 })?;
+                if c.head.is_none() && c.len() + params.max_new_tokens > context {
+                    return Err(invalid(format!(
+                        "inputs[{i}]: its prompt of {} tokens plus max_new_tokens {} \
+                         exceeds the model's context of {context} tokens: lower \
+                         parameters.max_new_tokens or shorten the input",
+                        c.len(),
+                        params.max_new_tokens
+                    )));
+                }
                 versions.extend(c.versions.clone());
                 seqs.push(c);
             }
