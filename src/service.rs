@@ -42,6 +42,8 @@ impl Service {
     /// Connects the job store and starts loading the model on the blocking pool; until it
     /// is loaded every route but `/health` answers 503 "not ready".
     pub async fn start(cfg: ServiceConfig) -> Result<Self> {
+        // Before the first tensor op: the compute pool must yield to the HTTP threads.
+        crate::model::threads::lower_compute_pool_priority();
         let state = new_state(cfg.server)?;
         let store = JobStore::connect(&cfg.database_url)
             .await
@@ -74,7 +76,10 @@ impl Service {
                     // Training runs on its own thread so predictions stay responsive.
                     let handle = std::thread::Builder::new()
                         .name("training-worker".into())
-                        .spawn(move || w.run(stop))?;
+                        .spawn(move || {
+                            crate::model::threads::lower_this_thread_priority();
+                            w.run(stop)
+                        })?;
                     *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
                 }
                 let _ = state.predictor.set(Arc::new(p));

@@ -143,6 +143,7 @@ impl Engine {
             .name("inference".into())
             .spawn(move || {
                 let _guard = guard;
+                crate::model::threads::lower_this_thread_priority();
                 run(model, cfg, rx, m, pace)
             })?;
         Ok(Self {

@@ -8,6 +8,7 @@ mod gguf;
 mod hf;
 pub mod linear;
 pub mod llama;
+pub mod threads;
 pub mod tiny;
 pub mod tokenizer;
 pub mod weights;

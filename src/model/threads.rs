@@ -1,0 +1,59 @@
+//! Compute threads run at a lower OS priority than the threads that answer HTTP.
+//!
+//! On a CPU host the matmuls (candle's through gemm on rayon's global pool) keep every
+//! core busy while a batch runs. At equal priority a woken HTTP thread waits its turn
+//! behind them, so `/health` and the 429s of admission took 100+ ms under load on a
+//! 2-core machine. A higher nice value on the compute threads lets the kernel run the
+//! HTTP threads first; the compute threads still get every cycle nobody else wants.
+
+/// Nice value added to compute threads (CFS weight 1024 -> 110 at +10).
+const COMPUTE_NICE_INCREMENT: i32 = 10;
+
+/// Builds rayon's global pool (which gemm, and so candle's CPU matmuls, run on) with
+/// lowered priority. Call it before the first tensor op; where the pool already exists
+/// (a second service in one process) it stays as it is.
+pub fn lower_compute_pool_priority() {
+    let built = rayon::ThreadPoolBuilder::new()
+        .num_threads(candle_core::utils::get_num_threads())
+        .thread_name(|i| format!("compute-{i}"))
+        .start_handler(|_| lower_this_thread_priority())
+        .build_global();
+    if let Err(e) = built {
+        tracing::debug!("rayon's global pool already exists: {e}");
+    }
+}
+
+/// Lowers the calling thread's priority (only the thread's: Linux's nice is per thread).
+pub fn lower_this_thread_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain syscalls on the calling thread's own id; no memory is shared.
+    unsafe {
+        let tid = libc::gettid() as libc::id_t;
+        // getpriority can return -1 as a value; errno tells, but a failed lowering is
+        // harmless, so only the set is checked.
+        let now = libc::getpriority(libc::PRIO_PROCESS, tid);
+        let wanted = (now + COMPUTE_NICE_INCREMENT).min(19);
+        if libc::setpriority(libc::PRIO_PROCESS, tid, wanted) != 0 {
+            tracing::debug!("could not lower a compute thread's priority");
+        }
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lowering_changes_only_the_calling_thread() {
+        let own = || unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as _) };
+        let before = own();
+        let lowered = std::thread::spawn(move || {
+            lower_this_thread_priority();
+            own()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(lowered, (before + COMPUTE_NICE_INCREMENT).min(19));
+        assert_eq!(own(), before, "the spawning thread keeps its priority");
+    }
+}
