@@ -5,5 +5,5 @@ pub mod store;
 pub mod worker;
 
 pub use spec::{DatasetRef, JobSpec, TrainRequest};
-pub use store::{DatasetInfo, Job, JobState, JobStore};
+pub use store::{CurvePoint, DatasetInfo, Job, JobState, JobStore};
 pub use worker::{Worker, WorkerConfig};

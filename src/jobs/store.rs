@@ -118,6 +118,15 @@ const SCHEMA: &[&str] = &[
         run_start_step BIGINT
     )",
     "CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, created_at)",
+    // The training curve: one point per heartbeat, and one at every evaluation.
+    "CREATE TABLE IF NOT EXISTS job_points (
+        job_id TEXT NOT NULL,
+        step BIGINT NOT NULL,
+        loss DOUBLE PRECISION,
+        eval_loss DOUBLE PRECISION,
+        at BIGINT NOT NULL,
+        PRIMARY KEY (job_id, step)
+    )",
     "CREATE TABLE IF NOT EXISTS datasets (
         id TEXT PRIMARY KEY,
         name TEXT,
@@ -188,6 +197,20 @@ pub struct ProgressReport {
     pub loss: Option<f64>,
     pub best_loss: Option<f64>,
     pub eval: Option<serde_json::Value>,
+    /// Held-out loss measured at this step, if it was an evaluation step.
+    pub eval_loss: Option<f64>,
+}
+
+/// One point of a job's training curve.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct CurvePoint {
+    pub step: i64,
+    /// Training loss of this step.
+    pub loss: Option<f64>,
+    /// Held-out loss, where this step was an evaluation step.
+    pub eval_loss: Option<f64>,
+    /// Unix milliseconds.
+    pub at: i64,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -286,6 +309,26 @@ impl JobStore {
             .fetch_optional(&self.pool)
             .await?;
         row.as_ref().map(job_from).transpose()
+    }
+
+    /// A job's training curve, by step; empty for a job that has not reported yet.
+    pub async fn curve(&self, id: &str) -> Result<Vec<CurvePoint>> {
+        let rows = sqlx::query(
+            "SELECT step, loss, eval_loss, at FROM job_points WHERE job_id = $1 ORDER BY step",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(CurvePoint {
+                    step: r.try_get("step")?,
+                    loss: r.try_get("loss")?,
+                    eval_loss: r.try_get("eval_loss")?,
+                    at: r.try_get("at")?,
+                })
+            })
+            .collect()
     }
 
     pub async fn list(&self, state: Option<JobState>, limit: i64) -> Result<Vec<Job>> {
@@ -400,6 +443,19 @@ impl JobStore {
         if done == 0 {
             return Ok(Heartbeat::Lost);
         }
+        // A resumed attempt repeats steps after its checkpoint: the latest run's point wins.
+        sqlx::query(
+            "INSERT INTO job_points (job_id, step, loss, eval_loss, at) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (job_id, step) DO UPDATE SET loss = excluded.loss,
+                 eval_loss = excluded.eval_loss, at = excluded.at",
+        )
+        .bind(id)
+        .bind(p.step)
+        .bind(p.loss)
+        .bind(p.eval_loss)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
         let row = sqlx::query("SELECT cancel_requested FROM jobs WHERE id = $1")
             .bind(id)
             .fetch_one(&self.pool)

@@ -73,8 +73,10 @@ impl Hooks for JobHooks<'_> {
             self.outcome = Some(Outcome::Stopped);
             return false;
         }
-        let due =
-            self.last_beat.elapsed() >= self.worker.config.heartbeat || p.step == p.total_steps;
+        // Evaluation steps always report: each is a point of the job's held-out curve.
+        let due = self.last_beat.elapsed() >= self.worker.config.heartbeat
+            || p.step == p.total_steps
+            || p.eval_loss.is_some();
         if !due {
             return true;
         }
@@ -84,6 +86,7 @@ impl Hooks for JobHooks<'_> {
             loss: Some(p.loss),
             best_loss: p.best_eval_loss,
             eval: p.eval.clone(),
+            eval_loss: p.eval_loss,
         };
         let w = self.worker;
         match w.runtime.block_on(w.store.heartbeat(

@@ -36,6 +36,8 @@ pub struct Progress {
     pub learning_rate: f64,
     /// Latest held-out evaluation.
     pub eval: Option<serde_json::Value>,
+    /// Held-out loss measured at this step (evaluation steps only).
+    pub eval_loss: Option<f64>,
     pub best_eval_loss: Option<f64>,
 }
 
@@ -359,8 +361,10 @@ impl<'a> Trainer<'a> {
                 loss.is_finite(),
                 "the loss diverged at step {steps_run} (try a lower learning_rate)"
             );
+            let mut evaluated = None;
             if (steps_run == total || steps_run % eval_every == 0) && !self.eval.is_empty() {
                 let (eval_loss, m) = self.evaluate()?;
+                evaluated = Some(eval_loss);
                 last_eval = Some(m);
                 if best.as_ref().is_none_or(|(b, _, _)| eval_loss < *b) {
                     best = Some((eval_loss, steps_run, self.snapshot()?));
@@ -375,6 +379,7 @@ impl<'a> Trainer<'a> {
                 loss,
                 learning_rate: lr,
                 eval: last_eval.clone(),
+                eval_loss: evaluated,
                 best_eval_loss: best.as_ref().map(|b| b.0),
             };
             if !hooks.progress(&progress) {
