@@ -125,6 +125,22 @@ async fn a_stage2_job_submitted_over_http_publishes_a_tag_that_predict_serves() 
     assert!(job["eval"]["mse"].is_number(), "{job}");
     assert_eq!(job["attempts"], 1);
 
+    // Its curve (what the console draws): a held-out point at each evaluation step, the
+    // last step's training loss, steps in order.
+    let (status, curve) = get(&s, &format!("/jobs/{id}/curve")).await;
+    assert_eq!(status, StatusCode::OK, "{curve}");
+    let points = curve["points"].as_array().unwrap();
+    let steps: Vec<i64> = points.iter().map(|p| p["step"].as_i64().unwrap()).collect();
+    assert!(steps.windows(2).all(|w| w[0] < w[1]), "{curve}");
+    let evals: Vec<i64> = points
+        .iter()
+        .filter(|p| p["eval_loss"].is_number())
+        .map(|p| p["step"].as_i64().unwrap())
+        .collect();
+    assert_eq!(evals, [5, 10], "{curve}");
+    assert_eq!(points.last().unwrap()["loss"], job["loss"], "{curve}");
+    assert_eq!(get(&s, "/jobs/nope/curve").await.0, StatusCode::NOT_FOUND);
+
     // The tag is served without a restart, with its head and the frozen domain tag.
     let mut tag = Value::Null;
     for _ in 0..100 {

@@ -704,6 +704,33 @@ async fn api_keys_guard_routes_and_admin_key_guards_changes() {
             "{probe} needs no key"
         );
     }
+    // The console, the docs and the API's description hold no data: open, so a browser
+    // can load them and then ask for the key. Their pages may not be framed.
+    for (page, kind) in [
+        ("/", "text/html"),
+        ("/console/console.js", "text/javascript"),
+        ("/console/console.css", "text/css"),
+        ("/docs", "text/html"),
+        ("/docs/docs.js", "text/javascript"),
+        ("/docs/swagger-ui-bundle.js", "text/javascript"),
+        ("/docs/swagger-ui.css", "text/css"),
+        ("/openapi.json", "application/json"),
+    ] {
+        let r = call(Method::GET, page, None).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{page} needs no key");
+        let content_type = r.headers()["content-type"].to_str().unwrap().to_string();
+        assert!(content_type.starts_with(kind), "{page}: {content_type}");
+        if page != "/openapi.json" {
+            let csp = r.headers()["content-security-policy"].to_str().unwrap();
+            assert!(csp.contains("frame-ancestors 'none'"), "{page}: {csp}");
+        }
+        assert!(!r.bytes().await.unwrap().is_empty(), "{page}");
+    }
+    // ...but nothing else around them is.
+    for path in ["/console", "/console/other.js", "/docs/other"] {
+        let r = call(Method::GET, path, None).await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{path}");
+    }
     let r = call(Method::GET, "/tags", None).await.unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(

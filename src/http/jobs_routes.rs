@@ -17,7 +17,9 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ErrorBody};
 use super::state::AppState;
-use crate::jobs::{DatasetInfo, DatasetRef, Job, JobSpec, JobState, JobStore, TrainRequest};
+use crate::jobs::{
+    CurvePoint, DatasetInfo, DatasetRef, Job, JobSpec, JobState, JobStore, TrainRequest,
+};
 use crate::train::Dataset;
 
 type Shared = State<Arc<AppState>>;
@@ -240,6 +242,24 @@ pub async fn get_job(State(s): Shared, Path(id): Path<String>) -> Result<Json<Jo
     Ok(Json(find(&s, &id).await?))
 }
 
+#[derive(Serialize, ToSchema)]
+pub struct Curve {
+    /// By step: one point per heartbeat (every few seconds) and one per evaluation.
+    pub points: Vec<CurvePoint>,
+}
+
+/// A job's training curve: training loss, and held-out loss at evaluation steps.
+#[utoipa::path(get, path = "/jobs/{id}/curve", params(("id" = String, Path)), responses((status = 200, body = Curve), (status = 404, body = ErrorBody)))]
+pub async fn job_curve(State(s): Shared, Path(id): Path<String>) -> Result<Json<Curve>, ApiError> {
+    find(&s, &id).await?;
+    let points = s
+        .jobs()?
+        .curve(&id)
+        .await
+        .map_err(|e| ApiError::backend(format!("{e:#}")))?;
+    Ok(Json(Curve { points }))
+}
+
 /// Cancels a job: at once when queued, at its next step when running.
 #[utoipa::path(delete, path = "/jobs/{id}", params(("id" = String, Path)),
     responses((status = 200, body = Job), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)), security(("admin" = [])))]
@@ -303,6 +323,7 @@ pub async fn job_events(
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct UploadParams {
     /// A name to remember the dataset by.
     pub name: Option<String>,

@@ -1,5 +1,6 @@
 //! The HTTP surface: axum router, auth, metrics, OpenAPI, graceful shutdown.
 
+pub mod console;
 pub mod error;
 pub mod jobs_routes;
 pub mod routes;
@@ -26,15 +27,16 @@ pub use state::{AppState, HttpMetrics, ServerConfig};
     info(title = "tagllm", description = "Tag-LLM tags served on one frozen LLM"),
     paths(routes::health, routes::ready, routes::info, routes::list_tags, routes::get_tag,
           routes::reload_tags, routes::tokenize, routes::predict, routes::metrics,
-          jobs_routes::train, jobs_routes::list_jobs, jobs_routes::get_job, jobs_routes::job_events,
+          jobs_routes::train, jobs_routes::list_jobs, jobs_routes::get_job, jobs_routes::job_curve, jobs_routes::job_events,
           jobs_routes::cancel_job, jobs_routes::upload_dataset),
     modifiers(&Security)
 )]
 pub struct ApiDoc;
 
-/// Routes anyone may call, keys or not (probes).
+/// Routes anyone may call, keys or not: the probes, the API's description, and the
+/// console's and docs' static files (they hold no data; their API calls carry a key).
 fn is_open(path: &str) -> bool {
-    path == "/health" || path == "/ready"
+    path == "/health" || path == "/ready" || path == "/openapi.json" || console::is_console_path(path)
 }
 
 /// Routes that change state need the admin key where one is set; `/predict` and
@@ -75,6 +77,8 @@ impl utoipa::Modify for Security {
                 (Method::DELETE, item.delete.as_mut()),
             ] {
                 let Some(op) = op else { continue };
+                // Grouped by what a reader came for, not by the module that serves it.
+                op.tags = Some(vec![section_of(path).to_string()]);
                 // A text body that is not JSON (NDJSON datasets) is bytes to a client, not a
                 // JSON string value.
                 if let Some(body) = op.request_body.as_mut() {
@@ -123,6 +127,16 @@ impl utoipa::Modify for Security {
                 }
             }
         }
+    }
+}
+
+/// The section of the API docs a route belongs to.
+fn section_of(path: &str) -> &'static str {
+    match path.split('/').nth(1).unwrap_or("") {
+        "predict" | "tokenize" => "inference",
+        "tags" => "tags",
+        "train" | "jobs" | "datasets" => "training",
+        _ => "service",
     }
 }
 
@@ -227,6 +241,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/jobs/{id}",
             get(jobs_routes::get_job).delete(jobs_routes::cancel_job),
         )
+        .route("/jobs/{id}/curve", get(jobs_routes::job_curve))
         .route("/jobs/{id}/events", get(jobs_routes::job_events))
         .route(
             "/datasets",
@@ -242,6 +257,7 @@ pub fn router(state: Arc<AppState>) -> Router {
                 )
             }),
         )
+        .merge(console::routes())
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
