@@ -248,7 +248,7 @@ async function showTags(view, signal) {
   const rows = list.tags.map((t, i) =>
     h("tr", {},
       h("td", {}, h("a", { href: `#/tags/${encodeURIComponent(t.name)}` }, t.name)),
-      h("td", {}, t.kind),
+      h("td", { class: "hide-narrow" }, t.kind),
       h("td", { class: "num" }, t.version),
       h("td", { class: "num hide-narrow" }, t.num_vectors),
       h("td", {}, t.head || (t.kind === "function" ? "generation" : "—")),
@@ -261,7 +261,7 @@ async function showTags(view, signal) {
       h("table", {},
         h("caption", {}, `${list.tags.length} tags served`),
         h("thead", {}, h("tr", {}, ["Name", "Kind", "Version", "Vectors", "Head", "Template", "Metrics"].map((c, i) =>
-          h("th", { scope: "col", class: i === 3 || i === 5 ? "hide-narrow" : null }, c)))),
+          h("th", { scope: "col", class: [1, 3, 5].includes(i) ? "hide-narrow" : null }, c)))),
         h("tbody", {}, rows),
       ),
     ),
