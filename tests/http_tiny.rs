@@ -413,6 +413,71 @@ async fn a_peft_prompt_tuning_directory_is_served_and_exported_back() {
     );
 }
 
+/// The events of a server-sent event stream, read to its end: (event name, data as JSON).
+async fn sse_events(resp: reqwest::Response) -> Vec<(String, Value)> {
+    let text = resp.text().await.unwrap();
+    text.split("\n\n")
+        .filter(|block| !block.trim().is_empty())
+        .filter_map(|block| {
+            let field = |name: &str| {
+                block
+                    .lines()
+                    .filter_map(|l| l.strip_prefix(name))
+                    .map(|v| v.strip_prefix(' ').unwrap_or(v))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
+            let data = field("data:");
+            // Keep-alive comments carry no data.
+            (!data.is_empty()).then(|| (field("event:"), serde_json::from_str(&data).unwrap()))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generation_streams_its_text_as_server_sent_events() {
+    let s = start(Options::default()).await;
+    install_chem(&s).await;
+    for (name, parameters) in [
+        ("greedy", json!({"max_new_tokens": 24})),
+        // Pieces never run past a stop string that cuts the text later: the tiny model
+        // says "onon..onxx..", so "n" must be held back until "x" shows it is a stop.
+        ("stop", json!({"max_new_tokens": 24, "stop": ["nx"]})),
+    ] {
+        let body = json!({"template": "<SMILES> {x}", "inputs": ["the cat sat on"], "parameters": parameters});
+        let (status, whole) = post(&s.url, "/predict", body.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{whole}");
+        let finish = if name == "stop" { "stop" } else { "length" };
+        assert_eq!(whole["predictions"][0]["finish_reason"], finish, "{whole}");
+        let mut streamed = body.clone();
+        streamed["stream"] = json!(true);
+        let resp = reqwest::Client::new()
+            .post(format!("{}/predict", s.url))
+            .json(&streamed)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        let events = sse_events(resp).await;
+        let (last, tokens) = events.split_last().unwrap();
+        assert_eq!(last.0, "done", "{name}: {events:?}");
+        assert_eq!(last.1, whole, "{name}: the done event is the unstreamed answer");
+        assert!(tokens.iter().all(|(e, _)| e == "token"), "{name}: {events:?}");
+        let text: String = tokens.iter().map(|(_, d)| d["text"].as_str().unwrap()).collect();
+        assert_eq!(text, whole["predictions"][0]["text"], "{name}: the pieces add up to the text");
+        assert!(tokens.len() >= 2 || name == "stop", "{name}: {events:?}");
+    }
+    // Only a single generation streams; the rest is refused before any event.
+    for (body, mentions) in [
+        (json!({"function": "QED", "inputs": ["CCO"], "stream": true}), "no head"),
+        (json!({"template": "{x}", "inputs": ["a", "b"], "stream": true}), "one input"),
+    ] {
+        let (status, resp) = post(&s.url, "/predict", body).await;
+        assert_error(status, &resp, StatusCode::UNPROCESSABLE_ENTITY, "validation", mentions);
+    }
+}
+
 /// The configured input limit (1,024 by default) may exceed the model's context (the tiny
 /// model's 512): the context is the limit then, and a longer prompt is a 422, not a 500.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

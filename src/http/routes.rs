@@ -1,11 +1,13 @@
 //! Handlers. No tensor work here: everything goes through `infer` and `tags`.
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::IntoResponse;
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -237,9 +239,10 @@ pub async fn tokenize(
 /// Predictions for a batch of inputs under a function tag, several function tags, or a
 /// free template composing any registered tags.
 #[utoipa::path(post, path = "/predict", request_body = PredictRequest,
-    responses((status = 200, body = PredictResponse,
-                headers(("x-queue-time" = String, description = "ms waiting for the engine"),
-                        ("x-inference-time" = String, description = "ms in the engine batch"))),
+    responses((status = 200, description = "The predictions; with `stream: true`, server-sent events: `token` events ({\"text\": piece}) as the text is decoded, then `done` (the response as without streaming) or `error` (an error body)",
+                content((PredictResponse = "application/json"), (String = "text/event-stream")),
+                headers(("x-queue-time" = String, description = "ms waiting for the engine (not streamed)"),
+                        ("x-inference-time" = String, description = "ms in the engine batch (not streamed)"))),
               (status = 422, body = ErrorBody), (status = 413, body = ErrorBody),
               (status = 429, body = ErrorBody, description = "Over capacity: too many requests in flight, or more queued work than the queue's wait budget",
                 headers(("retry-after" = String, description = "seconds, the queue's estimated wait (work admission only)"))),
@@ -250,38 +253,22 @@ pub async fn predict(
 ) -> Result<axum::response::Response, ApiError> {
     let Json(req) = body?;
     let p = s.predictor()?.clone();
-    let _permit = s
+    let permit = s
         .permits
         .clone()
         .try_acquire_owned()
         .map_err(|_| ApiError::overloaded())?;
+    if req.stream {
+        return match p.predict_streaming(req).await {
+            Ok(streaming) => Ok(stream_events(streaming, permit).into_response()),
+            Err(e) => Ok(predict_error(e)),
+        };
+    }
     let (resp, timings) = match p.predict(req).await {
         Ok(r) => r,
-        Err(PredictError::Overloaded(refused)) => {
-            // Retry-After: the queue's estimated wait, rounded up to whole seconds.
-            let secs = refused.estimated_wait.as_secs_f64().ceil().max(1.0) as u64;
-            let err = ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "overloaded",
-                refused.to_string(),
-            );
-            return Ok((
-                StatusCode::TOO_MANY_REQUESTS,
-                [(axum::http::header::RETRY_AFTER, HeaderValue::from(secs))],
-                err,
-            )
-                .into_response());
-        }
-        Err(PredictError::Expired(m)) => {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "queue_timeout",
-                m,
-            ))
-        }
-        Err(PredictError::Validation(m)) => return Err(ApiError::validation(m)),
-        Err(PredictError::Backend(m)) => return Err(ApiError::backend(m)),
+        Err(e) => return Ok(predict_error(e)),
     };
+    drop(permit);
     let mut headers = HeaderMap::new();
     let ms = |d: std::time::Duration| {
         HeaderValue::from_str(&format!("{:.3}", d.as_secs_f64() * 1e3)).unwrap()
@@ -290,6 +277,82 @@ pub async fn predict(
     headers.insert("x-inference-time", ms(timings.inference));
     headers.insert("x-batch-size", HeaderValue::from(timings.batch_size));
     Ok((StatusCode::OK, headers, Json::<PredictResponse>(resp)).into_response())
+}
+
+fn predict_api_error(e: PredictError) -> ApiError {
+    match e {
+        PredictError::Overloaded(refused) => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "overloaded",
+            refused.to_string(),
+        ),
+        PredictError::Expired(m) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "queue_timeout", m)
+        }
+        PredictError::Validation(m) => ApiError::validation(m),
+        PredictError::Backend(m) => ApiError::backend(m),
+    }
+}
+
+fn predict_error(e: PredictError) -> axum::response::Response {
+    // Retry-After: the queue's estimated wait, rounded up to whole seconds.
+    let retry_after = match &e {
+        PredictError::Overloaded(refused) => {
+            Some(refused.estimated_wait.as_secs_f64().ceil().max(1.0) as u64)
+        }
+        _ => None,
+    };
+    let err = predict_api_error(e);
+    match retry_after {
+        Some(secs) => (
+            [(axum::http::header::RETRY_AFTER, HeaderValue::from(secs))],
+            err,
+        )
+            .into_response(),
+        None => err.into_response(),
+    }
+}
+
+/// The events of a streamed generation: a `token` per printable piece, then `done` with
+/// the whole answer or `error`. The permit and the engine's work live as long as the
+/// stream: a client that leaves ends the generation.
+fn stream_events(
+    streaming: crate::infer::Streaming,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
+    struct State {
+        pieces: Option<tokio::sync::mpsc::UnboundedReceiver<String>>,
+        answer: Option<crate::infer::PendingAnswer>,
+        _permit: tokio::sync::OwnedSemaphorePermit,
+    }
+    let state = State {
+        pieces: Some(streaming.pieces),
+        answer: Some(streaming.answer),
+        _permit: permit,
+    };
+    let stream = futures_util::stream::unfold(state, |mut st| async move {
+        if let Some(pieces) = st.pieces.as_mut() {
+            if let Some(text) = pieces.recv().await {
+                let event = Event::default()
+                    .event("token")
+                    .json_data(serde_json::json!({ "text": text }));
+                return Some((Ok(event.unwrap_or_default()), st));
+            }
+            st.pieces = None;
+        }
+        let event = match st.answer.take()?.wait().await {
+            Ok((resp, _)) => Event::default().event("done").json_data(&resp),
+            Err(e) => {
+                let e = predict_api_error(e);
+                Event::default().event("error").json_data(ErrorBody {
+                    error: e.message,
+                    error_type: e.error_type.to_string(),
+                })
+            }
+        };
+        Some((Ok(event.unwrap_or_default()), st))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
 /// Prometheus metrics: requests, latency, queue depth, batch sizes, tags loaded.

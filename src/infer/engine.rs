@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::admission::{Admission, Refused};
 use super::heads::{apply_head, Prediction};
-use crate::model::{rows_at, BaseModel, Decoder, GenerationParams, Mode};
+use crate::model::{rows_at, BaseModel, Decoder, GenerationParams, Mode, TextStream};
 use crate::tags::compose::{common_prefix, Composed};
 
 #[derive(Debug, Clone)]
@@ -68,10 +68,15 @@ pub enum EngineError {
 
 pub type Reply = Result<(Vec<Vec<Prediction>>, Timings), EngineError>;
 
+/// Text pieces of a streamed generation, as they become printable.
+pub type TextPieces = mpsc::UnboundedSender<String>;
+
 struct Work {
     groups: Vec<Group>,
     params: GenerationParams,
     reply: oneshot::Sender<Reply>,
+    /// Streaming: the one generation's text pieces go here as they are decoded.
+    stream: Option<TextPieces>,
     enqueued: Instant,
     deadline: Instant,
 }
@@ -162,8 +167,18 @@ impl Engine {
     /// Queues the groups and waits for one list of predictions per group.
     /// Refused at once (429) when the queue's work would take longer than its budget.
     pub async fn predict(&self, groups: Vec<Group>, params: GenerationParams) -> Reply {
-        // Held until answered or abandoned (the future dropped with its client).
-        let _ticket = self
+        self.submit(groups, params, None)?.wait().await
+    }
+
+    /// Queues the groups (or refuses them at once, 429); `stream` receives a generation's
+    /// text as it is decoded. Dropping the returned handle abandons the work.
+    pub fn submit(
+        &self,
+        groups: Vec<Group>,
+        params: GenerationParams,
+        stream: Option<TextPieces>,
+    ) -> Result<Submitted, EngineError> {
+        let ticket = self
             .admission
             .admit(work_units(&groups, &params))
             .map_err(EngineError::Overloaded)?;
@@ -174,6 +189,7 @@ impl Engine {
             groups,
             params,
             reply,
+            stream,
             enqueued: now,
             deadline: now + 2 * self.admission.max_wait(),
         };
@@ -183,7 +199,22 @@ impl Engine {
                 "the inference thread has stopped".into(),
             ));
         }
-        rx.await.map_err(|_| {
+        Ok(Submitted {
+            _ticket: ticket,
+            reply: rx,
+        })
+    }
+}
+
+/// Work in the engine: its answer, once it comes. Holds the work's admission ticket.
+pub struct Submitted {
+    _ticket: super::admission::Ticket,
+    reply: oneshot::Receiver<Reply>,
+}
+
+impl Submitted {
+    pub async fn wait(self) -> Reply {
+        self.reply.await.map_err(|_| {
             EngineError::Failed("the inference thread dropped the request".to_string())
         })?
     }
@@ -205,6 +236,8 @@ struct ActiveGeneration {
     group: usize,
     seq: usize,
     decoder: Option<Decoder>,
+    /// Where the work streams: its decoded text so far.
+    text: Option<TextStream>,
 }
 
 fn run(
@@ -297,6 +330,7 @@ fn run(
                                     group: gi,
                                     seq: si,
                                     decoder: Some(d),
+                                    text: work.stream.as_ref().map(|_| TextStream::new(&work.params)),
                                 });
                                 open += 1;
                             }
@@ -346,10 +380,26 @@ fn run(
             .zip(results)
         {
             let flight = flights.get_mut(&g.flight).expect("kept above");
+            let pieces = flight.work.stream.clone();
             match step {
-                Ok(false) => {}
+                Ok(false) => {
+                    if let (Some(tx), Some(text), Some(d)) = (&pieces, &mut g.text, &g.decoder) {
+                        match text.next(&model, d.ids()) {
+                            Ok(Some(piece)) => {
+                                let _ = tx.send(piece);
+                            }
+                            Ok(None) => {}
+                            Err(e) => flight.failure = Some(format!("{e:#}")),
+                        }
+                    }
+                }
                 Ok(true) => match g.decoder.take().expect("present").finish(&model) {
                     Ok(out) => {
+                        if let (Some(tx), Some(text)) = (&pieces, &mut g.text) {
+                            if let Some(piece) = text.finish(&out.text) {
+                                let _ = tx.send(piece);
+                            }
+                        }
                         flight.preds[g.group][g.seq] = Some(Prediction::Text {
                             text: out.text,
                             ids: out.ids,

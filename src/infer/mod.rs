@@ -75,6 +75,12 @@ pub struct PredictRequest {
     pub inputs: Vec<Input>,
     #[serde(default)]
     pub parameters: Parameters,
+    /// Stream the generated text as server-sent events (`text/event-stream`): `token`
+    /// events carry pieces of text as they are decoded, then one `done` event carries the
+    /// whole answer (as without streaming), or an `error` event. Needs one input and a
+    /// template or function that generates text.
+    #[serde(default)]
+    pub stream: bool,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -156,9 +162,52 @@ pub struct Predictor {
 struct Prepared {
     groups: Vec<Group>,
     params: GenerationParams,
+    answer: Answer,
+}
+
+/// How the engine's predictions become the response.
+struct Answer {
     /// With `functions`: the function names, in request order.
     names: Option<Vec<String>>,
     versions: BTreeMap<String, u64>,
+}
+
+impl Answer {
+    fn respond(self, preds: Vec<Vec<Prediction>>) -> PredictResponse {
+        let names = self.names;
+        let predictions = preds
+            .into_iter()
+            .map(|mut per_fn| match &names {
+                None => PredictionEntry::Single(per_fn.remove(0)),
+                Some(names) => {
+                    PredictionEntry::PerFunction(names.iter().cloned().zip(per_fn).collect())
+                }
+            })
+            .collect();
+        PredictResponse {
+            predictions,
+            tags: self.versions,
+        }
+    }
+}
+
+/// A generation being streamed: its text pieces as they are decoded, then its answer.
+/// Dropping it (the client left) abandons the generation.
+pub struct Streaming {
+    pub pieces: tokio::sync::mpsc::UnboundedReceiver<String>,
+    pub answer: PendingAnswer,
+}
+
+pub struct PendingAnswer {
+    submitted: engine::Submitted,
+    answer: Answer,
+}
+
+impl PendingAnswer {
+    pub async fn wait(self) -> Result<(PredictResponse, Timings), PredictError> {
+        let (preds, timings) = self.submitted.wait().await?;
+        Ok((self.answer.respond(preds), timings))
+    }
 }
 
 impl Predictor {
@@ -231,33 +280,34 @@ impl Predictor {
         self: &Arc<Self>,
         req: PredictRequest,
     ) -> Result<(PredictResponse, Timings), PredictError> {
-        let this = self.clone();
-        let prepared = tokio::task::spawn_blocking(move || this.prepare(&req))
-            .await
-            .map_err(|e| PredictError::Backend(format!("request preparation failed: {e}")))??;
-        let Prepared {
-            groups,
-            params,
-            names,
-            versions,
-        } = prepared;
-        let (preds, timings) = self.engine.predict(groups, params).await?;
-        let predictions = preds
-            .into_iter()
-            .map(|mut per_fn| match &names {
-                None => PredictionEntry::Single(per_fn.remove(0)),
-                Some(names) => {
-                    PredictionEntry::PerFunction(names.iter().cloned().zip(per_fn).collect())
-                }
-            })
-            .collect();
-        Ok((
-            PredictResponse {
-                predictions,
-                tags: versions,
+        let p = self.prepare_off_thread(req).await?;
+        let (preds, timings) = self.engine.predict(p.groups, p.params).await?;
+        Ok((p.answer.respond(preds), timings))
+    }
+
+    /// Like `predict`, for a request with `stream: true`: validated and admitted (or
+    /// refused) before the first piece of text.
+    pub async fn predict_streaming(
+        self: &Arc<Self>,
+        req: PredictRequest,
+    ) -> Result<Streaming, PredictError> {
+        let p = self.prepare_off_thread(req).await?;
+        let (tx, pieces) = tokio::sync::mpsc::unbounded_channel();
+        let submitted = self.engine.submit(p.groups, p.params, Some(tx))?;
+        Ok(Streaming {
+            pieces,
+            answer: PendingAnswer {
+                submitted,
+                answer: p.answer,
             },
-            timings,
-        ))
+        })
+    }
+
+    async fn prepare_off_thread(self: &Arc<Self>, req: PredictRequest) -> Result<Prepared, PredictError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.prepare(&req))
+            .await
+            .map_err(|e| PredictError::Backend(format!("request preparation failed: {e}")))?
     }
 
     /// Checks the request and composes every input with every function's template.
@@ -349,11 +399,17 @@ impl Predictor {
                 self.limits.max_generation_tokens
             )));
         }
+        let one_generation = matches!(&groups[..], [g] if matches!(&g.seqs[..], [c] if c.head.is_none()));
+        if req.stream && !one_generation {
+            return Err(invalid(
+                "stream: true needs one input and a template or function that generates \
+                 text (no head)",
+            ));
+        }
         Ok(Prepared {
             groups,
             params,
-            names,
-            versions,
+            answer: Answer { names, versions },
         })
     }
 

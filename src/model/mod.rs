@@ -20,7 +20,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 
 pub use config::LlamaConfig;
-pub use generate::{generate, Decoder, FinishReason, Generation, GenerationParams};
+pub use generate::{generate, Decoder, FinishReason, Generation, GenerationParams, TextStream};
 pub use llama::{rows_at, KvCache, Llama, Mode};
 pub use tokenizer::TextTokenizer;
 

@@ -76,11 +76,9 @@ async function api(path, { method = "GET", json, body, contentType, signal } = {
   return data;
 }
 
-/** Follows a server-sent event stream with fetch (EventSource cannot send a key header). */
-async function followEvents(path, onData, signal) {
-  const r = await fetch(path, { headers: headers({ Accept: "text/event-stream" }), signal });
-  if (!r.ok) throw new ApiError(r.status, await r.json().catch(() => null));
-  const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+/** Reads a server-sent event stream to its end: `onEvent(name, data)` per event. */
+async function readEvents(response, onEvent) {
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   for (;;) {
     const { value, done } = await reader.read();
@@ -90,14 +88,25 @@ async function followEvents(path, onData, signal) {
     while ((end = buffer.indexOf("\n\n")) >= 0) {
       const block = buffer.slice(0, end);
       buffer = buffer.slice(end + 2);
-      const data = block
-        .split("\n")
-        .filter((l) => l.startsWith("data:"))
-        .map((l) => l.slice(5).replace(/^ /, ""))
-        .join("\n");
-      if (data) onData(JSON.parse(data));
+      const field = (name) =>
+        block.split("\n").filter((l) => l.startsWith(name + ":")).map((l) => l.slice(name.length + 1).replace(/^ /, "")).join("\n");
+      const data = field("data");
+      if (data) onEvent(field("event") || "message", JSON.parse(data));
     }
   }
+}
+
+/** Opens an event stream with fetch (EventSource cannot send a key header). */
+async function openEvents(path, { method = "GET", json, signal } = {}) {
+  const hs = headers({ Accept: "text/event-stream" });
+  if (json !== undefined) hs["Content-Type"] = "application/json";
+  const r = await fetch(path, { method, headers: hs, body: json === undefined ? undefined : JSON.stringify(json), signal });
+  if (!r.ok) {
+    const err = new ApiError(r.status, await r.json().catch(() => null));
+    if (r.status === 401 || r.status === 403) askForKey(err.message);
+    throw err;
+  }
+  return r;
 }
 
 // ---------------------------------------------------------------- the key dialog
@@ -389,11 +398,27 @@ async function showPlayground(view, signal, chosen) {
     submit.disabled = true;
     result.replaceChildren(h("p", { class: "muted" }, "Running…"));
     const started = performance.now();
+    const used = (r) => h("p", { class: "muted" },
+      `Tags used: ${Object.entries(r.tags).map(([n, v]) => `${n} v${v}`).join(", ") || "none"} · ${(performance.now() - started).toFixed(0)} ms`);
     try {
-      const r = await api("/predict", { method: "POST", json: body });
-      const ms = performance.now() - started;
-      result.replaceChildren(renderPrediction(r.predictions[0]), h("p", { class: "muted" },
-        `Tags used: ${Object.entries(r.tags).map(([n, v]) => `${n} v${v}`).join(", ") || "none"} · ${ms.toFixed(0)} ms`));
+      if (body.parameters) {
+        // Generation: the text streams in as it is decoded.
+        body.stream = true;
+        const events = await openEvents("/predict", { method: "POST", json: body });
+        const text = h("pre", { id: "pg-text-live" });
+        result.replaceChildren(text);
+        let done = null;
+        await readEvents(events, (event, data) => {
+          if (event === "token") text.textContent += data.text;
+          else if (event === "done") done = data;
+          else if (event === "error") throw new ApiError(500, data);
+        });
+        if (!done) throw new Error("the stream ended without an answer");
+        result.replaceChildren(renderPrediction(done.predictions[0]), used(done));
+      } else {
+        const r = await api("/predict", { method: "POST", json: body });
+        result.replaceChildren(renderPrediction(r.predictions[0]), used(r));
+      }
     } catch (e) {
       result.replaceChildren(errorBox(e));
     } finally {
@@ -526,7 +551,8 @@ async function showJob(view, signal, id) {
   // Live: every change of the job arrives as an event until it ends.
   (async () => {
     try {
-      await followEvents(`/jobs/${id}/events`, (j) => { drawJob(j); curveSoon(); }, signal);
+      const events = await openEvents(`/jobs/${id}/events`, { signal });
+      await readEvents(events, (_, j) => { drawJob(j); curveSoon(); });
       if (!signal.aborted) {
         drawJob(await api(`/jobs/${id}`, { signal }));
         await drawCurve();
