@@ -234,6 +234,7 @@ async fn main() {
                     template: None,
                     inputs: vec![Input::Text(smiles[i % smiles.len()].clone())],
                     parameters: Default::default(),
+                    stream: false,
                 };
                 let t = Instant::now();
                 p.predict(req).await.unwrap();

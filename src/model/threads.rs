@@ -6,8 +6,16 @@
 //! 2-core machine. A higher nice value on the compute threads lets the kernel run the
 //! HTTP threads first; the compute threads still get every cycle nobody else wants.
 
-/// Nice value added to compute threads (CFS weight 1024 -> 110 at +10).
+/// Nice value added to compute threads (CFS weight 1024 -> 110 at +10) unless
+/// `TAGLLM_COMPUTE_NICE` says otherwise (0 turns it off, e.g. to measure its effect).
 const COMPUTE_NICE_INCREMENT: i32 = 10;
+
+fn nice_increment() -> i32 {
+    std::env::var("TAGLLM_COMPUTE_NICE")
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+        .map_or(COMPUTE_NICE_INCREMENT, |n| n.clamp(0, 19))
+}
 
 /// Builds rayon's global pool (which gemm, and so candle's CPU matmuls, run on) with
 /// lowered priority. Call it before the first tensor op; where the pool already exists
@@ -28,11 +36,15 @@ pub fn lower_this_thread_priority() {
     #[cfg(target_os = "linux")]
     // SAFETY: plain syscalls on the calling thread's own id; no memory is shared.
     unsafe {
+        let increment = nice_increment();
+        if increment == 0 {
+            return;
+        }
         let tid = libc::gettid() as libc::id_t;
         // getpriority can return -1 as a value; errno tells, but a failed lowering is
         // harmless, so only the set is checked.
         let now = libc::getpriority(libc::PRIO_PROCESS, tid);
-        let wanted = (now + COMPUTE_NICE_INCREMENT).min(19);
+        let wanted = (now + increment).min(19);
         if libc::setpriority(libc::PRIO_PROCESS, tid, wanted) != 0 {
             tracing::debug!("could not lower a compute thread's priority");
         }
