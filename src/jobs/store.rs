@@ -183,6 +183,46 @@ fn job_from(row: &AnyRow) -> Result<Job> {
     })
 }
 
+/// Optional floats written into a statement without ever binding a NULL: sqlx 0.8.6's
+/// Any driver binds a NULL f64 as a float4 on Postgres, and the statement it prepares that
+/// way then refuses every f64 on that connection ("incorrect binary data format in bind
+/// parameter"): a job without held-out data (best_loss NULL) broke the heartbeats of the
+/// next job on the same connection. A NULL goes into the SQL text instead, so each
+/// combination is its own prepared statement with consistent types.
+struct OptionalFloats {
+    next: usize,
+    values: Vec<f64>,
+}
+
+impl OptionalFloats {
+    /// For a statement whose other parameters are $1..=$n.
+    fn after(n: usize) -> Self {
+        Self {
+            next: n + 1,
+            values: Vec::new(),
+        }
+    }
+
+    /// The SQL for `v`: its placeholder, or NULL.
+    fn sql(&mut self, v: Option<f64>) -> String {
+        match v {
+            Some(x) => {
+                self.values.push(x);
+                self.next += 1;
+                format!("${}", self.next - 1)
+            }
+            None => "NULL".into(),
+        }
+    }
+
+    fn bind<'q>(
+        self,
+        query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+        self.values.into_iter().fold(query, |q, v| q.bind(v))
+    }
+}
+
 /// A job a worker has claimed: its record, its spec and the checkpoint to resume from.
 pub struct Claimed {
     pub job: Job,
@@ -425,37 +465,38 @@ impl JobStore {
         p: &ProgressReport,
     ) -> Result<Heartbeat> {
         let now = now_ms();
-        let done = sqlx::query(
-            "UPDATE jobs SET lease_until = $1, updated_at = $2, step = $3, loss = $4, best_loss = $5, eval = COALESCE($6, eval)
-             WHERE id = $7 AND worker = $8 AND state = 'running'",
-        )
-        .bind(now + lease.as_millis() as i64)
-        .bind(now)
-        .bind(p.step)
-        .bind(p.loss)
-        .bind(p.best_loss)
-        .bind(p.eval.as_ref().map(|e| e.to_string()))
-        .bind(id)
-        .bind(worker)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
+        let mut floats = OptionalFloats::after(6);
+        let (loss, best) = (floats.sql(p.loss), floats.sql(p.best_loss));
+        let sql = format!(
+            "UPDATE jobs SET lease_until = $1, updated_at = $2, step = $3, loss = {loss}, best_loss = {best},
+                 eval = COALESCE($4, eval)
+             WHERE id = $5 AND worker = $6 AND state = 'running'"
+        );
+        let update = sqlx::query(&sql)
+            .bind(now + lease.as_millis() as i64)
+            .bind(now)
+            .bind(p.step)
+            .bind(p.eval.as_ref().map(|e| e.to_string()))
+            .bind(id)
+            .bind(worker);
+        let done = floats
+            .bind(update)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
         if done == 0 {
             return Ok(Heartbeat::Lost);
         }
         // A resumed attempt repeats steps after its checkpoint: the latest run's point wins.
-        sqlx::query(
-            "INSERT INTO job_points (job_id, step, loss, eval_loss, at) VALUES ($1, $2, $3, $4, $5)
+        let mut floats = OptionalFloats::after(3);
+        let (loss, eval_loss) = (floats.sql(p.loss), floats.sql(p.eval_loss));
+        let sql = format!(
+            "INSERT INTO job_points (job_id, step, at, loss, eval_loss) VALUES ($1, $2, $3, {loss}, {eval_loss})
              ON CONFLICT (job_id, step) DO UPDATE SET loss = excluded.loss,
-                 eval_loss = excluded.eval_loss, at = excluded.at",
-        )
-        .bind(id)
-        .bind(p.step)
-        .bind(p.loss)
-        .bind(p.eval_loss)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
+                 eval_loss = excluded.eval_loss, at = excluded.at"
+        );
+        let insert = sqlx::query(&sql).bind(id).bind(p.step).bind(now);
+        floats.bind(insert).execute(&self.pool).await?;
         let row = sqlx::query("SELECT cancel_requested FROM jobs WHERE id = $1")
             .bind(id)
             .fetch_one(&self.pool)
