@@ -100,12 +100,12 @@ fn dequantized_weights_match_the_reference() {
     );
     let l0 = &w.layers[0];
     assert!(close(
-        &row8(&l0.o.weight(), 0),
+        &row8(&l0.o.weight().unwrap(), 0),
         &vals(&fx["layers.0.self_attn.o_proj[0][:8]"]),
         1e-6
     ));
     assert!(close(
-        &row8(&l0.down.weight(), 0),
+        &row8(&l0.down.weight().unwrap(), 0),
         &vals(&fx["layers.0.mlp.down_proj[0][:8]"]),
         1e-6
     ));
@@ -120,6 +120,7 @@ fn dequantized_weights_match_the_reference() {
     let q = l0
         .qkv
         .weight()
+        .unwrap()
         .narrow(0, 0, c.num_heads * c.head_dim)
         .unwrap();
     let q_sum = q

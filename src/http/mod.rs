@@ -142,9 +142,10 @@ fn section_of(path: &str) -> &'static str {
 
 /// The OpenAPI document as served at `/openapi.json` and checked in at `openapi/openapi.json`.
 pub fn openapi_json() -> String {
-    ApiDoc::openapi()
-        .to_pretty_json()
-        .expect("OpenAPI document serialises")
+    ApiDoc::openapi().to_pretty_json().unwrap_or_else(|e| {
+        serde_json::json!({"error": format!("the OpenAPI document did not serialise: {e}")})
+            .to_string()
+    })
 }
 
 fn bearer(req: &Request) -> Option<&str> {

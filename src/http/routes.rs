@@ -270,11 +270,11 @@ pub async fn predict(
     };
     drop(permit);
     let mut headers = HeaderMap::new();
-    let ms = |d: std::time::Duration| {
-        HeaderValue::from_str(&format!("{:.3}", d.as_secs_f64() * 1e3)).unwrap()
-    };
-    headers.insert("x-queue-time", ms(timings.queue));
-    headers.insert("x-inference-time", ms(timings.inference));
+    let ms = |d: std::time::Duration| HeaderValue::try_from(format!("{:.3}", d.as_secs_f64() * 1e3));
+    if let (Ok(queue), Ok(inference)) = (ms(timings.queue), ms(timings.inference)) {
+        headers.insert("x-queue-time", queue);
+        headers.insert("x-inference-time", inference);
+    }
     headers.insert("x-batch-size", HeaderValue::from(timings.batch_size));
     Ok((StatusCode::OK, headers, Json::<PredictResponse>(resp)).into_response())
 }

@@ -379,7 +379,9 @@ fn run(
             .filter(|g| g.decoder.is_some())
             .zip(results)
         {
-            let flight = flights.get_mut(&g.flight).expect("kept above");
+            let Some(flight) = flights.get_mut(&g.flight) else {
+                continue; // unreachable: generations of gone flights were dropped above
+            };
             let pieces = flight.work.stream.clone();
             match step {
                 Ok(false) => {
@@ -393,8 +395,9 @@ fn run(
                         }
                     }
                 }
-                Ok(true) => match g.decoder.take().expect("present").finish(&model) {
-                    Ok(out) => {
+                Ok(true) => match g.decoder.take().map(|d| d.finish(&model)) {
+                    None => {}
+                    Some(Ok(out)) => {
                         if let (Some(tx), Some(text)) = (&pieces, &mut g.text) {
                             if let Some(piece) = text.finish(&out.text) {
                                 let _ = tx.send(piece);
@@ -407,7 +410,7 @@ fn run(
                         });
                         flight.open_generations -= 1;
                     }
-                    Err(e) => flight.failure = Some(format!("{e:#}")),
+                    Some(Err(e)) => flight.failure = Some(format!("{e:#}")),
                 },
                 Err(e) => flight.failure = Some(format!("{e:#}")),
             }
@@ -424,7 +427,9 @@ fn run(
             .map(|(id, _)| *id)
             .collect();
         for id in done {
-            let f = flights.remove(&id).expect("listed");
+            let Some(f) = flights.remove(&id) else {
+                continue;
+            };
             generations.retain(|g| g.flight != id);
             if f.work.reply.is_closed() {
                 continue;
@@ -474,11 +479,7 @@ fn run_heads(
                 .collect();
             let shared = if heads.len() >= 2 {
                 let seqs: Vec<&Composed> = heads.iter().map(|&i| &g.seqs[i]).collect();
-                let min_readout = seqs
-                    .iter()
-                    .map(|s| s.head.as_ref().unwrap().1)
-                    .min()
-                    .unwrap();
+                let min_readout = seqs.iter().filter_map(|s| s.readout()).min().unwrap_or(0);
                 common_prefix(&seqs).min(min_readout)
             } else {
                 0
@@ -547,7 +548,7 @@ pub fn padded_heads(model: &BaseModel, seqs: &[&Composed]) -> Result<Vec<Predict
     let longest = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
     let (rows, mask) = pad_right(model, seqs, 0, longest)?;
     let hidden = model.llama.forward(&rows, Some(&mask), None, Mode::Fast)?;
-    let readouts: Vec<usize> = seqs.iter().map(|s| s.head.as_ref().unwrap().1).collect();
+    let readouts = readouts(seqs, 0)?;
     read_heads(seqs, &rows_at(&hidden, &readouts)?)
 }
 
@@ -583,10 +584,7 @@ fn shared_prefix_heads(
     let hidden = model
         .llama
         .forward(&rows, Some(&mask), Some(&mut cache), Mode::Fast)?;
-    let readouts: Vec<usize> = seqs
-        .iter()
-        .map(|s| s.head.as_ref().unwrap().1 - shared)
-        .collect();
+    let readouts = readouts(&seqs, shared)?;
     read_heads(&seqs, &rows_at(&hidden, &readouts)?)
 }
 
@@ -614,11 +612,23 @@ fn pad_right(
     Ok((Tensor::stack(&rows, 0)?, mask))
 }
 
+fn no_head() -> anyhow::Error {
+    anyhow::anyhow!("internal error: a sequence sent to the heads has no head")
+}
+
+/// Each head sequence's readout position, counted from `start`.
+fn readouts(seqs: &[&Composed], start: usize) -> Result<Vec<usize>> {
+    seqs.iter()
+        .map(|s| Ok(s.readout().ok_or_else(no_head)? - start))
+        .collect()
+}
+
 fn read_heads(seqs: &[&Composed], hidden: &Tensor) -> Result<Vec<Prediction>> {
     seqs.iter()
         .enumerate()
         .map(|(i, s)| {
-            Ok(apply_head(s.head().expect("head sequence"), &hidden.narrow(0, i, 1)?)?.remove(0))
+            let head = s.head().ok_or_else(no_head)?;
+            Ok(apply_head(head, &hidden.narrow(0, i, 1)?)?.remove(0))
         })
         .collect()
 }

@@ -159,6 +159,9 @@ pub struct Predictor {
 }
 
 /// A request checked and composed, ready for the engine.
+/// A function's template and the tag whose head it reads (none: generation).
+type Plan = (Template, Option<String>);
+
 struct Prepared {
     groups: Vec<Group>,
     params: GenerationParams,
@@ -331,7 +334,7 @@ impl Predictor {
         let context = self.model.config().max_position_embeddings;
         let max_prompt = self.limits.max_input_tokens.min(context);
         // (template, head tag) per function in the request.
-        let (plans, names): (Vec<(Template, Option<String>)>, Option<Vec<String>>) =
+        let (plans, names): (Vec<Plan>, Option<Vec<String>>) =
             match (&req.function, &req.functions, &req.template) {
                 (Some(f), None, None) => (vec![self.function_plan(&tags, f)?], None),
                 (None, Some(fs), None) => {
@@ -417,7 +420,7 @@ impl Predictor {
         &self,
         tags: &crate::tags::TagSet,
         name: &str,
-    ) -> Result<(Template, Option<String>), PredictError> {
+    ) -> Result<Plan, PredictError> {
         let bundle = tags
             .get(name)
             .ok_or_else(|| invalid(format!("unknown tag <{name}>")))?;

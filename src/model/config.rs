@@ -26,13 +26,13 @@ impl LlamaConfig {
             "head counts must be positive"
         );
         anyhow::ensure!(
-            self.num_heads % self.num_kv_heads == 0,
+            self.num_heads.is_multiple_of(self.num_kv_heads),
             "num_heads {} is not a multiple of num_kv_heads {}",
             self.num_heads,
             self.num_kv_heads
         );
         anyhow::ensure!(
-            self.head_dim % 2 == 0,
+            self.head_dim.is_multiple_of(2),
             "head_dim {} must be even for RoPE",
             self.head_dim
         );

@@ -144,7 +144,9 @@ impl Decoder {
                 let mut parts = cache.split()?.into_iter();
                 let mut rows = Vec::with_capacity(batched.len());
                 for (j, &i) in batched.iter().enumerate() {
-                    decoders[i].cache = parts.next().expect("one cache per sequence");
+                    decoders[i].cache = parts
+                        .next()
+                        .ok_or_else(|| anyhow::anyhow!("a batched cache split short"))?;
                     rows.push(logits.get(j)?.flatten_all()?);
                 }
                 Ok(rows)

@@ -38,8 +38,8 @@ impl FrozenLinear {
     }
 
     /// The weight as `[out, in]` (a view).
-    pub fn weight(&self) -> Tensor {
-        self.weight_t.t().expect("2-d weight")
+    pub fn weight(&self) -> Result<Tensor> {
+        self.weight_t.t()
     }
 
     pub fn out_features(&self) -> usize {

@@ -45,9 +45,10 @@ fn byte_chars() -> Vec<char> {
     let mut extra = 0;
     for b in 0..256u32 {
         if printable.contains(&b) {
-            table[b as usize] = char::from_u32(b).unwrap();
+            table[b as usize] = char::from(b as u8);
         } else {
-            table[b as usize] = char::from_u32(256 + extra).unwrap();
+            // 256..324: all valid scalar values.
+            table[b as usize] = char::from_u32(256 + extra).unwrap_or(char::REPLACEMENT_CHARACTER);
             extra += 1;
         }
     }
@@ -126,17 +127,19 @@ fn tiny_tensors(cfg: &LlamaConfig, seed: u64) -> Result<Vec<(String, Tensor)>> {
     Ok(out)
 }
 
-fn gguf_name(hf: &str) -> String {
+fn gguf_name(hf: &str) -> Result<String> {
     let map = [
         ("model.embed_tokens.weight", "token_embd.weight"),
         ("model.norm.weight", "output_norm.weight"),
         ("lm_head.weight", "output.weight"),
     ];
     if let Some((_, g)) = map.iter().find(|(h, _)| *h == hf) {
-        return g.to_string();
+        return Ok(g.to_string());
     }
-    let rest = hf.strip_prefix("model.layers.").expect("layer tensor");
-    let (i, name) = rest.split_once('.').expect("layer index");
+    let (i, name) = hf
+        .strip_prefix("model.layers.")
+        .and_then(|rest| rest.split_once('.'))
+        .ok_or_else(|| anyhow::anyhow!("`{hf}` is not a layer tensor"))?;
     let g = match name {
         "input_layernorm.weight" => "attn_norm.weight",
         "self_attn.q_proj.weight" => "attn_q.weight",
@@ -147,9 +150,9 @@ fn gguf_name(hf: &str) -> String {
         "mlp.gate_proj.weight" => "ffn_gate.weight",
         "mlp.up_proj.weight" => "ffn_up.weight",
         "mlp.down_proj.weight" => "ffn_down.weight",
-        other => panic!("unmapped tensor {other}"),
+        other => anyhow::bail!("unmapped tensor {other}"),
     };
-    format!("blk.{i}.{g}")
+    Ok(format!("blk.{i}.{g}"))
 }
 
 /// The tokenizer part of the tiny GGUF's metadata.
@@ -201,7 +204,7 @@ pub fn write_tiny_gguf(path: &Path, matrix_type: GgmlDType, seed: u64, tie: bool
         } else {
             matrix_type
         };
-        qtensors.push((gguf_name(&hf), QTensor::quantize(&t, ty)?));
+        qtensors.push((gguf_name(&hf)?, QTensor::quantize(&t, ty)?));
     }
     let s = |x: &str| Value::String(x.to_string());
     let u = |x: usize| Value::U32(x as u32);

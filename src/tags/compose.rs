@@ -76,6 +76,11 @@ impl Composed {
         self.head.as_ref().and_then(|(b, _)| b.head.as_ref())
     }
 
+    /// The position the head reads, if the sequence has a head.
+    pub fn readout(&self) -> Option<usize> {
+        self.head.as_ref().map(|(_, at)| *at)
+    }
+
     /// Input embeddings `[n, d]` for `pieces[range]`.
     pub fn embed(&self, model: &BaseModel, start: usize) -> Result<Tensor> {
         let mut parts = Vec::new();

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
@@ -94,12 +94,12 @@ impl Registry {
     }
 
     pub fn snapshot(&self) -> Arc<TagSet> {
-        self.current.read().unwrap().clone()
+        self.current.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Applies what changed on disk since the last scan.
     pub fn rescan(&self) -> ReloadReport {
-        let mut seen = self.seen.lock().unwrap();
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
         let old = self.snapshot();
         let mut tags = old.tags.clone();
         let mut errors = old.errors.clone();
@@ -155,7 +155,8 @@ impl Registry {
             || errors != old.errors
         {
             tracing::info!(added = ?report.added, replaced = ?report.replaced, removed = ?report.removed, "tags reloaded");
-            *self.current.write().unwrap() = Arc::new(TagSet { tags, errors });
+            *self.current.write().unwrap_or_else(PoisonError::into_inner) =
+                Arc::new(TagSet { tags, errors });
         }
         report
     }

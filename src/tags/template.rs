@@ -86,7 +86,7 @@ impl Template {
                     i += n;
                 }
                 _ => {
-                    let c = rest.chars().next().unwrap();
+                    let Some(c) = rest.chars().next() else { break };
                     text.push(c);
                     i += c.len_utf8();
                 }

@@ -32,13 +32,13 @@ pub(super) fn compose_set(
     learned: &[String],
     p: usize,
     with_head: bool,
-) -> TagSet {
+) -> Result<TagSet> {
     let mut set = frozen.clone_tags();
     for t in learned {
         set.tags
-            .insert(t.clone(), std::sync::Arc::new(placeholder(t, p, with_head)));
+            .insert(t.clone(), std::sync::Arc::new(placeholder(t, p, with_head)?));
     }
-    set
+    Ok(set)
 }
 
 /// Composes every record of `data`; ids start at `id_base`. `templates` holds every
@@ -83,9 +83,9 @@ pub(super) fn build(
             match target {
                 Target::Lm => {
                     // Predict every text token after the first learned tag.
-                    for j in first_learned + 1..pieces.len() {
-                        if let Piece::Token(id) = pieces[j] {
-                            ex.lm.push((j - 1, id));
+                    for (j, piece) in pieces.iter().enumerate().skip(first_learned + 1) {
+                        if let Piece::Token(id) = piece {
+                            ex.lm.push((j - 1, *id));
                         }
                     }
                     ensure!(
@@ -122,19 +122,20 @@ pub(super) fn build(
 
 /// A stand-in for a tag being learned, so that examples compose exactly as they will be
 /// served: right name and length, and a head where one will be read.
-fn placeholder(name: &str, p: usize, with_head: bool) -> TagBundle {
-    let zeros = |shape: (usize, usize)| {
-        Tensor::zeros(shape, DType::F32, &Device::Cpu).expect("small zeros")
+fn placeholder(name: &str, p: usize, with_head: bool) -> Result<TagBundle> {
+    let zeros = |shape: (usize, usize)| Tensor::zeros(shape, DType::F32, &Device::Cpu);
+    let head = match with_head {
+        true => Some(Head {
+            spec: HeadSpec::Regression {
+                target_mean: 0.0,
+                target_std: 1.0,
+            },
+            weight: zeros((1, 1))?,
+            bias: zeros((1, 1))?.flatten_all()?,
+        }),
+        false => None,
     };
-    let head = with_head.then(|| Head {
-        spec: HeadSpec::Regression {
-            target_mean: 0.0,
-            target_std: 1.0,
-        },
-        weight: zeros((1, 1)),
-        bias: zeros((1, 1)).flatten_all().expect("1 element"),
-    });
-    TagBundle {
+    Ok(TagBundle {
         manifest: TagManifest {
             name: name.into(),
             kind: TagKind::Function,
@@ -149,8 +150,8 @@ fn placeholder(name: &str, p: usize, with_head: bool) -> TagBundle {
             provenance: serde_json::Value::Null,
             metrics: serde_json::Value::Null,
         },
-        vectors: zeros((p, 1)),
+        vectors: zeros((p, 1))?,
         head,
         source: "training",
-    }
+    })
 }

@@ -7,7 +7,7 @@
 //! rest of the sequence is differentiated. Same gradients, a fraction of the work.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Tensor, Var};
@@ -99,7 +99,7 @@ impl Trainer<'_> {
         if reuse_prefix && batch.iter().any(|e| e.first_learned > 0) {
             let mut caches: HashMap<usize, Arc<KvCache>> = HashMap::new();
             let missing: Vec<&&Example> = {
-                let kept = self.prefixes.lock().expect("prefix cache lock");
+                let kept = self.prefixes.lock().unwrap_or_else(PoisonError::into_inner);
                 batch
                     .iter()
                     .filter(|e| match kept.get(e.id) {
@@ -119,7 +119,7 @@ impl Trainer<'_> {
                 let (x, m) = self.padded(&prefixes)?;
                 let mut cache: KvCache = llama.new_cache();
                 llama.forward(&x, Some(&m), Some(&mut cache), Mode::Fast)?;
-                let mut kept = self.prefixes.lock().expect("prefix cache lock");
+                let mut kept = self.prefixes.lock().unwrap_or_else(PoisonError::into_inner);
                 for (e, c) in missing.iter().zip(cache.split()?) {
                     kept.offer(e.id, &c)?;
                     caches.insert(e.id, Arc::new(c));
@@ -177,8 +177,8 @@ impl Trainer<'_> {
                 let at = batch
                     .iter()
                     .enumerate()
-                    .map(|(i, e)| (i * s + e.readout.expect("head readout") - offsets[i]) as u32)
-                    .collect();
+                    .map(|(i, e)| Ok((i * s + readout(e)? - offsets[i]) as u32))
+                    .collect::<Result<Vec<u32>>>()?;
                 Outputs::Head(self.head_out(&rows(at)?)?)
             }
         })
@@ -259,8 +259,8 @@ impl Trainer<'_> {
             let positions: Vec<usize> = batch
                 .iter()
                 .zip(&offsets)
-                .map(|(e, off)| e.readout.expect("head readout") - off)
-                .collect();
+                .map(|(e, off)| Ok(readout(e)? - off))
+                .collect::<Result<_>>()?;
             let at = crate::model::llama::rows_at(&h, &positions)?;
             for (&i, r) in chunk.iter().zip(at.to_dtype(DType::F64)?.to_vec2::<f64>()?) {
                 rows[i] = r;
@@ -268,4 +268,10 @@ impl Trainer<'_> {
         }
         Ok(rows)
     }
+}
+
+/// Where a head example's head reads; every example of a head job has one.
+fn readout(e: &Example) -> Result<usize> {
+    e.readout
+        .ok_or_else(|| anyhow::anyhow!("internal error: a head example without a readout"))
 }

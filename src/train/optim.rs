@@ -67,8 +67,7 @@ impl AdamW {
             1.0 - BETA1.powi(self.t as i32),
             1.0 - BETA2.powi(self.t as i32),
         );
-        for i in 0..self.params.len() {
-            let g = &grads[i];
+        for (i, g) in grads.iter().enumerate().take(self.params.len()) {
             self.m[i] = ((&self.m[i] * BETA1)? + (g * (1.0 - BETA1))?)?;
             self.v[i] = ((&self.v[i] * BETA2)? + (g.sqr()? * (1.0 - BETA2))?)?;
             let update = ((&self.m[i] / c1)? / ((&self.v[i] / c2)?.sqrt()? + EPS)?)?;

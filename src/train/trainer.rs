@@ -8,7 +8,7 @@
 //! model-facing half), `evaluate`, `init` (initialisations and head fits).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Tensor, Var};
@@ -113,7 +113,7 @@ impl<'a> Trainer<'a> {
             plan.target,
             Target::Regression { .. } | Target::Classification { .. }
         );
-        let set = examples::compose_set(&frozen, &job.tags, h.num_vectors, with_head);
+        let set = examples::compose_set(&frozen, &job.tags, h.num_vectors, with_head)?;
         let learned = job
             .tags
             .iter()
@@ -177,7 +177,7 @@ impl<'a> Trainer<'a> {
 
     /// `(examples cached, bytes, storage dtype)` of the frozen-prefix cache.
     pub fn prefix_cache_usage(&self) -> (usize, usize, DType) {
-        let p = self.prefixes.lock().expect("prefix cache lock");
+        let p = self.prefixes.lock().unwrap_or_else(PoisonError::into_inner);
         let (n, bytes) = p.usage();
         (n, bytes, p.storage())
     }
@@ -202,7 +202,7 @@ impl<'a> Trainer<'a> {
     /// The draw order of one epoch: a seeded shuffle, then sorted by length within windows
     /// of `BUCKET_WINDOW_BATCHES` batches, cut into batches whose order is shuffled again.
     fn epoch_order(&self, epoch: u64) -> Arc<Vec<usize>> {
-        let mut memo = self.order.lock().expect("order lock");
+        let mut memo = self.order.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((e, order)) = memo.as_ref() {
             if *e == epoch {
                 return order.clone();

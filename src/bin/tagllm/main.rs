@@ -1,6 +1,8 @@
 //! The `tagllm` command line: one module per command, each mapping its flags onto the
 //! library (the service, the trainer, the tag tools).
 
+#![warn(clippy::unwrap_used, clippy::expect_used)]
+
 mod eval;
 mod serve;
 mod train;
