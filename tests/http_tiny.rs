@@ -830,6 +830,48 @@ async fn api_keys_guard_routes_and_admin_key_guards_changes() {
     );
 }
 
+/// A fault in the engine mid-request (injected: it panics at its next decoding step) fails
+/// the requests it touched with 5xx JSON; `/ready` answers 503 while the engine is down;
+/// then the same engine serves again, without a restart of the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_fault_fails_its_requests_then_the_engine_comes_back() {
+    let s = start(Options::default()).await;
+    install_chem(&s).await;
+    s.predictor().engine.inject_fault();
+    let (status, body) = post(
+        &s.url,
+        "/predict",
+        json!({"template": "{x}", "inputs": ["the"], "parameters": {"max_new_tokens": 50}}),
+    )
+    .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "backend",
+        "inference thread dropped the request",
+    );
+    let ready = reqwest::get(format!("{}/ready", s.url)).await.unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(ready.json::<Value>().await.unwrap()["error_type"], "engine_down");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while reqwest::get(format!("{}/ready", s.url)).await.unwrap().status() != StatusCode::OK {
+        assert!(std::time::Instant::now() < deadline, "the engine never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, body) = post(
+        &s.url,
+        "/predict",
+        json!({"function": "QED", "inputs": ["CCO"]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let want = by_hand(&s, QED_TPL, Input::Text("CCO".into()));
+    assert!((body["predictions"][0]["value"].as_f64().unwrap() - want).abs() < 1e-3);
+    let metrics = reqwest::get(format!("{}/metrics", s.url)).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("tagllm_engine_restarts_total 1"), "{metrics}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_disconnects_does_not_break_the_batch() {
     let s = start(Options::default()).await;

@@ -40,7 +40,7 @@ pub async fn ready(State(s): Shared) -> Result<Json<Status>, ApiError> {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "engine_down",
-            "the inference engine has stopped; restart the server",
+            "the inference engine is down (restarting after a fault)",
         ));
     }
     Ok(Json(Status {

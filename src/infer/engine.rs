@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -119,17 +120,43 @@ pub struct Engine {
     metrics: Arc<crate::infer::EngineMetrics>,
     /// Bounds what the (otherwise unbounded) channel can hold, in work.
     pub admission: Admission,
-    /// Cleared when the inference thread ends, however it ends: `/ready` reads it.
-    alive: Arc<std::sync::atomic::AtomicBool>,
+    /// Cleared while the engine is down (restarting after a panic, or gone): `/ready`
+    /// reads it.
+    alive: Arc<AtomicBool>,
+    /// Armed by `inject_fault`: the engine panics at its next decoding step.
+    fault: Arc<AtomicBool>,
 }
 
+/// How long a crashed engine stays down before it restarts (`/ready` answers 503 in the
+/// meantime): a fault that recurs at once must not spin.
+const RESTART_PAUSE: Duration = Duration::from_secs(1);
+
 /// Clears the engine's liveness flag when the inference thread exits or unwinds.
-struct AliveGuard(Arc<std::sync::atomic::AtomicBool>);
+struct AliveGuard(Arc<AtomicBool>);
 
 impl Drop for AliveGuard {
     fn drop(&mut self) {
-        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.0.store(false, Ordering::SeqCst);
     }
+}
+
+/// Marks the engine down when dropped by a panic's unwinding.
+struct DownOnPanic<'a>(&'a AtomicBool);
+
+impl Drop for DownOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(false, Ordering::SeqCst);
+        }
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 impl Engine {
@@ -138,30 +165,54 @@ impl Engine {
         cfg: EngineConfig,
         metrics: Arc<crate::infer::EngineMetrics>,
     ) -> Result<Self> {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = mpsc::unbounded_channel();
         let m = metrics.clone();
         let admission = Admission::new(cfg.max_queue_wait);
         let pace = admission.clone();
-        let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let alive = Arc::new(AtomicBool::new(true));
+        let fault = Arc::new(AtomicBool::new(false));
+        let (up, armed) = (alive.clone(), fault.clone());
         let guard = AliveGuard(alive.clone());
+        // The supervisor: runs the engine, and after a panic (its requests in flight have
+        // failed with 5xx) pauses with /ready at 503, then serves the same queue again.
         std::thread::Builder::new()
             .name("inference".into())
             .spawn(move || {
                 let _guard = guard;
                 crate::model::threads::lower_this_thread_priority();
-                run(model, cfg, rx, m, pace)
+                loop {
+                    let served = catch_unwind(AssertUnwindSafe(|| {
+                        run(&model, &cfg, &mut rx, &m, &pace, &armed, &up)
+                    }));
+                    let Err(panic) = served else { return };
+                    up.store(false, Ordering::SeqCst);
+                    m.restarts.inc();
+                    tracing::error!(
+                        panic = %panic_message(panic.as_ref()),
+                        "the inference engine failed; its requests in flight got 500s; restarting"
+                    );
+                    std::thread::sleep(RESTART_PAUSE);
+                    up.store(true, Ordering::SeqCst);
+                }
             })?;
         Ok(Self {
             tx,
             metrics,
             admission,
             alive,
+            fault,
         })
     }
 
-    /// Whether the inference thread is still serving.
+    /// Whether the engine is serving (false while it restarts after a fault).
     pub fn is_alive(&self) -> bool {
-        self.alive.load(std::sync::atomic::Ordering::SeqCst)
+        self.alive.load(Ordering::SeqCst)
+    }
+
+    /// Makes the engine panic at its next decoding step, for tests of its recovery.
+    #[doc(hidden)]
+    pub fn inject_fault(&self) {
+        self.fault.store(true, Ordering::SeqCst);
     }
 
     /// Queues the groups and waits for one list of predictions per group.
@@ -240,16 +291,24 @@ struct ActiveGeneration {
     text: Option<TextStream>,
 }
 
+/// Serves until every sender is gone. A panic anywhere in here unwinds out of it: the
+/// requests in flight (owned by this frame) get their replies dropped, and the supervisor
+/// in `Engine::start` restarts it on the same queue.
 fn run(
-    model: Arc<BaseModel>,
-    cfg: EngineConfig,
-    mut rx: mpsc::UnboundedReceiver<Work>,
-    metrics: Arc<crate::infer::EngineMetrics>,
-    pace: Admission,
+    model: &BaseModel,
+    cfg: &EngineConfig,
+    rx: &mut mpsc::UnboundedReceiver<Work>,
+    metrics: &crate::infer::EngineMetrics,
+    pace: &Admission,
+    fault: &AtomicBool,
+    alive: &AtomicBool,
 ) {
     let mut pending: Option<Work> = None;
     let mut flights: HashMap<u64, InFlight> = HashMap::new();
     let mut generations: Vec<ActiveGeneration> = Vec::new();
+    // Declared after the work it guards, so it drops first when a panic unwinds: /ready
+    // says the engine is down before any failed reply goes out.
+    let _down = DownOnPanic(alive);
     let mut next_id = 0u64;
     loop {
         // 1. Intake: block only when there is nothing else to do; then take whatever is
@@ -300,7 +359,7 @@ fn run(
                 .sum();
             metrics.batch_size.observe(n_seqs as f64);
             // A panic deep in a kernel must fail these requests, not the engine.
-            let heads = catch_unwind(AssertUnwindSafe(|| run_heads(&model, &cfg, &intake)))
+            let heads = catch_unwind(AssertUnwindSafe(|| run_heads(model, cfg, &intake)))
                 .unwrap_or_else(|_| {
                     intake
                         .iter()
@@ -321,8 +380,8 @@ fn run(
                             break;
                         }
                         match seq
-                            .embed(&model, 0)
-                            .and_then(|e| Decoder::new(&model, &e, &work.params))
+                            .embed(model, 0)
+                            .and_then(|e| Decoder::new(model, &e, &work.params))
                         {
                             Ok(d) => {
                                 generations.push(ActiveGeneration {
@@ -353,6 +412,9 @@ fn run(
         }
 
         // 3. One token for every generation in progress, in one batched forward.
+        if !generations.is_empty() && fault.swap(false, Ordering::SeqCst) {
+            panic!("a fault injected through Engine::inject_fault");
+        }
         generations.retain(|g| {
             flights
                 .get(&g.flight)
@@ -366,7 +428,7 @@ fn run(
             let n = decoders.len();
             units += n as u64;
             catch_unwind(AssertUnwindSafe(|| {
-                Decoder::step_many(&mut decoders, &model)
+                Decoder::step_many(&mut decoders, model)
             }))
             .unwrap_or_else(|_| {
                 (0..n)
@@ -386,7 +448,7 @@ fn run(
             match step {
                 Ok(false) => {
                     if let (Some(tx), Some(text), Some(d)) = (&pieces, &mut g.text, &g.decoder) {
-                        match text.next(&model, d.ids()) {
+                        match text.next(model, d.ids()) {
                             Ok(Some(piece)) => {
                                 let _ = tx.send(piece);
                             }
@@ -395,7 +457,7 @@ fn run(
                         }
                     }
                 }
-                Ok(true) => match g.decoder.take().map(|d| d.finish(&model)) {
+                Ok(true) => match g.decoder.take().map(|d| d.finish(model)) {
                     None => {}
                     Some(Ok(out)) => {
                         if let (Some(tx), Some(text)) = (&pieces, &mut g.text) {

@@ -8,7 +8,7 @@ pub mod heads;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use prometheus::{Histogram, HistogramOpts, IntGauge};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -23,6 +23,7 @@ use crate::tags::{Registry, TagKind, Template};
 pub struct EngineMetrics {
     pub queue_depth: IntGauge,
     pub batch_size: Histogram,
+    pub restarts: IntCounter,
 }
 
 impl EngineMetrics {
@@ -35,11 +36,17 @@ impl EngineMetrics {
             HistogramOpts::new("tagllm_batch_size", "Sequences per engine batch")
                 .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
         )?;
+        let restarts = IntCounter::new(
+            "tagllm_engine_restarts_total",
+            "Times the inference engine failed and was restarted",
+        )?;
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(batch_size.clone()))?;
+        registry.register(Box::new(restarts.clone()))?;
         Ok(Self {
             queue_depth,
             batch_size,
+            restarts,
         })
     }
 }
