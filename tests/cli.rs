@@ -241,3 +241,100 @@ fn train_then_eval_on_the_tiny_model() {
     assert!(!ok);
     assert!(err.contains("missing field `nope`"), "{err}");
 }
+
+/// `tagllm serve` as a process, end to end: ready, a generation, the console, a training
+/// job run by its embedded worker and hot-loaded, then SIGTERM ends it cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_runs_end_to_end_as_a_process_and_stops_on_sigterm() {
+    let dir = tempdir();
+    let model = dir.path().join("tiny.gguf");
+    let (ok, _, err) = tagllm(&["tiny-model", "--out", model.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_tagllm"))
+        .args(["serve", "--port", &port.to_string(), "--model", model.to_str().unwrap()])
+        .arg("--tags-dir")
+        .arg(dir.path().join("tags"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Ok(r) = http.get(format!("{url}/ready")).send().await {
+            if r.status().is_success() {
+                break;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        assert!(server.try_wait().unwrap().is_none(), "the server exited");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let predict = |body: serde_json::Value| http.post(format!("{url}/predict")).json(&body).send();
+    let r = predict(serde_json::json!({"template": "{x}", "inputs": ["the cat"],
+        "parameters": {"max_new_tokens": 4}}))
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["predictions"][0]["ids"].as_array().unwrap().len(), 4, "{v}");
+    let page = http.get(format!("{url}/")).send().await.unwrap();
+    assert!(page.text().await.unwrap().contains("tagllm console"));
+
+    let records: Vec<_> = (0..6)
+        .map(|i| serde_json::json!({"text": format!("the cat {i} sat on the mat")}))
+        .collect();
+    let r = http
+        .post(format!("{url}/train"))
+        .json(&serde_json::json!({"stage": 1, "tag": "Cat", "dataset": {"records": records},
+            "hyperparameters": {"steps": 3, "batch_size": 2}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = r.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let tags: serde_json::Value = http
+            .get(format!("{url}/tags"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if tags["tags"].as_array().unwrap().iter().any(|t| t["name"] == "Cat") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "job {id} never published <Cat>");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let r = predict(serde_json::json!({"template": "<Cat> {x}", "inputs": ["the"],
+        "parameters": {"max_new_tokens": 2}}))
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200, "the trained tag composes");
+
+    // SAFETY: signals the child process this test started.
+    assert_eq!(unsafe { libc::kill(server.id() as i32, libc::SIGTERM) }, 0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = server.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "still running after SIGTERM");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+}
