@@ -191,9 +191,11 @@ function lineChart(series, { xLabel, yLabel }) {
     svg.append(s("line", { class: "grid-line", x1: L, x2: W - R, y1: y, y2: y }));
     svg.append(s("text", { x: L - 6, y: y + 4, "text-anchor": "end" }, fmt(yv, 3)));
   }
-  for (let i = 0; i <= 4; i++) {
-    const xv = x0 + ((x1 - x0) * i) / 4;
-    svg.append(s("text", { x: X(xv), y: H - B + 16, "text-anchor": "middle" }, String(Math.round(xv))));
+  // Steps on whole, round numbers (1, 2 or 5 times a power of ten).
+  const raw = (x1 - x0) / 5, pow = 10 ** Math.floor(Math.log10(raw));
+  const step = Math.max(1, [1, 2, 5, 10].map((m) => m * pow).find((v) => v >= raw));
+  for (let xv = Math.ceil(x0 / step) * step; xv <= x1; xv += step) {
+    svg.append(s("text", { x: X(xv), y: H - B + 16, "text-anchor": "middle" }, String(xv)));
   }
   svg.append(s("line", { class: "axis", x1: L, x2: L, y1: T, y2: H - B }));
   svg.append(s("line", { class: "axis", x1: L, x2: W - R, y1: H - B, y2: H - B }));
