@@ -965,6 +965,18 @@ async fn info_tokenize_metrics_and_openapi() {
     );
 }
 
+/// Admission starts from this machine's pace, measured by the engine before the first
+/// request, not from the built-in guess (2,000 units/s): a guess several times too
+/// optimistic admitted a first burst that then expired with 503s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_measures_its_pace_before_the_first_request() {
+    let s = start(Options::default()).await;
+    let (status, info) = get(&s.url, "/info").await;
+    assert_eq!(status, StatusCode::OK, "{info}");
+    let pace = info["limits"]["pace_units_per_second"].as_f64().unwrap();
+    assert!(pace > 0.0 && pace != 2000.0, "{pace}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admission_refuses_work_beyond_the_queue_budget_at_once() {
     // A 1 ms budget: an empty queue takes any one request, anything more is refused.

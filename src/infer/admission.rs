@@ -11,7 +11,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// The pace assumed before anything was measured, weighted as one second of work.
+/// The pace assumed before anything was measured, weighted as one second of work. The
+/// engine replaces it with a measured one before it serves (`calibrate`).
 const PRIOR_UNITS_PER_SECOND: f64 = 2000.0;
 /// Busy seconds over which older measurements fade.
 const PACE_MEMORY_SECONDS: f64 = 10.0;
@@ -116,6 +117,19 @@ impl Admission {
             state: self.state.clone(),
             units,
         })
+    }
+
+    /// Replaces what is known of the pace with one measurement, weighted as one second of
+    /// work: the engine's own forward pass at start, instead of a guess that may be several
+    /// times off on this hardware (an optimistic guess admits work that then expires: 503s).
+    pub fn calibrate(&self, units: u64, busy: Duration) {
+        let secs = busy.as_secs_f64();
+        if secs <= 0.0 || units == 0 {
+            return;
+        }
+        let mut s = self.lock();
+        s.done_units = units as f64 / secs;
+        s.busy_seconds = 1.0;
     }
 
     /// The engine did `units` of work in `busy` (one loop iteration).
