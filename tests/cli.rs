@@ -256,7 +256,13 @@ async fn serve_runs_end_to_end_as_a_process_and_stops_on_sigterm() {
         .unwrap()
         .port();
     let mut server = Command::new(env!("CARGO_BIN_EXE_tagllm"))
-        .args(["serve", "--port", &port.to_string(), "--model", model.to_str().unwrap()])
+        .args([
+            "serve",
+            "--port",
+            &port.to_string(),
+            "--model",
+            model.to_str().unwrap(),
+        ])
         .arg("--tags-dir")
         .arg(dir.path().join("tags"))
         .arg("--data-dir")
@@ -285,7 +291,11 @@ async fn serve_runs_end_to_end_as_a_process_and_stops_on_sigterm() {
     .unwrap();
     assert_eq!(r.status(), 200);
     let v: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(v["predictions"][0]["ids"].as_array().unwrap().len(), 4, "{v}");
+    assert_eq!(
+        v["predictions"][0]["ids"].as_array().unwrap().len(),
+        4,
+        "{v}"
+    );
     let page = http.get(format!("{url}/")).send().await.unwrap();
     assert!(page.text().await.unwrap().contains("tagllm console"));
 
@@ -294,8 +304,10 @@ async fn serve_runs_end_to_end_as_a_process_and_stops_on_sigterm() {
         .collect();
     let r = http
         .post(format!("{url}/train"))
-        .json(&serde_json::json!({"stage": 1, "tag": "Cat", "dataset": {"records": records},
-            "hyperparameters": {"steps": 3, "batch_size": 2}}))
+        .json(
+            &serde_json::json!({"stage": 1, "tag": "Cat", "dataset": {"records": records},
+            "hyperparameters": {"steps": 3, "batch_size": 2}}),
+        )
         .send()
         .await
         .unwrap();
@@ -314,14 +326,24 @@ async fn serve_runs_end_to_end_as_a_process_and_stops_on_sigterm() {
             .json()
             .await
             .unwrap();
-        if tags["tags"].as_array().unwrap().iter().any(|t| t["name"] == "Cat") {
+        if tags["tags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["name"] == "Cat")
+        {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "job {id} never published <Cat>");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "job {id} never published <Cat>"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    let r = predict(serde_json::json!({"template": "<Cat> {x}", "inputs": ["the"],
-        "parameters": {"max_new_tokens": 2}}))
+    let r = predict(
+        serde_json::json!({"template": "<Cat> {x}", "inputs": ["the"],
+        "parameters": {"max_new_tokens": 2}}),
+    )
     .await
     .unwrap();
     assert_eq!(r.status(), 200, "the trained tag composes");
@@ -333,7 +355,10 @@ async fn serve_runs_end_to_end_as_a_process_and_stops_on_sigterm() {
         if let Some(s) = server.try_wait().unwrap() {
             break s;
         }
-        assert!(std::time::Instant::now() < deadline, "still running after SIGTERM");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running after SIGTERM"
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
     assert!(status.success(), "{status}");

@@ -462,19 +462,43 @@ async fn a_generation_streams_its_text_as_server_sent_events() {
         let events = sse_events(resp).await;
         let (last, tokens) = events.split_last().unwrap();
         assert_eq!(last.0, "done", "{name}: {events:?}");
-        assert_eq!(last.1, whole, "{name}: the done event is the unstreamed answer");
-        assert!(tokens.iter().all(|(e, _)| e == "token"), "{name}: {events:?}");
-        let text: String = tokens.iter().map(|(_, d)| d["text"].as_str().unwrap()).collect();
-        assert_eq!(text, whole["predictions"][0]["text"], "{name}: the pieces add up to the text");
+        assert_eq!(
+            last.1, whole,
+            "{name}: the done event is the unstreamed answer"
+        );
+        assert!(
+            tokens.iter().all(|(e, _)| e == "token"),
+            "{name}: {events:?}"
+        );
+        let text: String = tokens
+            .iter()
+            .map(|(_, d)| d["text"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            text, whole["predictions"][0]["text"],
+            "{name}: the pieces add up to the text"
+        );
         assert!(tokens.len() >= 2 || name == "stop", "{name}: {events:?}");
     }
     // Only a single generation streams; the rest is refused before any event.
     for (body, mentions) in [
-        (json!({"function": "QED", "inputs": ["CCO"], "stream": true}), "no head"),
-        (json!({"template": "{x}", "inputs": ["a", "b"], "stream": true}), "one input"),
+        (
+            json!({"function": "QED", "inputs": ["CCO"], "stream": true}),
+            "no head",
+        ),
+        (
+            json!({"template": "{x}", "inputs": ["a", "b"], "stream": true}),
+            "one input",
+        ),
     ] {
         let (status, resp) = post(&s.url, "/predict", body).await;
-        assert_error(status, &resp, StatusCode::UNPROCESSABLE_ENTITY, "validation", mentions);
+        assert_error(
+            status,
+            &resp,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            mentions,
+        );
     }
 }
 
@@ -853,10 +877,21 @@ async fn an_engine_fault_fails_its_requests_then_the_engine_comes_back() {
     );
     let ready = reqwest::get(format!("{}/ready", s.url)).await.unwrap();
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(ready.json::<Value>().await.unwrap()["error_type"], "engine_down");
+    assert_eq!(
+        ready.json::<Value>().await.unwrap()["error_type"],
+        "engine_down"
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while reqwest::get(format!("{}/ready", s.url)).await.unwrap().status() != StatusCode::OK {
-        assert!(std::time::Instant::now() < deadline, "the engine never came back");
+    while reqwest::get(format!("{}/ready", s.url))
+        .await
+        .unwrap()
+        .status()
+        != StatusCode::OK
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the engine never came back"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (status, body) = post(
@@ -868,8 +903,16 @@ async fn an_engine_fault_fails_its_requests_then_the_engine_comes_back() {
     assert_eq!(status, StatusCode::OK, "{body}");
     let want = by_hand(&s, QED_TPL, Input::Text("CCO".into()));
     assert!((body["predictions"][0]["value"].as_f64().unwrap() - want).abs() < 1e-3);
-    let metrics = reqwest::get(format!("{}/metrics", s.url)).await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("tagllm_engine_restarts_total 1"), "{metrics}");
+    let metrics = reqwest::get(format!("{}/metrics", s.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tagllm_engine_restarts_total 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,7 +36,10 @@ pub struct ApiDoc;
 /// Routes anyone may call, keys or not: the probes, the API's description, and the
 /// console's and docs' static files (they hold no data; their API calls carry a key).
 fn is_open(path: &str) -> bool {
-    path == "/health" || path == "/ready" || path == "/openapi.json" || console::is_console_path(path)
+    path == "/health"
+        || path == "/ready"
+        || path == "/openapi.json"
+        || console::is_console_path(path)
 }
 
 /// Routes that change state need the admin key where one is set; `/predict` and

@@ -270,7 +270,8 @@ pub async fn predict(
     };
     drop(permit);
     let mut headers = HeaderMap::new();
-    let ms = |d: std::time::Duration| HeaderValue::try_from(format!("{:.3}", d.as_secs_f64() * 1e3));
+    let ms =
+        |d: std::time::Duration| HeaderValue::try_from(format!("{:.3}", d.as_secs_f64() * 1e3));
     if let (Ok(queue), Ok(inference)) = (ms(timings.queue), ms(timings.inference)) {
         headers.insert("x-queue-time", queue);
         headers.insert("x-inference-time", inference);

@@ -262,7 +262,9 @@ impl TextStream {
     /// The text that became printable since the last call, if any.
     pub fn next(&mut self, model: &BaseModel, ids: &[u32]) -> Result<Option<String>> {
         let window = ids.get(self.prefix_offset..).unwrap_or_default();
-        let seen = ids.get(self.prefix_offset..self.read_offset).unwrap_or_default();
+        let seen = ids
+            .get(self.prefix_offset..self.read_offset)
+            .unwrap_or_default();
         let before = model.tokenizer.decode(seen, true)?;
         let now = model.tokenizer.decode(window, true)?;
         if now.len() > before.len() && !now.ends_with('\u{FFFD}') {
@@ -286,7 +288,11 @@ impl TextStream {
     }
 
     fn take_to(&mut self, end: usize) -> Option<String> {
-        let piece = self.text.get(self.sent..end).filter(|p| !p.is_empty())?.to_string();
+        let piece = self
+            .text
+            .get(self.sent..end)
+            .filter(|p| !p.is_empty())?
+            .to_string();
         self.sent = end;
         Some(piece)
     }

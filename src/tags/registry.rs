@@ -94,7 +94,10 @@ impl Registry {
     }
 
     pub fn snapshot(&self) -> Arc<TagSet> {
-        self.current.read().unwrap_or_else(PoisonError::into_inner).clone()
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Applies what changed on disk since the last scan.

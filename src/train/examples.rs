@@ -35,8 +35,10 @@ pub(super) fn compose_set(
 ) -> Result<TagSet> {
     let mut set = frozen.clone_tags();
     for t in learned {
-        set.tags
-            .insert(t.clone(), std::sync::Arc::new(placeholder(t, p, with_head)?));
+        set.tags.insert(
+            t.clone(),
+            std::sync::Arc::new(placeholder(t, p, with_head)?),
+        );
     }
     Ok(set)
 }
