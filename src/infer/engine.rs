@@ -76,7 +76,7 @@ struct Work {
     groups: Vec<Group>,
     params: GenerationParams,
     reply: oneshot::Sender<Reply>,
-    /// Streaming: the one generation's text pieces go here as they are decoded.
+    /// Streaming: where the one generation's text pieces go (handed to it when it starts).
     stream: Option<TextPieces>,
     enqueued: Instant,
     deadline: Instant,
@@ -145,7 +145,9 @@ impl Drop for AliveGuard {
 fn measure_pace(model: &BaseModel) -> Result<(u64, Duration)> {
     let (batch, len) = (4usize, 64usize);
     let vocab = model.config().vocab_size as u32;
-    let ids: Vec<u32> = (0..(batch * len) as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    let ids: Vec<u32> = (0..(batch * len) as u32)
+        .map(|i| (i * 7919 + 13) % vocab)
+        .collect();
     let rows = model
         .llama
         .embed_ids(&ids)?
@@ -155,7 +157,12 @@ fn measure_pace(model: &BaseModel) -> Result<(u64, Duration)> {
         let started = Instant::now();
         let hidden = model.llama.forward(&rows, None, None, Mode::Fast)?;
         // Waits for the device (a GPU runs asynchronously) by reading one value back.
-        hidden.narrow(1, len - 1, 1)?.flatten_all()?.get(0)?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        hidden
+            .narrow(1, len - 1, 1)?
+            .flatten_all()?
+            .get(0)?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()?;
         busy = started.elapsed();
     }
     Ok(((batch * len) as u64, busy))
@@ -197,7 +204,10 @@ impl Engine {
         // The pace admission starts from is this machine's, measured before the first request.
         let (units, busy) = measure_pace(&model)?;
         pace.calibrate(units, busy);
-        tracing::info!(units_per_second = units as f64 / busy.as_secs_f64().max(1e-9), "engine pace measured");
+        tracing::info!(
+            units_per_second = units as f64 / busy.as_secs_f64().max(1e-9),
+            "engine pace measured"
+        );
         // The supervisor: runs the engine, and after a panic (its requests in flight have
         // failed with 5xx) pauses with /ready at 503, then serves the same queue again.
         std::thread::Builder::new()
@@ -312,8 +322,9 @@ struct ActiveGeneration {
     group: usize,
     seq: usize,
     decoder: Option<Decoder>,
-    /// Where the work streams: its decoded text so far.
-    text: Option<TextStream>,
+    /// A streamed generation: its decoded text so far, and where its pieces go (taken
+    /// from the work, so the stream ends when the generation does).
+    stream: Option<(TextStream, TextPieces)>,
 }
 
 /// Serves until every sender is gone. A panic anywhere in here unwinds out of it: the
@@ -391,7 +402,7 @@ fn run(
                         .map(|_| Err(anyhow::anyhow!("internal error in the inference engine")))
                         .collect()
                 });
-            for (work, result) in intake.into_iter().zip(heads) {
+            for (mut work, result) in intake.into_iter().zip(heads) {
                 let id = next_id;
                 next_id += 1;
                 let (preds, mut failure) = match result {
@@ -414,7 +425,10 @@ fn run(
                                     group: gi,
                                     seq: si,
                                     decoder: Some(d),
-                                    text: work.stream.as_ref().map(|_| TextStream::new(&work.params)),
+                                    stream: work
+                                        .stream
+                                        .take()
+                                        .map(|tx| (TextStream::new(&work.params), tx)),
                                 });
                                 open += 1;
                             }
@@ -469,10 +483,9 @@ fn run(
             let Some(flight) = flights.get_mut(&g.flight) else {
                 continue; // unreachable: generations of gone flights were dropped above
             };
-            let pieces = flight.work.stream.clone();
             match step {
                 Ok(false) => {
-                    if let (Some(tx), Some(text), Some(d)) = (&pieces, &mut g.text, &g.decoder) {
+                    if let (Some((text, tx)), Some(d)) = (&mut g.stream, &g.decoder) {
                         match text.next(model, d.ids()) {
                             Ok(Some(piece)) => {
                                 let _ = tx.send(piece);
@@ -485,7 +498,7 @@ fn run(
                 Ok(true) => match g.decoder.take().map(|d| d.finish(model)) {
                     None => {}
                     Some(Ok(out)) => {
-                        if let (Some(tx), Some(text)) = (&pieces, &mut g.text) {
+                        if let Some((text, tx)) = &mut g.stream {
                             if let Some(piece) = text.finish(&out.text) {
                                 let _ = tx.send(piece);
                             }

@@ -165,10 +165,10 @@ pub struct Predictor {
     _watcher: Option<notify::RecommendedWatcher>,
 }
 
-/// A request checked and composed, ready for the engine.
 /// A function's template and the tag whose head it reads (none: generation).
 type Plan = (Template, Option<String>);
 
+/// A request checked and composed, ready for the engine.
 struct Prepared {
     groups: Vec<Group>,
     params: GenerationParams,
@@ -313,7 +313,10 @@ impl Predictor {
         })
     }
 
-    async fn prepare_off_thread(self: &Arc<Self>, req: PredictRequest) -> Result<Prepared, PredictError> {
+    async fn prepare_off_thread(
+        self: &Arc<Self>,
+        req: PredictRequest,
+    ) -> Result<Prepared, PredictError> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.prepare(&req))
             .await
@@ -370,19 +373,13 @@ impl Predictor {
         for (i, input) in req.inputs.iter().enumerate() {
             let mut seqs = Vec::with_capacity(plans.len());
             for (tpl, head) in &plans {
-                let c = compose(
-                    &self.model,
-                    &tags,
-                    tpl,
-                    input,
-                    head.as_deref(),
-                    max_prompt,
-                )
-                .map_err(|e| match e {
-                    ComposeError::UnknownTag(_) => invalid(e.to_string()),
-                    _ => invalid(format!("inputs[{i}]: {e}")),
-                })?;
-                if c.head.is_none() && c.len() + params.max_new_tokens > context {
+                let c = compose(&self.model, &tags, tpl, input, head.as_deref(), max_prompt)
+                    .map_err(|e| match e {
+                        ComposeError::UnknownTag(_) => invalid(e.to_string()),
+                        _ => invalid(format!("inputs[{i}]: {e}")),
+                    })?;
+                // Prompts are within the context already: only a generation can outgrow it.
+                if engine::sequence_tokens(&c, &params) > context {
                     return Err(invalid(format!(
                         "inputs[{i}]: its prompt of {} tokens plus max_new_tokens {} \
                          exceeds the model's context of {context} tokens: lower \
@@ -409,7 +406,8 @@ impl Predictor {
                 self.limits.max_generation_tokens
             )));
         }
-        let one_generation = matches!(&groups[..], [g] if matches!(&g.seqs[..], [c] if c.head.is_none()));
+        let one_generation =
+            matches!(&groups[..], [g] if matches!(&g.seqs[..], [c] if c.head.is_none()));
         if req.stream && !one_generation {
             return Err(invalid(
                 "stream: true needs one input and a template or function that generates \
@@ -423,11 +421,7 @@ impl Predictor {
         })
     }
 
-    fn function_plan(
-        &self,
-        tags: &crate::tags::TagSet,
-        name: &str,
-    ) -> Result<Plan, PredictError> {
+    fn function_plan(&self, tags: &crate::tags::TagSet, name: &str) -> Result<Plan, PredictError> {
         let bundle = tags
             .get(name)
             .ok_or_else(|| invalid(format!("unknown tag <{name}>")))?;
