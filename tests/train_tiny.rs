@@ -751,7 +751,123 @@ fn step0_selection_keeps_the_initial_tag_when_training_only_makes_it_worse() {
     );
     assert_eq!(out.best_step, 0);
     assert_eq!(out.bundles[0].manifest.provenance["best_step"], 0);
+    assert!(out.bundles[0].manifest.provenance["head_refit"].is_null());
     assert!((out.eval["loss"].as_f64().unwrap() - step0).abs() < 1e-6 * step0.max(1.0));
     let init = tagllm::train::mean_embedding_init(&m, 3).unwrap();
     assert!(common::max_abs_diff(&out.bundles[0].vectors, &init) < 1e-7);
+}
+
+/// A sweep's runs all start from the same initialisation (a run in the sweep ends exactly
+/// like the same settings trained alone), and the job then trains with the best pair.
+#[test]
+fn a_sweep_starts_every_run_from_the_same_point_and_trains_with_the_best() {
+    let (_d, m) = tiny();
+    let smiles = stage1(&m, "SMILES");
+    let base = Hyperparameters {
+        warmup_ratio: 0.0,
+        eval_every: 1,
+        steps: 6,
+        head_learning_rate: Some(0.001),
+        ..hyper(6, 0.01)
+    };
+    let make = |h: Hyperparameters| {
+        let j = job(
+            2,
+            &["Size"],
+            "<SMILES> {smiles} size <Size>",
+            Some("y"),
+            HeadKind::Regression,
+            h,
+        );
+        Trainer::new(&m, smiles.clone(), j, &molecules(40), Some(&molecules(12))).unwrap()
+    };
+    let mut t = make(base.clone());
+    let mut seen = Vec::new();
+    let runs = t
+        .sweep(&[2.0, 0.01], &[2, 4], 3, 1, &mut |run, p| {
+            seen.push((run.learning_rate, run.batch_size, p.step));
+            true
+        })
+        .unwrap();
+    assert_eq!(runs.len(), 4);
+    assert_eq!(seen.len(), 12, "three steps per run: {seen:?}");
+    // The last run (lr 0.01, batch 4) alone, from a fresh trainer, ends the same way.
+    let alone = Hyperparameters {
+        learning_rate: 0.01,
+        head_learning_rate: Some(0.01 * 0.001 / 0.01),
+        batch_size: 4,
+        steps: 3,
+        eval_every: 1,
+        ..base.clone()
+    };
+    let mut best_alone = f64::NAN;
+    make(alone)
+        .run(None, &mut |p: &tagllm::train::Progress| {
+            best_alone = p.best_eval_loss.unwrap();
+            true
+        })
+        .unwrap();
+    let last = &runs[3];
+    assert_eq!((last.learning_rate, last.batch_size), (0.01, 4));
+    assert!(
+        (last.best_eval_loss - best_alone).abs() < 1e-6 * best_alone.max(1.0),
+        "sweep run {} vs alone {best_alone}",
+        last.best_eval_loss
+    );
+    let winner = runs
+        .iter()
+        .min_by(|a, b| a.best_eval_loss.total_cmp(&b.best_eval_loss))
+        .unwrap()
+        .clone();
+    assert_eq!(t.total_steps(), 6, "the job's own step count comes back");
+    let out = t
+        .run(None, &mut |_: &tagllm::train::Progress| true)
+        .unwrap();
+    let p = &out.bundles[0].manifest.provenance;
+    assert_eq!(p["hyperparameters"]["learning_rate"], winner.learning_rate);
+    assert_eq!(p["hyperparameters"]["batch_size"], winner.batch_size);
+    assert_eq!(p["sweep"]["runs"].as_array().unwrap().len(), 4);
+    assert_eq!(p["steps_run"], 6);
+}
+
+/// After tag training the head is fitted again on the trained tags' features, and kept
+/// only when held-out loss improves; the published metrics are those of the head kept.
+#[test]
+fn the_head_is_refitted_on_the_trained_tags_and_kept_only_when_better() {
+    let (_d, m) = tiny();
+    let smiles = stage1(&m, "SMILES");
+    let h = Hyperparameters {
+        warmup_ratio: 0.0,
+        eval_every: 2,
+        // The paper's random head: tag training beats its step 0 for sure.
+        head_init: tagllm::train::HeadInit::Random,
+        ..hyper(20, 0.01)
+    };
+    let j = job(
+        2,
+        &["Size"],
+        "<SMILES> {smiles} size <Size>",
+        Some("y"),
+        HeadKind::Regression,
+        h,
+    );
+    let t = Trainer::new(&m, smiles, j, &molecules(40), Some(&molecules(12))).unwrap();
+    let out = t
+        .run(None, &mut |_: &tagllm::train::Progress| true)
+        .unwrap();
+    assert!(out.best_step > 0, "training should help here");
+    let refit = &out.bundles[0].manifest.provenance["head_refit"];
+    let (before, after) = (
+        refit["validation_loss_before"].as_f64().unwrap(),
+        refit["validation_loss_after"].as_f64().unwrap(),
+    );
+    let published = out.eval["loss"].as_f64().unwrap();
+    let kept = refit["kept"].as_bool().unwrap();
+    assert_eq!(kept, after < before, "{refit}");
+    let expected = if kept { after } else { before };
+    assert!(
+        (published - expected).abs() < 1e-6 * expected.max(1.0),
+        "published {published}, refit {refit}"
+    );
+    assert!(published <= before + 1e-9);
 }

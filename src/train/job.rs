@@ -53,6 +53,9 @@ pub struct Hyperparameters {
     /// of a served tag's vectors, likewise).
     pub init: String,
     pub head_init: HeadInit,
+    /// After tag training, fit the head again in closed form on the trained tags'
+    /// features; the new head is kept only if it does better on held-out data.
+    pub head_refit: bool,
     /// Evaluate every this many steps (0: once per epoch, and at the end).
     pub eval_every: usize,
     /// Stop after this many evaluations without improvement (0: never).
@@ -74,6 +77,7 @@ impl Default for Hyperparameters {
             weight_decay: 0.0,
             init: "mean".into(),
             head_init: HeadInit::Fit,
+            head_refit: true,
             eval_every: 0,
             patience: 0,
         }

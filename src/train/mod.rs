@@ -18,4 +18,4 @@ pub use checkpoint::Checkpoint;
 pub use data::Dataset;
 pub use init::mean_embedding_init;
 pub use job::{HeadInit, HeadKind, Hyperparameters, TrainJob, RECORD_TEMPLATE_FIELD};
-pub use trainer::{Hooks, Progress, Trained, Trainer};
+pub use trainer::{Hooks, Progress, SweepRun, Trained, Trainer};

@@ -87,6 +87,46 @@ pub struct Trainer<'a> {
     order: Mutex<Option<(u64, Arc<Vec<usize>>)>>,
     /// How the head was fitted before step 1 (provenance).
     head_fit: Option<serde_json::Value>,
+    /// The head fitted again on the trained tags' features (provenance).
+    head_refit: Option<serde_json::Value>,
+    /// The sweep that chose the learning rate and batch size, if one ran (provenance).
+    sweep_record: Option<serde_json::Value>,
+    /// The initialised parameters and their held-out evaluation, once set up.
+    start: Option<Start>,
+}
+
+/// Where every run of a trainer starts: parameters after initialisation (and the head
+/// fit) with their held-out loss and metrics.
+struct Start {
+    snapshot: Vec<Tensor>,
+    eval: Option<(f64, serde_json::Value)>,
+}
+
+/// The optimisation's state between steps (what a checkpoint keeps, and the latest
+/// evaluation).
+struct Descent {
+    /// Steps taken.
+    step: usize,
+    /// Lowest held-out loss, its step and parameters.
+    best: Option<(f64, usize, Vec<Tensor>)>,
+    evals_without_gain: usize,
+    last_eval: Option<serde_json::Value>,
+    last_eval_loss: Option<f64>,
+    initial_eval: Option<serde_json::Value>,
+}
+
+/// One short run of a learning-rate / batch-size sweep.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SweepRun {
+    pub learning_rate: f64,
+    pub head_learning_rate: Option<f64>,
+    pub batch_size: usize,
+    pub steps: usize,
+    /// Lowest held-out loss of the run (step 0 included) and its step.
+    pub best_eval_loss: f64,
+    pub best_step: usize,
+    pub last_eval_loss: f64,
+    pub seconds_per_step: f64,
 }
 
 /// Without an eval set, training data this large gives up 10% for held-out evaluation.
@@ -156,6 +196,9 @@ impl<'a> Trainer<'a> {
             prefixes: Mutex::new(PrefixCache::new(0, 0)),
             order: Mutex::new(None),
             head_fit: None,
+            head_refit: None,
+            sweep_record: None,
+            start: None,
             job,
         };
         trainer.set_prefix_cache_budget(default_budget());
@@ -258,10 +301,11 @@ impl<'a> Trainer<'a> {
     }
 
     /// Fits the head in closed form on the features at the function tag, computed with the
-    /// current (initial) tag vectors; the regularisation is chosen on the held-out set.
-    fn fit_head(&mut self) -> Result<()> {
+    /// current tag vectors; the regularisation is chosen on the held-out set. Returns how
+    /// (provenance), or nothing for a job without a head.
+    fn fit_head(&mut self) -> Result<Option<serde_json::Value>> {
         let Some((w, b)) = self.head.clone() else {
-            return Ok(());
+            return Ok(None);
         };
         let started = std::time::Instant::now();
         let x = self.features(&self.train, EVAL_BATCH)?;
@@ -280,12 +324,12 @@ impl<'a> Trainer<'a> {
                 let (y, yv) = (c(&self.train), c(&self.eval));
                 fit_logistic(&x, &y, labels.len(), Some((&xv, &yv)))?
             }
-            _ => return Ok(()),
+            _ => return Ok(None),
         };
         let (fw, fb) = fit.tensors(self.model.device())?;
         w.set(&fw)?;
         b.set(&fb)?;
-        self.head_fit = Some(serde_json::json!({
+        Ok(Some(serde_json::json!({
             "method": if matches!(self.target, Target::Regression { .. }) { "ridge" } else { "logistic" },
             "lambda": fit.lambda,
             "validation_loss": fit.validation_loss,
@@ -293,18 +337,141 @@ impl<'a> Trainer<'a> {
             // The features pass also fills the frozen-prefix cache for the run.
             "features_seconds": features_seconds,
             "fit_seconds": started.elapsed().as_secs_f64() - features_seconds,
-        }));
-        Ok(())
+        })))
     }
 
     /// Runs (or, from `resume`, continues) the optimisation. `hooks.progress` is called
     /// after every step (returning false cancels the run); `hooks.checkpoint` every
     /// `hooks.every` steps and at the end. A fresh run starts from the initialisation (the
     /// head fitted if asked), evaluated as step 0; the published parameters are those of
-    /// the best evaluation, step 0 included.
+    /// the best evaluation, step 0 included, with the head refitted on their features when
+    /// that helps on held-out data.
     pub fn run(mut self, resume: Option<Checkpoint>, hooks: &mut dyn Hooks) -> Result<Trained> {
-        let h = self.job.hyperparameters.clone();
-        let total = self.total_steps;
+        let mut opt = self.optimizer()?;
+        let mut descent = match resume {
+            Some(c) => {
+                self.restore(&c.params)?;
+                opt.restore(c.adam_t, c.adam_m, c.adam_v)?;
+                Descent {
+                    step: c.step,
+                    best: c.best,
+                    evals_without_gain: c.evals_without_gain,
+                    last_eval: c.initial_eval.clone(),
+                    last_eval_loss: None,
+                    initial_eval: c.initial_eval,
+                }
+            }
+            None => self.from_start()?,
+        };
+        self.descend(&mut opt, &mut descent, hooks)?;
+        let steps_run = descent.step;
+        let best_step = match descent.best {
+            Some((_, step, snapshot)) => {
+                self.restore(&snapshot)?;
+                step
+            }
+            None => steps_run,
+        };
+        if best_step > 0 {
+            self.refit_head()?;
+        }
+        let (_, mut eval) = self.evaluate()?;
+        if let (Some(m), Some(step0)) = (eval.as_object_mut(), descent.initial_eval) {
+            m.insert("step0".into(), step0);
+        }
+        let bundles = self.bundles(&eval, best_step, steps_run)?;
+        Ok(Trained {
+            bundles,
+            eval,
+            best_step,
+            steps_run,
+        })
+    }
+
+    /// Short runs from the same start (the head fitted once, the frozen prefixes computed
+    /// once), one per learning rate × batch size, each `steps` long and evaluated every
+    /// `eval_every` steps; afterwards the job trains with the pair whose best held-out loss
+    /// was lowest (the head's rate keeps its ratio to the tags'). `progress` sees every
+    /// step of every run with the run's settings; returning false cancels the sweep.
+    pub fn sweep(
+        &mut self,
+        learning_rates: &[f64],
+        batch_sizes: &[usize],
+        steps: usize,
+        eval_every: usize,
+        progress: &mut dyn FnMut(&SweepRun, &Progress) -> bool,
+    ) -> Result<Vec<SweepRun>> {
+        ensure!(
+            !self.eval.is_empty(),
+            "a sweep needs held-out data to compare its runs"
+        );
+        ensure!(
+            !learning_rates.is_empty() && !batch_sizes.is_empty() && steps > 0,
+            "a sweep needs at least one learning rate, one batch size and one step"
+        );
+        let base = self.job.hyperparameters.clone();
+        let head_ratio = base.head_learning_rate.map(|r| r / base.learning_rate);
+        let mut runs = Vec::new();
+        for &batch_size in batch_sizes {
+            for &learning_rate in learning_rates {
+                let mut h = base.clone();
+                h.learning_rate = learning_rate;
+                h.head_learning_rate = head_ratio.map(|r| r * learning_rate);
+                h.batch_size = batch_size;
+                h.steps = steps;
+                h.epochs = 0.0;
+                h.eval_every = eval_every;
+                h.patience = 0;
+                h.validate()?;
+                self.set_hyperparameters(h.clone());
+                let mut run = SweepRun {
+                    learning_rate,
+                    head_learning_rate: h.head_learning_rate,
+                    batch_size,
+                    steps,
+                    best_eval_loss: f64::NAN,
+                    best_step: 0,
+                    last_eval_loss: f64::NAN,
+                    seconds_per_step: f64::NAN,
+                };
+                let mut descent = self.from_start()?;
+                let mut opt = self.optimizer()?;
+                let started = std::time::Instant::now();
+                self.descend(&mut opt, &mut descent, &mut |p: &Progress| {
+                    progress(&run, p)
+                })?;
+                run.seconds_per_step = started.elapsed().as_secs_f64() / steps as f64;
+                if let Some((loss, step, _)) = &descent.best {
+                    (run.best_eval_loss, run.best_step) = (*loss, *step);
+                }
+                run.last_eval_loss = descent.last_eval_loss.unwrap_or(f64::NAN);
+                runs.push(run);
+            }
+        }
+        let winner = runs
+            .iter()
+            .min_by(|a, b| a.best_eval_loss.total_cmp(&b.best_eval_loss))
+            .context("a sweep of no runs")?
+            .clone();
+        let mut chosen = base;
+        chosen.learning_rate = winner.learning_rate;
+        chosen.head_learning_rate = winner.head_learning_rate;
+        chosen.batch_size = winner.batch_size;
+        self.set_hyperparameters(chosen);
+        self.sweep_record = Some(serde_json::json!({"runs": runs, "chosen": winner}));
+        Ok(runs)
+    }
+
+    /// Replaces the job's hyperparameters (already validated), with what depends on them.
+    fn set_hyperparameters(&mut self, h: super::job::Hyperparameters) {
+        self.total_steps = h.total_steps(self.train.len());
+        self.job.hyperparameters = h;
+        *self.order.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
+    /// AdamW over the learned parameters, the head at its own rate.
+    fn optimizer(&self) -> Result<AdamW> {
+        let h = &self.job.hyperparameters;
         let mut opt = AdamW::new(self.vars(), h.learning_rate, h.weight_decay)?;
         let head_scale = h.head_learning_rate.unwrap_or(h.learning_rate) / h.learning_rate;
         let scales = (0..self.vars().len())
@@ -317,46 +484,67 @@ impl<'a> Trainer<'a> {
             })
             .collect();
         opt.set_lr_scales(scales)?;
-        let mut best: Option<(f64, usize, Vec<Tensor>)> = None;
-        let mut evals_without_gain = 0;
-        let mut first_step = 0;
-        let mut initial_eval = None;
-        match resume {
-            Some(c) => {
-                self.restore(&c.params)?;
-                opt.restore(c.adam_t, c.adam_m, c.adam_v)?;
-                best = c.best;
-                evals_without_gain = c.evals_without_gain;
-                first_step = c.step;
-                initial_eval = c.initial_eval;
+        Ok(opt)
+    }
+
+    /// The starting point, set up once per trainer (head fit, step-0 evaluation) and
+    /// restored for every run that starts from it.
+    fn from_start(&mut self) -> Result<Descent> {
+        let start = match self.start.take() {
+            Some(s) => {
+                self.restore(&s.snapshot)?;
+                s
             }
             None => {
-                if h.head_init == HeadInit::Fit {
-                    self.fit_head()?;
+                if self.job.hyperparameters.head_init == HeadInit::Fit {
+                    self.head_fit = self.fit_head()?;
                 }
-                if !self.eval.is_empty() {
-                    let (loss, m) = self.evaluate()?;
-                    initial_eval = Some(m);
-                    best = Some((loss, 0, self.snapshot()?));
+                let eval = if self.eval.is_empty() {
+                    None
+                } else {
+                    Some(self.evaluate()?)
+                };
+                Start {
+                    snapshot: self.snapshot()?,
+                    eval,
                 }
             }
-        }
+        };
+        let descent = Descent {
+            step: 0,
+            best: start
+                .eval
+                .as_ref()
+                .map(|(loss, _)| (*loss, 0, start.snapshot.clone())),
+            evals_without_gain: 0,
+            last_eval: start.eval.as_ref().map(|(_, m)| m.clone()),
+            last_eval_loss: start.eval.as_ref().map(|(loss, _)| *loss),
+            initial_eval: start.eval.as_ref().map(|(_, m)| m.clone()),
+        };
+        self.start = Some(start);
+        Ok(descent)
+    }
+
+    /// The optimisation loop from `d.step` to the total, with evaluation, early stopping,
+    /// progress reports and checkpoints.
+    fn descend(&self, opt: &mut AdamW, d: &mut Descent, hooks: &mut dyn Hooks) -> Result<()> {
+        let h = &self.job.hyperparameters;
+        let total = self.total_steps;
         let eval_every = match h.eval_every {
             0 => self.steps_per_epoch(),
             n => n,
         };
-        let mut last_eval = initial_eval.clone();
-        let mut steps_run = first_step;
         let stopped_early = |ewg: usize| h.patience > 0 && ewg >= h.patience;
-        for step in first_step..total {
-            if stopped_early(evals_without_gain) {
+        for step in d.step..total {
+            if stopped_early(d.evals_without_gain) {
                 break;
             }
             let lr = cosine_with_warmup(step, total, h.warmup_ratio, h.learning_rate);
             opt.lr = lr;
             let (loss, grads) = self.accumulated_gradients(step)?;
             opt.step(&grads)?;
-            steps_run = step + 1;
+            d.step = step + 1;
+            let steps_run = d.step;
             ensure!(
                 loss.is_finite(),
                 "the loss diverged at step {steps_run} (try a lower learning_rate)"
@@ -365,12 +553,13 @@ impl<'a> Trainer<'a> {
             if (steps_run == total || steps_run % eval_every == 0) && !self.eval.is_empty() {
                 let (eval_loss, m) = self.evaluate()?;
                 evaluated = Some(eval_loss);
-                last_eval = Some(m);
-                if best.as_ref().is_none_or(|(b, _, _)| eval_loss < *b) {
-                    best = Some((eval_loss, steps_run, self.snapshot()?));
-                    evals_without_gain = 0;
+                d.last_eval = Some(m);
+                d.last_eval_loss = Some(eval_loss);
+                if d.best.as_ref().is_none_or(|(b, _, _)| eval_loss < *b) {
+                    d.best = Some((eval_loss, steps_run, self.snapshot()?));
+                    d.evals_without_gain = 0;
                 } else {
-                    evals_without_gain += 1;
+                    d.evals_without_gain += 1;
                 }
             }
             let progress = Progress {
@@ -378,9 +567,9 @@ impl<'a> Trainer<'a> {
                 total_steps: total,
                 loss,
                 learning_rate: lr,
-                eval: last_eval.clone(),
+                eval: d.last_eval.clone(),
                 eval_loss: evaluated,
-                best_eval_loss: best.as_ref().map(|b| b.0),
+                best_eval_loss: d.best.as_ref().map(|b| b.0),
             };
             if !hooks.progress(&progress) {
                 bail!("cancelled at step {steps_run}");
@@ -388,7 +577,7 @@ impl<'a> Trainer<'a> {
             let every = hooks.every();
             if (every > 0 && steps_run % every == 0)
                 || steps_run == total
-                || stopped_early(evals_without_gain)
+                || stopped_early(d.evals_without_gain)
             {
                 let (t, m, v) = opt.state();
                 hooks.checkpoint(&Checkpoint {
@@ -397,30 +586,36 @@ impl<'a> Trainer<'a> {
                     adam_t: t,
                     adam_m: m.to_vec(),
                     adam_v: v.to_vec(),
-                    best: best.clone(),
-                    evals_without_gain,
-                    initial_eval: initial_eval.clone(),
+                    best: d.best.clone(),
+                    evals_without_gain: d.evals_without_gain,
+                    initial_eval: d.initial_eval.clone(),
                 })?;
             }
         }
-        let best_step = match best {
-            Some((_, step, snapshot)) => {
-                self.restore(&snapshot)?;
-                step
-            }
-            None => steps_run,
-        };
-        let (_, mut eval) = self.evaluate()?;
-        if let (Some(m), Some(step0)) = (eval.as_object_mut(), initial_eval) {
-            m.insert("step0".into(), step0);
+        Ok(())
+    }
+
+    /// After tag training, fits the head again in closed form on the features of the
+    /// trained tags, and keeps the new head only if it does better on held-out data.
+    fn refit_head(&mut self) -> Result<()> {
+        if !self.job.hyperparameters.head_refit || self.head.is_none() || self.eval.is_empty() {
+            return Ok(());
         }
-        let bundles = self.bundles(&eval, best_step, steps_run)?;
-        Ok(Trained {
-            bundles,
-            eval,
-            best_step,
-            steps_run,
-        })
+        let before = self.snapshot()?;
+        let (loss_before, _) = self.evaluate()?;
+        let fit = self.fit_head()?;
+        let (loss_after, _) = self.evaluate()?;
+        let kept = loss_after < loss_before;
+        if !kept {
+            self.restore(&before)?;
+        }
+        self.head_refit = Some(serde_json::json!({
+            "fit": fit,
+            "validation_loss_before": loss_before,
+            "validation_loss_after": loss_after,
+            "kept": kept,
+        }));
+        Ok(())
     }
 
     /// The mean loss and gradients of optimizer step `step` over its micro-batches.
@@ -535,6 +730,8 @@ impl<'a> Trainer<'a> {
                             "head": self.job.head,
                             "hyperparameters": self.job.hyperparameters,
                             "head_fit": self.head_fit,
+                            "head_refit": self.head_refit,
+                            "sweep": self.sweep_record,
                             "train_examples": self.train.len(),
                             "eval_examples": self.eval.len(),
                             "total_steps": self.total_steps,

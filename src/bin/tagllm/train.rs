@@ -64,6 +64,10 @@ pub(crate) struct TrainCmd {
     /// `fit` (closed form on the step-0 features) or `random`.
     #[arg(long, value_parser = ["fit", "random"])]
     pub(crate) head_init: Option<String>,
+    /// After tag training, refit the head in closed form on the trained tags' features
+    /// (kept only if better on held-out data).
+    #[arg(long)]
+    pub(crate) head_refit: Option<bool>,
     /// Evaluate every N steps (0: every epoch).
     #[arg(long)]
     pub(crate) eval_every: Option<usize>,
@@ -73,6 +77,20 @@ pub(crate) struct TrainCmd {
     /// Memory for the frozen-prefix cache, MiB (default: half the available memory).
     #[arg(long, env = "TAGLLM_PREFIX_CACHE_MB")]
     pub(crate) prefix_cache_mb: Option<usize>,
+    /// Before training, short runs from the same start at each of these tag learning
+    /// rates (comma-separated) × each of `--sweep-batch-sizes`; the job then trains with
+    /// the pair of lowest held-out loss. Needs held-out data.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) sweep_learning_rates: Vec<f64>,
+    /// Batch sizes of the sweep (default: --batch-size).
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) sweep_batch_sizes: Vec<usize>,
+    /// Steps of each sweep run.
+    #[arg(long, default_value_t = 60)]
+    pub(crate) sweep_steps: usize,
+    /// Evaluate each sweep run every N steps (default: a third of its steps).
+    #[arg(long)]
+    pub(crate) sweep_eval_every: Option<usize>,
     /// Appends one JSON line per step (step, loss, learning rate, eval metrics when
     /// evaluated, seconds since start): the loss curve.
     #[arg(long)]
@@ -99,6 +117,7 @@ impl TrainCmd {
                 Some(_) => tagllm::train::HeadInit::Fit,
                 None => d.head_init,
             },
+            head_refit: self.head_refit.unwrap_or(d.head_refit),
             eval_every: self.eval_every.unwrap_or(d.eval_every),
             patience: self.patience.unwrap_or(d.patience),
         }
@@ -155,15 +174,52 @@ pub(crate) fn train(cmd: TrainCmd) -> Result<()> {
         })
         .transpose()?;
     let started = std::time::Instant::now();
-    let trained = trainer.run(None, &mut |p: &tagllm::train::Progress| {
+    let mut write_log = |p: &tagllm::train::Progress, sweep: Option<&tagllm::train::SweepRun>| {
         if let Some(f) = log.as_mut() {
             use std::io::Write;
-            let line = serde_json::json!({"step": p.step, "loss": p.loss, "learning_rate": p.learning_rate,
-                "eval": p.eval, "seconds": started.elapsed().as_secs_f64()});
+            let mut line = serde_json::json!({"step": p.step, "loss": p.loss, "learning_rate": p.learning_rate,
+                "eval": p.eval, "eval_loss": p.eval_loss, "seconds": started.elapsed().as_secs_f64()});
+            if let Some(run) = sweep {
+                line["sweep"] = serde_json::json!({"learning_rate": run.learning_rate, "batch_size": run.batch_size});
+            }
             if let Err(e) = writeln!(f, "{line}") {
                 eprintln!("warning: cannot write the training log: {e}");
             }
         }
+    };
+    if !cmd.sweep_learning_rates.is_empty() {
+        let batch_sizes = if cmd.sweep_batch_sizes.is_empty() {
+            vec![cmd.hyperparameters().batch_size]
+        } else {
+            cmd.sweep_batch_sizes.clone()
+        };
+        let eval_every = cmd.sweep_eval_every.unwrap_or((cmd.sweep_steps / 3).max(1));
+        let runs = trainer.sweep(
+            &cmd.sweep_learning_rates,
+            &batch_sizes,
+            cmd.sweep_steps,
+            eval_every,
+            &mut |run, p| {
+                write_log(p, Some(run));
+                if let Some(e) = p.eval_loss {
+                    eprintln!(
+                        "sweep lr {} batch {}: step {}/{} loss {:.4} held-out {e:.5}",
+                        run.learning_rate, run.batch_size, p.step, p.total_steps, p.loss
+                    );
+                }
+                true
+            },
+        )?;
+        for r in &runs {
+            eprintln!(
+                "sweep lr {} batch {}: best held-out loss {:.5} at step {}, {:.2} s/step",
+                r.learning_rate, r.batch_size, r.best_eval_loss, r.best_step, r.seconds_per_step
+            );
+        }
+        bar.set_length(trainer.total_steps() as u64);
+    }
+    let trained = trainer.run(None, &mut |p: &tagllm::train::Progress| {
+        write_log(p, None);
         bar.set_position(p.step as u64);
         let best = p
             .best_eval_loss
