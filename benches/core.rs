@@ -1,7 +1,11 @@
 //! Model-core benchmarks on the default model (CPU, f32):
 //! - prefill of 64-token sequences at batch 1, 8 and 32, keeping only the last final-norm
 //!   hidden state (what a regression/classification tag needs);
-//! - greedy decoding tokens/s at batch 1 with the KV cache;
+//! - greedy decoding tokens/s at batch 1 with the KV cache, with f32 weights and with
+//!   the matrices re-quantized to q8_0 (`serve --precision`) and q4_0 (measured, not
+//!   offered: it drifts too far); prefill at batch 32 for the quantized ones;
+//! - generations decoded together as the server does (`DecodeBatch`: batched prefill,
+//!   then one forward per token over the slot cache) at 1 and 16 sequences, f32 and q8_0;
 //! - one training step at batch 8 x 64 tokens: forward + backward with respect to 10
 //!   spliced tag vectors + AdamW, for a regression head and for prompt tuning (LM loss).
 //!
@@ -10,9 +14,10 @@
 
 use std::time::Instant;
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use tagllm::model::{rows_at, BaseModel, Mode};
+use tagllm::model::{rows_at, BaseModel, DecodeBatch, Decoder, GenerationParams, Mode};
 
 const SEQ: usize = 64;
 const TAG_LEN: usize = 10;
@@ -83,6 +88,31 @@ fn main() {
         }
     }
 
+    // Serving may read the matrices re-quantized (`serve --precision`): the same
+    // measurements for each precision.
+    let precisions = [
+        ("f32", m.llama.clone()),
+        ("q8_0", m.llama.quantized(GgmlDType::Q8_0).unwrap()),
+        ("q4_0", m.llama.quantized(GgmlDType::Q4_0).unwrap()),
+    ];
+
+    if "prefill_quantized".contains(filter.as_str()) || filter.is_empty() {
+        let x = token_batch(&m, 32);
+        let last = vec![SEQ - 1; 32];
+        for (precision, llama) in &precisions[1..] {
+            let secs = timed(1, 3, || {
+                let h = llama.forward(&x, None, None, Mode::Fast).unwrap();
+                rows_at(&h, &last).unwrap();
+            });
+            report(
+                &format!("prefill_b32_{precision}"),
+                (32 * SEQ) as f64 / secs,
+                "tokens/s",
+                serde_json::json!({"seconds": secs}),
+            );
+        }
+    }
+
     if "decode".contains(filter.as_str()) || filter.is_empty() {
         let prompt = m
             .embed_text("The capital of France is")
@@ -90,32 +120,99 @@ fn main() {
             .unsqueeze(0)
             .unwrap();
         let steps = 64;
-        let secs = timed(1, 3, || {
-            let mut cache = m.llama.new_cache();
-            let mut input = prompt.clone();
-            for _ in 0..steps {
-                let h = m
-                    .llama
-                    .forward(&input, None, Some(&mut cache), Mode::Fast)
-                    .unwrap();
-                let n = h.dim(1).unwrap();
-                let logits = m.llama.logits(&h.narrow(1, n - 1, 1).unwrap()).unwrap();
-                let next = logits
-                    .flatten_all()
-                    .unwrap()
-                    .argmax(D::Minus1)
-                    .unwrap()
-                    .to_scalar::<u32>()
-                    .unwrap();
-                input = m.llama.embed_ids(&[next]).unwrap().unsqueeze(0).unwrap();
+        for (precision, llama) in &precisions {
+            let mut ids = Vec::new();
+            let secs = timed(1, 3, || {
+                ids.clear();
+                let mut cache = llama.new_cache();
+                let mut input = prompt.clone();
+                for _ in 0..steps {
+                    let h = llama
+                        .forward(&input, None, Some(&mut cache), Mode::Fast)
+                        .unwrap();
+                    let n = h.dim(1).unwrap();
+                    let logits = llama.logits(&h.narrow(1, n - 1, 1).unwrap()).unwrap();
+                    let next = logits
+                        .flatten_all()
+                        .unwrap()
+                        .argmax(D::Minus1)
+                        .unwrap()
+                        .to_scalar::<u32>()
+                        .unwrap();
+                    ids.push(next);
+                    input = llama.embed_ids(&[next]).unwrap().unsqueeze(0).unwrap();
+                }
+            });
+            let name = if *precision == "f32" {
+                "decode_b1".to_string()
+            } else {
+                format!("decode_b1_{precision}")
+            };
+            report(
+                &name,
+                steps as f64 / secs,
+                "tokens/s",
+                serde_json::json!({"new_tokens": steps, "seconds": secs, "text": m.tokenizer.decode(&ids, true).unwrap_or_default()}),
+            );
+        }
+    }
+
+    // What the server runs: generations joined into a DecodeBatch (batched prefill, then
+    // one forward per token for all of them over the persistent slot cache).
+    if "decode_batch".contains(filter.as_str()) || filter.is_empty() {
+        let steps = 64;
+        for (precision, llama) in &precisions[..2] {
+            let served = BaseModel {
+                llama: llama.clone(),
+                ..m.clone()
+            };
+            for batch in [1usize, 2, 4, 8, 16] {
+                let params = GenerationParams {
+                    max_new_tokens: steps + 1,
+                    ..Default::default()
+                };
+                let prompts: Vec<Tensor> = (0..batch)
+                    .map(|i| {
+                        let chat = served
+                            .tokenizer
+                            .apply_chat_template(&format!(
+                                "Tell a long story about molecule number {i}."
+                            ))
+                            .unwrap();
+                        served.embed_text(&chat).unwrap()
+                    })
+                    .collect();
+                let (mut tokens, mut decode_secs) = (0, 0.0);
+                let secs = timed(1, 3, || {
+                    let mut b = DecodeBatch::new(&served);
+                    let joining = prompts
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| (i as u64, Decoder::new(&served, p, &params).unwrap()))
+                        .collect();
+                    for (_, r) in b.join(&served, joining, 4096) {
+                        r.unwrap(); // Some: ended at its first token (EOS), not decoding
+                    }
+                    tokens = 0;
+                    let t = Instant::now();
+                    while !b.is_empty() {
+                        for (h, finished) in b.step(&served).unwrap() {
+                            tokens += 1;
+                            if finished {
+                                b.leave(h).unwrap();
+                            }
+                        }
+                    }
+                    decode_secs = t.elapsed().as_secs_f64();
+                });
+                report(
+                    &format!("decode_batch_b{batch}_{precision}"),
+                    tokens as f64 / decode_secs,
+                    "tokens/s",
+                    serde_json::json!({"sequences": batch, "tokens": tokens, "decode_seconds": decode_secs, "seconds_with_prefill": secs}),
+                );
             }
-        });
-        report(
-            "decode_b1",
-            steps as f64 / secs,
-            "tokens/s",
-            serde_json::json!({"new_tokens": steps, "seconds": secs}),
-        );
+        }
     }
 
     if "train".contains(filter.as_str()) || filter.is_empty() {

@@ -2,7 +2,9 @@
 //! regression-style predictions (64-token inputs) at 1, 8 and 32 concurrent clients, with
 //! dynamic batching on and off, and the HTTP server's overhead over the bare engine; then
 //! admission by work under overload: 256 concurrent clients against the default queue
-//! budget, with the p99 latency of admitted requests and of the 429s.
+//! budget, with the p99 latency of admitted requests and of the 429s; then generation:
+//! tokens/s of one client alone and of 16 concurrent clients, and head-request latency
+//! idle vs. while 16 generations decode, with f32 and with q8_0 serving weights.
 //!
 //! Run: `cargo bench --bench serve` (after scripts/setup-model.sh). The server runs
 //! in-process on a loopback port; the tag is synthetic (seeded vectors and head), which
@@ -14,6 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 use tagllm::http::ServerConfig;
 use tagllm::infer::{EngineConfig, Input, Limits, PredictRequest, Predictor};
+use tagllm::model::Precision;
 use tagllm::service::{Service, ServiceConfig};
 use tagllm::tags::{Head, HeadSpec, TagBundle, TagKind, TagManifest};
 
@@ -139,14 +142,101 @@ async fn load_with_refusals(
     (all.len() as f64 / secs, all, refused)
 }
 
+/// One generation through /predict; returns (new tokens, seconds).
+async fn generate_once(
+    client: &reqwest::Client,
+    url: &str,
+    i: usize,
+    max_new: usize,
+) -> (usize, f64) {
+    let body = json!({
+        "template": "<|im_start|>user\nTell a long story about {x}.<|im_end|>\n<|im_start|>assistant\n",
+        "inputs": [format!("molecule number {i}")],
+        "parameters": {"max_new_tokens": max_new},
+    });
+    let t = Instant::now();
+    let r = client
+        .post(format!("{url}/predict"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let v: serde_json::Value = r.json().await.unwrap();
+    let n = v["predictions"][0]["ids"].as_array().map_or(0, Vec::len);
+    (n, t.elapsed().as_secs_f64())
+}
+
+/// Generation tokens/s alone and with 16 concurrent clients, and head latency (p50 of
+/// sequential requests) idle vs. while 16 generations decode.
+async fn generation_bench(url: &str, smiles: &[String], precision: &str) {
+    let client = reqwest::Client::new();
+    generate_once(&client, url, 0, 8).await; // warm-up
+    let (mut tokens, mut secs) = (0, 0.0);
+    for i in 0..3 {
+        let (n, s) = generate_once(&client, url, i, 64).await;
+        tokens += n;
+        secs += s;
+    }
+    let alone = tokens as f64 / secs;
+    let concurrent = |clients: usize, max_new: usize| {
+        let (client, url) = (client.clone(), url.to_string());
+        (0..clients)
+            .map(|i| {
+                let (client, url) = (client.clone(), url.clone());
+                tokio::spawn(async move { generate_once(&client, &url, i, max_new).await })
+            })
+            .collect::<Vec<_>>()
+    };
+    let started = Instant::now();
+    let mut total = 0;
+    for t in concurrent(16, 64) {
+        total += t.await.unwrap().0;
+    }
+    let together = total as f64 / started.elapsed().as_secs_f64();
+    let (_, idle) = load(url, 1, 10, smiles).await;
+    let busy_tasks = concurrent(16, 256);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, busy) = load(url, 1, 10, smiles).await;
+    for t in busy_tasks {
+        t.await.unwrap();
+    }
+    let ms = |v: &[f64]| (percentile(v, 0.5) * 1e4).round() / 10.0;
+    println!(
+        "{}",
+        json!({"bench": "generation", "precision": precision,
+               "tokens_per_s_alone": (alone * 10.0).round() / 10.0,
+               "tokens_per_s_16_clients": (together * 10.0).round() / 10.0,
+               "speedup_16": (together / alone * 100.0).round() / 100.0,
+               "head_p50_idle_ms": ms(&idle), "head_p50_during_16_generations_ms": ms(&busy),
+               "head_slowdown": (percentile(&busy, 0.5) / percentile(&idle, 0.5) * 100.0).round() / 100.0})
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let model =
         std::env::var("TAGLLM_MODEL").unwrap_or_else(|_| tagllm::model::DEFAULT_MODEL_PATH.into());
     let tags_dir = tempfile::tempdir().unwrap();
-    // (batching, admission): throughput with batching on and off and no queue budget to
-    // speak of, then the default queue budget under overload.
-    for (batching, admission) in [(true, false), (false, false), (true, true)] {
+    // (batching, admission, generation): throughput with batching on and off and no queue
+    // budget to speak of, then the default queue budget under overload, then generation
+    // at each serving precision.
+    let only = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
+    for (batching, admission, generation) in [
+        (true, false, None),
+        (false, false, None),
+        (true, true, None),
+        (true, false, Some(Precision::F32)),
+        (true, false, Some(Precision::Q8_0)),
+    ] {
+        let section = match (batching, admission, generation) {
+            (_, _, Some(_)) => "generation",
+            (_, true, _) => "admission",
+            _ => "predict",
+        };
+        if only.as_deref().is_some_and(|o| o != section) {
+            continue;
+        }
         // Batching off: a one-token budget makes every request its own forward pass.
         let engine = EngineConfig {
             max_batch_tokens: if batching { 4096 } else { 1 },
@@ -155,6 +245,7 @@ async fn main() {
             } else {
                 Duration::from_secs(3600)
             },
+            precision: generation.unwrap_or_default(),
             ..Default::default()
         };
         let data = tempfile::tempdir().unwrap();
@@ -203,6 +294,10 @@ async fn main() {
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(service.serve(listener));
 
+        if let Some(precision) = generation {
+            generation_bench(&url, &smiles, precision.name()).await;
+            continue;
+        }
         if admission {
             load(&url, 4, 2, &smiles).await; // warm-up: the engine measures its pace
             let clients = 256;

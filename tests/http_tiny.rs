@@ -304,7 +304,12 @@ async fn hot_add_replace_invalid_and_remove() {
     );
     bad.vectors = (bad.vectors.clone() * f64::NAN).unwrap();
     bad.save(&s.tags_dir).unwrap();
-    wait_for(&s, |set| set.errors.contains_key("QED")).await;
+    // The watcher may first catch the files mid-rewrite (a checksum error): wait for the
+    // verdict on the finished bundle.
+    wait_for(&s, |set| {
+        set.errors.get("QED").is_some_and(|e| e.contains("NaN"))
+    })
+    .await;
     let (_, tags) = get(&s.url, "/tags").await;
     assert!(
         tags["errors"]["QED"].as_str().unwrap().contains("NaN"),
@@ -1055,6 +1060,8 @@ async fn admission_refuses_work_beyond_the_queue_budget_at_once() {
                 assert_error(status, &body, status, "overloaded", "at capacity");
                 assert!(retry.unwrap().parse::<u64>().unwrap() >= 1);
             }
+            // Admitted, then not started within twice the 1 ms budget (a loaded machine).
+            StatusCode::SERVICE_UNAVAILABLE if body["error_type"] == "queue_timeout" => {}
             other => panic!("{other}: {body}"),
         }
     }

@@ -412,16 +412,29 @@ fn bad_model_files_get_clear_errors() {
     assert!(e.contains("unsupported architecture"), "{e}");
 }
 
+/// Generations decoded together over the persistent slot cache give exactly what each
+/// gives alone: joining at different times (slots of different lengths), in batched
+/// prefills of several padded prompts, past the initial slot count and capacity (the
+/// cache grows), and with a member leaving mid-way (the last slot moves into its place).
 #[test]
 fn batched_decoding_equals_decoding_each_sequence_alone() {
-    use tagllm::model::Decoder;
+    use tagllm::model::{DecodeBatch, Decoder};
     let dir = tempdir();
     let m = tiny_gguf(dir.path(), GgmlDType::Q8_0, 17);
     let params = GenerationParams {
         max_new_tokens: 12,
         ..Default::default()
     };
-    let prompts = ["the cat", "then a rat ran on", "CC"];
+    let long = "the cat sat on the mat and then ".repeat(20);
+    let prompts = [
+        "the cat",
+        "then a rat ran on",
+        "CC",
+        long.as_str(),
+        "a",
+        "the rat sat",
+        "on on on",
+    ];
     let alone: Vec<Vec<u32>> = prompts
         .iter()
         .map(|p| {
@@ -430,28 +443,55 @@ fn batched_decoding_equals_decoding_each_sequence_alone() {
                 .ids
         })
         .collect();
-    let mut decoders: Vec<Decoder> = prompts
-        .iter()
-        .map(|p| Decoder::new(&m, &m.embed_text(p).unwrap(), &params).unwrap())
-        .collect();
-    // Start them at different times, as requests arrive, so caches have different lengths.
-    decoders[0].step(&m).unwrap();
-    decoders[0].step(&m).unwrap();
-    decoders[1].step(&m).unwrap();
-    loop {
-        let mut live: Vec<&mut Decoder> =
-            decoders.iter_mut().filter(|d| !d.is_finished()).collect();
-        if live.is_empty() {
-            break;
+    let decoder = |i: usize| {
+        (
+            i as u64,
+            Decoder::new(&m, &m.embed_text(prompts[i]).unwrap(), &params).unwrap(),
+        )
+    };
+    let mut batch = DecodeBatch::new(&m);
+    let mut got: Vec<Option<Vec<u32>>> = vec![None; prompts.len()];
+    // Members that finish at their first token come straight back.
+    let settle = |joined: Vec<(u64, anyhow::Result<Option<Decoder>>)>,
+                  got: &mut Vec<Option<Vec<u32>>>| {
+        for (h, r) in joined {
+            if let Some(d) = r.unwrap() {
+                got[h as usize] = Some(d.finish(&m).unwrap().ids);
+            }
         }
-        for r in Decoder::step_many(&mut live, &m) {
-            r.unwrap();
+    };
+    let j = batch.join(&m, vec![decoder(0)], 4096);
+    settle(j, &mut got);
+    batch.step(&m).unwrap();
+    // Two prompts of different lengths in one padded prefill, then a long one alone
+    // (a 64-token budget), then more than the initial four slots.
+    let j = batch.join(&m, vec![decoder(1), decoder(2), decoder(3)], 64);
+    settle(j, &mut got);
+    batch.step(&m).unwrap();
+    let j = batch.join(&m, vec![decoder(4), decoder(5), decoder(6)], 4096);
+    settle(j, &mut got);
+    assert!(batch.len() > 4, "{} members", batch.len());
+    // Member 2 leaves after its next step and comes back alone, from its own state.
+    let mut left_early = false;
+    while !batch.is_empty() {
+        for (h, finished) in batch.step(&m).unwrap() {
+            if finished {
+                let d = batch.leave(h).unwrap().unwrap();
+                got[h as usize] = Some(d.finish(&m).unwrap().ids);
+            } else if h == 2 && !left_early {
+                left_early = true;
+                let mut d = batch.leave(h).unwrap().unwrap();
+                // Alone it has no cache: rerun it from scratch to the end instead, and
+                // check the batch kept going for the others.
+                assert!(!d.is_finished());
+                d = Decoder::new(&m, &m.embed_text(prompts[2]).unwrap(), &params).unwrap();
+                while !d.step(&m).unwrap() {}
+                got[2] = Some(d.finish(&m).unwrap().ids);
+            }
         }
     }
-    let batched: Vec<Vec<u32>> = decoders
-        .into_iter()
-        .map(|d| d.finish(&m).unwrap().ids)
-        .collect();
+    assert!(left_early);
+    let batched: Vec<Vec<u32>> = got.into_iter().map(Option::unwrap).collect();
     assert_eq!(batched, alone);
 }
 

@@ -137,12 +137,13 @@ def expert_baselines(task, data):
 # ---------------------------------------------------------------- the API
 
 class Server:
-    def __init__(self, runs, port):
+    def __init__(self, runs, port, tags=None, precision="f32"):
         self.url = f"http://127.0.0.1:{port}"
+        (runs / "logs").mkdir(parents=True, exist_ok=True)
         log = open(runs / "logs" / "serve.log", "w")
         self.proc = subprocess.Popen(
-            [BIN, "serve", "--tags-dir", str(runs / "tags"), "--data-dir", str(runs / "serve"), "--no-worker",
-             "--no-watch", "--port", str(port), "--max-batch-inputs", "256",
+            [BIN, "serve", "--tags-dir", str(tags or runs / "tags"), "--data-dir", str(runs / "serve"), "--no-worker",
+             "--no-watch", "--port", str(port), "--max-batch-inputs", "256", "--precision", precision,
              # An offline evaluation wants its requests queued, not refused with 429.
              "--max-queue-ms", "3600000"],
             stdout=log, stderr=log)

@@ -80,6 +80,8 @@ pub struct LimitsInfo {
     /// The engine's measured pace, in token units (prompt tokens + decoded tokens) per
     /// second, from which the queue's wait is estimated.
     pub pace_units_per_second: f64,
+    /// How serving reads the frozen matrices: `f32` or `q8_0`.
+    pub precision: String,
 }
 
 /// The model, limits and version.
@@ -108,6 +110,7 @@ pub async fn info(State(s): Shared) -> Result<Json<InfoResponse>, ApiError> {
             max_body_bytes: s.config.max_body_bytes,
             max_queue_wait_ms: p.engine_config.max_queue_wait.as_millis() as u64,
             pace_units_per_second: p.engine.admission.pace(),
+            precision: p.engine_config.precision.name().into(),
         },
     }))
 }

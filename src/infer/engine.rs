@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::admission::{Admission, Refused};
 use super::heads::{apply_head, Prediction};
-use crate::model::{rows_at, BaseModel, Decoder, GenerationParams, Mode, TextStream};
+use crate::model::{rows_at, BaseModel, DecodeBatch, Decoder, GenerationParams, Mode, TextStream};
 use crate::tags::compose::{common_prefix, Composed};
 
 #[derive(Debug, Clone)]
@@ -29,6 +29,8 @@ pub struct EngineConfig {
     /// Admission: the longest estimated wait in the queue a new request may face (more
     /// answers 429 at once); work still queued after twice this fails with 503.
     pub max_queue_wait: Duration,
+    /// How the engine's forward reads the frozen matrices (training keeps f32).
+    pub precision: crate::model::Precision,
 }
 
 impl Default for EngineConfig {
@@ -37,6 +39,7 @@ impl Default for EngineConfig {
             max_batch_tokens: 4096,
             min_shared_prefix: 8,
             max_queue_wait: Duration::from_millis(700),
+            precision: crate::model::Precision::F32,
         }
     }
 }
@@ -317,11 +320,12 @@ struct InFlight {
     batch_size: usize,
 }
 
+/// Where a generation's answer goes; its decoder lives in the engine's `DecodeBatch`
+/// under the same handle.
 struct ActiveGeneration {
     flight: u64,
     group: usize,
     seq: usize,
-    decoder: Option<Decoder>,
     /// A streamed generation: its decoded text so far, and where its pieces go (taken
     /// from the work, so the stream ends when the generation does).
     stream: Option<(TextStream, TextPieces)>,
@@ -341,7 +345,10 @@ fn run(
 ) {
     let mut pending: Option<Work> = None;
     let mut flights: HashMap<u64, InFlight> = HashMap::new();
-    let mut generations: Vec<ActiveGeneration> = Vec::new();
+    // Generations decoding, by handle: their decoders in `batch`, their answers here.
+    let mut batch = DecodeBatch::new(model);
+    let mut generations: HashMap<u64, ActiveGeneration> = HashMap::new();
+    let mut next_handle = 0u64;
     // Declared after the work it guards, so it drops first when a panic unwinds: /ready
     // says the engine is down before any failed reply goes out.
     let _down = DownOnPanic(alive);
@@ -386,6 +393,7 @@ fn run(
             .sum::<usize>() as u64;
 
         // 2. Every head sequence of the intake in shared forwards; generations start.
+        let mut joining: Vec<(u64, Decoder)> = Vec::new();
         if !intake.is_empty() {
             let started = Instant::now();
             let n_seqs: usize = intake
@@ -420,16 +428,21 @@ fn run(
                             .and_then(|e| Decoder::new(model, &e, &work.params))
                         {
                             Ok(d) => {
-                                generations.push(ActiveGeneration {
-                                    flight: id,
-                                    group: gi,
-                                    seq: si,
-                                    decoder: Some(d),
-                                    stream: work
-                                        .stream
-                                        .take()
-                                        .map(|tx| (TextStream::new(&work.params), tx)),
-                                });
+                                let handle = next_handle;
+                                next_handle += 1;
+                                generations.insert(
+                                    handle,
+                                    ActiveGeneration {
+                                        flight: id,
+                                        group: gi,
+                                        seq: si,
+                                        stream: work
+                                            .stream
+                                            .take()
+                                            .map(|tx| (TextStream::new(&work.params), tx)),
+                                    },
+                                );
+                                joining.push((handle, d));
                                 open += 1;
                             }
                             Err(e) => failure = Some(format!("{e:#}")),
@@ -450,73 +463,102 @@ fn run(
             }
         }
 
-        // 3. One token for every generation in progress, in one batched forward.
-        if !generations.is_empty() && fault.swap(false, Ordering::SeqCst) {
-            panic!("a fault injected through Engine::inject_fault");
-        }
-        generations.retain(|g| {
-            flights
-                .get(&g.flight)
-                .is_some_and(|f| f.failure.is_none() && !f.work.reply.is_closed())
-        });
-        let results = {
-            let mut decoders: Vec<&mut Decoder> = generations
-                .iter_mut()
-                .filter_map(|g| g.decoder.as_mut())
-                .collect();
-            let n = decoders.len();
-            units += n as u64;
+        // 3. New generations join the decoding batch in batched prefills (their first
+        //    token); then one token for every generation in one batched forward.
+        let joined = {
+            let handles: Vec<u64> = joining.iter().map(|(h, _)| *h).collect();
             catch_unwind(AssertUnwindSafe(|| {
-                Decoder::step_many(&mut decoders, model)
+                batch.join(model, std::mem::take(&mut joining), cfg.max_batch_tokens)
             }))
             .unwrap_or_else(|_| {
-                (0..n)
-                    .map(|_| Err(anyhow::anyhow!("internal error in the inference engine")))
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        (
+                            h,
+                            Err(anyhow::anyhow!("internal error in the inference engine")),
+                        )
+                    })
                     .collect()
             })
         };
-        for (g, step) in generations
-            .iter_mut()
-            .filter(|g| g.decoder.is_some())
-            .zip(results)
-        {
-            let Some(flight) = flights.get_mut(&g.flight) else {
-                continue; // unreachable: generations of gone flights were dropped above
-            };
-            match step {
-                Ok(false) => {
-                    if let (Some((text, tx)), Some(d)) = (&mut g.stream, &g.decoder) {
+        for (handle, result) in joined {
+            match result {
+                Ok(None) => {}
+                Ok(Some(done)) => answer(model, &mut generations, &mut flights, handle, done),
+                Err(e) => fail(&mut generations, &mut flights, handle, format!("{e:#}")),
+            }
+        }
+        if !batch.is_empty() && fault.swap(false, Ordering::SeqCst) {
+            panic!("a fault injected through Engine::inject_fault");
+        }
+        // Generations whose request failed or whose client left stop here.
+        let dropped: Vec<u64> = generations
+            .iter()
+            .filter(|(_, g)| {
+                !flights
+                    .get(&g.flight)
+                    .is_some_and(|f| f.failure.is_none() && !f.work.reply.is_closed())
+            })
+            .map(|(h, _)| *h)
+            .collect();
+        for h in dropped {
+            generations.remove(&h);
+            if let Err(e) = batch.leave(h) {
+                tracing::error!("leaving the decoding batch: {e:#}");
+                for h in batch.clear() {
+                    fail(&mut generations, &mut flights, h, format!("{e:#}"));
+                }
+            }
+        }
+        units += batch.len() as u64;
+        let stepped = catch_unwind(AssertUnwindSafe(|| batch.step(model)))
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("internal error in the inference engine")));
+        match stepped {
+            Ok(results) => {
+                for (handle, finished) in results {
+                    if finished {
+                        match batch.leave(handle) {
+                            Ok(Some(done)) => {
+                                answer(model, &mut generations, &mut flights, handle, done)
+                            }
+                            Ok(None) => {}
+                            Err(e) => {
+                                fail(&mut generations, &mut flights, handle, format!("{e:#}"))
+                            }
+                        }
+                        continue;
+                    }
+                    let (Some(g), Some(d)) = (generations.get_mut(&handle), batch.get(handle))
+                    else {
+                        continue;
+                    };
+                    if let Some((text, tx)) = &mut g.stream {
                         match text.next(model, d.ids()) {
                             Ok(Some(piece)) => {
                                 let _ = tx.send(piece);
                             }
                             Ok(None) => {}
-                            Err(e) => flight.failure = Some(format!("{e:#}")),
+                            Err(e) => {
+                                let msg = format!("{e:#}");
+                                if let Some(f) = flights.get_mut(&g.flight) {
+                                    f.failure = Some(msg);
+                                }
+                            }
                         }
                     }
                 }
-                Ok(true) => match g.decoder.take().map(|d| d.finish(model)) {
-                    None => {}
-                    Some(Ok(out)) => {
-                        if let Some((text, tx)) = &mut g.stream {
-                            if let Some(piece) = text.finish(&out.text) {
-                                let _ = tx.send(piece);
-                            }
-                        }
-                        flight.preds[g.group][g.seq] = Some(Prediction::Text {
-                            text: out.text,
-                            ids: out.ids,
-                            finish_reason: out.finish_reason,
-                        });
-                        flight.open_generations -= 1;
-                    }
-                    Some(Err(e)) => flight.failure = Some(format!("{e:#}")),
-                },
-                Err(e) => flight.failure = Some(format!("{e:#}")),
+            }
+            // A failed step leaves every slot suspect: all its generations fail.
+            Err(e) => {
+                for h in batch.clear() {
+                    fail(&mut generations, &mut flights, h, format!("{e:#}"));
+                }
             }
         }
-        generations.retain(|g| g.decoder.is_some());
         pace.record(units, iteration.elapsed());
+        metrics.decoding.set(batch.len() as i64);
+        metrics.decode_cache_bytes.set(batch.cache_bytes() as i64);
 
         // 4. Answer what is complete; forget what nobody waits for any more.
         let done: Vec<u64> = flights
@@ -530,7 +572,13 @@ fn run(
             let Some(f) = flights.remove(&id) else {
                 continue;
             };
-            generations.retain(|g| g.flight != id);
+            generations.retain(|h, g| {
+                let gone = g.flight == id;
+                if gone {
+                    let _ = batch.leave(*h);
+                }
+                !gone
+            });
             if f.work.reply.is_closed() {
                 continue;
             }
@@ -556,6 +604,54 @@ fn run(
             };
             let _ = f.work.reply.send(result);
         }
+    }
+}
+
+/// A finished generation's text into its request's answer (and the last piece of its
+/// stream).
+fn answer(
+    model: &BaseModel,
+    generations: &mut HashMap<u64, ActiveGeneration>,
+    flights: &mut HashMap<u64, InFlight>,
+    handle: u64,
+    done: Decoder,
+) {
+    let Some(mut g) = generations.remove(&handle) else {
+        return;
+    };
+    let Some(flight) = flights.get_mut(&g.flight) else {
+        return;
+    };
+    match done.finish(model) {
+        Ok(out) => {
+            if let Some((text, tx)) = &mut g.stream {
+                if let Some(piece) = text.finish(&out.text) {
+                    let _ = tx.send(piece);
+                }
+            }
+            flight.preds[g.group][g.seq] = Some(Prediction::Text {
+                text: out.text,
+                ids: out.ids,
+                finish_reason: out.finish_reason,
+            });
+            flight.open_generations -= 1;
+        }
+        Err(e) => flight.failure = Some(format!("{e:#}")),
+    }
+}
+
+/// A generation failed: so does its request.
+fn fail(
+    generations: &mut HashMap<u64, ActiveGeneration>,
+    flights: &mut HashMap<u64, InFlight>,
+    handle: u64,
+    why: String,
+) {
+    if let Some(f) = generations
+        .remove(&handle)
+        .and_then(|g| flights.get_mut(&g.flight))
+    {
+        f.failure = Some(why);
     }
 }
 

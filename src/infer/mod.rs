@@ -24,6 +24,9 @@ pub struct EngineMetrics {
     pub queue_depth: IntGauge,
     pub batch_size: Histogram,
     pub restarts: IntCounter,
+    /// Generations decoding, and the bytes their slot cache holds.
+    pub decoding: IntGauge,
+    pub decode_cache_bytes: IntGauge,
 }
 
 impl EngineMetrics {
@@ -42,11 +45,20 @@ impl EngineMetrics {
         )?;
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(batch_size.clone()))?;
+        let decoding = IntGauge::new("tagllm_generations_decoding", "Generations decoding")?;
+        let decode_cache_bytes = IntGauge::new(
+            "tagllm_decode_cache_bytes",
+            "Bytes of keys/values held for the generations decoding",
+        )?;
         registry.register(Box::new(restarts.clone()))?;
+        registry.register(Box::new(decoding.clone()))?;
+        registry.register(Box::new(decode_cache_bytes.clone()))?;
         Ok(Self {
             queue_depth,
             batch_size,
             restarts,
+            decoding,
+            decode_cache_bytes,
         })
     }
 }
@@ -237,7 +249,7 @@ impl Predictor {
         let registry = Registry::open(tags_dir, identity, device.clone())?;
         let watcher = if watch { Some(registry.watch()?) } else { None };
         let engine = Engine::start(
-            model.clone(),
+            model.at_precision(engine_config.precision)?,
             engine_config.clone(),
             Arc::new(EngineMetrics::new(metrics)?),
         )?;

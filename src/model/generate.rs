@@ -1,7 +1,7 @@
-//! Autoregressive decoding from input embeddings with a KV cache, one sequence at a time.
-//! Sampling is candle-transformers' `LogitsProcessor` (greedy at temperature 0).
-//! `Decoder` advances one token per `step`, so a server can interleave many generations
-//! with other work; `generate` runs one to the end.
+//! Autoregressive decoding from input embeddings. Sampling is candle-transformers'
+//! `LogitsProcessor` (greedy at temperature 0). A `Decoder` is one generation; alone it
+//! advances one token per `step` over its own KV cache (`generate` runs one to the end);
+//! a server decodes many together in a `DecodeBatch`, over one persistent slot cache.
 
 use anyhow::{ensure, Result};
 use candle_core::{DType, Tensor};
@@ -9,6 +9,7 @@ use candle_transformers::generation::{LogitsProcessor, Sampling};
 use serde::Serialize;
 
 use super::llama::{KvCache, Mode};
+use super::slots::SlotKv;
 use super::BaseModel;
 
 #[derive(Debug, Clone)]
@@ -68,16 +69,21 @@ fn sampler(p: &GenerationParams) -> LogitsProcessor {
     LogitsProcessor::from_sampling(p.seed, sampling)
 }
 
-/// One generation in progress.
+/// One generation in progress: its sampler, ids, stop strings and limits, and — when it
+/// decodes alone — its own KV cache. Many generations decode together in a
+/// [`DecodeBatch`] instead.
 pub struct Decoder {
     params: GenerationParams,
     cache: KvCache,
     sampler: LogitsProcessor,
     ids: Vec<u32>,
-    /// What the next step feeds the model: the prompt first, then the last token.
-    input: Tensor,
+    /// The prompt, until a step (or a batch's prefill) has run it.
+    prompt: Option<Tensor>,
     text: String,
     finish: Option<FinishReason>,
+    /// Ids to re-decode when looking for a stop string that the newest id may complete:
+    /// enough to hold the longest one, plus a character's worth of partial bytes.
+    stop_window: usize,
 }
 
 impl Decoder {
@@ -90,9 +96,10 @@ impl Decoder {
             cache: model.llama.new_cache(),
             sampler: sampler(params),
             ids: Vec::new(),
-            input: prompt.unsqueeze(0)?,
+            prompt: Some(prompt.unsqueeze(0)?),
             text: String::new(),
             finish: (params.max_new_tokens == 0).then_some(FinishReason::Length),
+            stop_window: params.stop.iter().map(String::len).max().unwrap_or(0) + 4,
         })
     }
 
@@ -105,71 +112,30 @@ impl Decoder {
         &self.ids
     }
 
-    /// Runs the model once and samples one token. Returns whether decoding has finished.
+    /// Runs the model once (the prompt, then one token at a time) and samples one token.
+    /// Returns whether decoding has finished.
     pub fn step(&mut self, model: &BaseModel) -> Result<bool> {
         if self.finish.is_some() {
             return Ok(true);
         }
         let llama = &model.llama;
-        let hidden = llama.forward(&self.input, None, Some(&mut self.cache), Mode::Fast)?;
+        let input = match self.prompt.take() {
+            Some(p) => p,
+            None => self.next_input(model)?,
+        };
+        let hidden = llama.forward(&input, None, Some(&mut self.cache), Mode::Fast)?;
         let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?;
         let logits = llama.logits(&last)?.flatten_all()?;
         self.advance(model, &logits)
     }
 
-    /// Past its prompt, a decoder feeds one token per step: such steps batch.
-    fn decoding(&self) -> bool {
-        self.finish.is_none() && !self.cache.is_empty() && self.input.dim(1).is_ok_and(|n| n == 1)
-    }
-
-    /// Advances every decoder by one token. Decoders past their prompt share one batched
-    /// forward (their caches are stacked, then split again); the others step alone.
-    pub fn step_many(decoders: &mut [&mut Decoder], model: &BaseModel) -> Vec<Result<bool>> {
-        let batched: Vec<usize> = (0..decoders.len())
-            .filter(|&i| decoders[i].decoding())
-            .collect();
-        let mut out: Vec<Option<Result<bool>>> = (0..decoders.len()).map(|_| None).collect();
-        if batched.len() >= 2 {
-            let mut run = || -> Result<Vec<Tensor>> {
-                let caches: Vec<&KvCache> = batched.iter().map(|&i| &decoders[i].cache).collect();
-                let mut cache = KvCache::stack(&caches, &model.llama)?;
-                let inputs: Vec<&Tensor> = batched.iter().map(|&i| &decoders[i].input).collect();
-                let hidden = model.llama.forward(
-                    &Tensor::cat(&inputs, 0)?,
-                    None,
-                    Some(&mut cache),
-                    Mode::Fast,
-                )?;
-                let logits = model.llama.logits(&hidden)?;
-                let mut parts = cache.split()?.into_iter();
-                let mut rows = Vec::with_capacity(batched.len());
-                for (j, &i) in batched.iter().enumerate() {
-                    decoders[i].cache = parts
-                        .next()
-                        .ok_or_else(|| anyhow::anyhow!("a batched cache split short"))?;
-                    rows.push(logits.get(j)?.flatten_all()?);
-                }
-                Ok(rows)
-            };
-            match run() {
-                Ok(rows) => {
-                    for (&i, row) in batched.iter().zip(rows) {
-                        out[i] = Some(decoders[i].advance(model, &row));
-                    }
-                }
-                Err(e) => {
-                    let msg = format!("{e:#}");
-                    for &i in &batched {
-                        out[i] = Some(Err(anyhow::anyhow!(msg.clone())));
-                    }
-                }
-            }
-        }
-        decoders
-            .iter_mut()
-            .zip(out)
-            .map(|(d, o)| o.unwrap_or_else(|| d.step(model)))
-            .collect()
+    /// The embedding `[1, 1, d]` of the last sampled token.
+    fn next_input(&self, model: &BaseModel) -> Result<Tensor> {
+        let last = *self
+            .ids
+            .last()
+            .ok_or_else(|| anyhow::anyhow!("no token sampled yet"))?;
+        Ok(model.llama.embed_ids(&[last])?.unsqueeze(0)?)
     }
 
     /// Samples the next token from `logits` `[vocab]` and updates the state. Special tokens
@@ -188,23 +154,26 @@ impl Decoder {
         if model.tokenizer.eos_ids().contains(&next) {
             self.finish = Some(FinishReason::Eos);
         } else if !self.params.stop.is_empty() {
-            let text = model.tokenizer.decode(&self.ids, true)?;
-            if let Some(cut) = self
-                .params
-                .stop
-                .iter()
-                .filter_map(|st| text.find(st.as_str()))
-                .min()
-            {
-                self.text = text[..cut].to_string();
-                self.finish = Some(FinishReason::Stop);
+            // Only a stop string ending in the newest token is new: look at the last few
+            // ids, and decode everything once only when one is there.
+            let recent = &self.ids[self.ids.len().saturating_sub(self.stop_window)..];
+            let tail = model.tokenizer.decode(recent, true)?;
+            if self.params.stop.iter().any(|st| tail.contains(st.as_str())) {
+                let text = model.tokenizer.decode(&self.ids, true)?;
+                if let Some(cut) = self
+                    .params
+                    .stop
+                    .iter()
+                    .filter_map(|st| text.find(st.as_str()))
+                    .min()
+                {
+                    self.text = text[..cut].to_string();
+                    self.finish = Some(FinishReason::Stop);
+                }
             }
         }
         if self.finish.is_none() && self.ids.len() >= self.params.max_new_tokens {
             self.finish = Some(FinishReason::Length);
-        }
-        if self.finish.is_none() {
-            self.input = model.llama.embed_ids(&[next])?.unsqueeze(0)?;
         }
         Ok(self.finish.is_some())
     }
@@ -220,6 +189,200 @@ impl Decoder {
             text,
             finish_reason,
         })
+    }
+}
+
+/// Generations decoded together over a persistent slot cache ([`SlotKv`]): they join in
+/// batched prefills, every step runs one forward for all of them (keys and values written
+/// in place, never re-stacked), and each leaves when it finishes or is dropped. Members
+/// are known by the caller's handles.
+pub struct DecodeBatch {
+    kv: SlotKv,
+    /// Slot `i`'s member (packed at the front like the slots): handle and decoder.
+    members: Vec<(u64, Decoder)>,
+}
+
+impl DecodeBatch {
+    pub fn new(model: &BaseModel) -> Self {
+        Self {
+            kv: SlotKv::new(model.config(), model.device()),
+            members: Vec::new(),
+        }
+    }
+
+    /// Generations decoding.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// Bytes held by the slot cache.
+    pub fn cache_bytes(&self) -> usize {
+        self.kv.bytes()
+    }
+
+    pub fn get(&self, handle: u64) -> Option<&Decoder> {
+        self.members
+            .iter()
+            .find(|(h, _)| *h == handle)
+            .map(|(_, d)| d)
+    }
+
+    /// Prefills the decoders' prompts in padded forwards of at most `max_tokens` padded
+    /// tokens (longer prompts alone), samples each one's first token and keeps those not
+    /// yet finished. Returns, per handle, whether it finished (then it is not kept: its
+    /// decoder comes back) or why its prefill failed.
+    #[allow(clippy::type_complexity)]
+    pub fn join(
+        &mut self,
+        model: &BaseModel,
+        joining: Vec<(u64, Decoder)>,
+        max_tokens: usize,
+    ) -> Vec<(u64, Result<Option<Decoder>>)> {
+        let mut out = Vec::new();
+        let mut joining = joining;
+        // Similar lengths together: little padding.
+        joining.sort_by_key(|(_, d)| d.prompt.as_ref().map_or(0, |p| p.dim(1).unwrap_or(0)));
+        let mut chunk: Vec<(u64, Decoder)> = Vec::new();
+        let flush = |chunk: &mut Vec<(u64, Decoder)>, this: &mut Self, out: &mut Vec<_>| {
+            if chunk.is_empty() {
+                return;
+            }
+            let taken = std::mem::take(chunk);
+            let handles: Vec<u64> = taken.iter().map(|(h, _)| *h).collect();
+            match this.prefill(model, taken) {
+                Ok(results) => out.extend(results),
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    out.extend(
+                        handles
+                            .into_iter()
+                            .map(|h| (h, Err(anyhow::anyhow!(msg.clone())))),
+                    );
+                }
+            }
+        };
+        for (h, d) in joining {
+            let len = d.prompt.as_ref().map_or(0, |p| p.dim(1).unwrap_or(0));
+            if !chunk.is_empty() && (chunk.len() + 1) * len > max_tokens {
+                flush(&mut chunk, self, &mut out);
+            }
+            chunk.push((h, d));
+        }
+        flush(&mut chunk, self, &mut out);
+        out
+    }
+
+    /// One padded forward over the prompts of `chunk`; the unfinished join the slots.
+    #[allow(clippy::type_complexity)]
+    fn prefill(
+        &mut self,
+        model: &BaseModel,
+        chunk: Vec<(u64, Decoder)>,
+    ) -> Result<Vec<(u64, Result<Option<Decoder>>)>> {
+        let llama = &model.llama;
+        let d = model.config().hidden_size;
+        let prompts: Vec<Tensor> = chunk
+            .iter()
+            .map(|(_, dec)| {
+                dec.prompt
+                    .as_ref()
+                    .map(|p| p.squeeze(0))
+                    .transpose()?
+                    .ok_or_else(|| anyhow::anyhow!("a decoder joined without its prompt"))
+            })
+            .collect::<Result<_>>()?;
+        let longest = prompts
+            .iter()
+            .map(|p| p.dim(0))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let width = longest.iter().copied().max().unwrap_or(1);
+        let mut rows = Vec::with_capacity(prompts.len());
+        let mut mask = Vec::with_capacity(prompts.len() * width);
+        for (p, &n) in prompts.iter().zip(&longest) {
+            rows.push(if n < width {
+                Tensor::cat(
+                    &[p, &Tensor::zeros((width - n, d), p.dtype(), p.device())?],
+                    0,
+                )?
+            } else {
+                p.clone()
+            });
+            mask.extend(std::iter::repeat_n(1u8, n).chain(std::iter::repeat_n(0u8, width - n)));
+        }
+        let x = Tensor::stack(&rows, 0)?;
+        let mask = Tensor::from_vec(mask, (rows.len(), width), model.device())?;
+        let mut cache = llama.new_cache();
+        let hidden = llama.forward(&x, Some(&mask), Some(&mut cache), Mode::Fast)?;
+        let lasts: Vec<usize> = longest.iter().map(|n| n - 1).collect();
+        let logits = llama.logits(&super::rows_at(&hidden, &lasts)?)?;
+        let caches = cache.split()?;
+        let mut out = Vec::with_capacity(chunk.len());
+        for ((i, (h, mut dec)), c) in chunk.into_iter().enumerate().zip(caches) {
+            dec.prompt = None;
+            let joined = dec.advance(model, &logits.get(i)?).and_then(|finished| {
+                if finished {
+                    Ok(Some(dec))
+                } else {
+                    self.kv.push(&c)?;
+                    self.members.push((h, dec));
+                    Ok(None)
+                }
+            });
+            out.push((h, joined));
+        }
+        Ok(out)
+    }
+
+    /// One token for every member, in one batched forward over the slots. Returns, per
+    /// handle, whether it finished; finished members stay until [`DecodeBatch::leave`].
+    /// An error fails every member of the step.
+    pub fn step(&mut self, model: &BaseModel) -> Result<Vec<(u64, bool)>> {
+        ensure!(
+            self.members.iter().all(|(_, d)| !d.is_finished()),
+            "finished generations must leave before the next step"
+        );
+        if self.members.is_empty() {
+            return Ok(Vec::new());
+        }
+        let last: Vec<u32> = self
+            .members
+            .iter()
+            .map(|(_, d)| d.ids.last().copied())
+            .collect::<Option<_>>()
+            .ok_or_else(|| anyhow::anyhow!("a member has no sampled token"))?;
+        let x = model.llama.embed_ids(&last)?.unsqueeze(1)?;
+        let hidden = model.llama.decode_slots(&x, &mut self.kv)?;
+        let logits = model.llama.logits(&hidden)?;
+        let mut out = Vec::with_capacity(self.members.len());
+        for (i, (h, d)) in self.members.iter_mut().enumerate() {
+            let finished = d.advance(model, &logits.get(i)?.flatten_all()?)?;
+            out.push((*h, finished));
+        }
+        Ok(out)
+    }
+
+    /// Removes a member (finished, failed or abandoned) and returns its decoder.
+    pub fn leave(&mut self, handle: u64) -> Result<Option<Decoder>> {
+        let Some(i) = self.members.iter().position(|(h, _)| *h == handle) else {
+            return Ok(None);
+        };
+        self.kv.swap_remove(i)?;
+        let (_, decoder) = self.members.swap_remove(i);
+        if self.members.is_empty() {
+            // An idle engine holds no cache memory (a burst's can be large).
+            self.kv.clear();
+        }
+        Ok(Some(decoder))
+    }
+
+    /// Removes every member (after a failed step: their caches are suspect).
+    pub fn clear(&mut self) -> Vec<u64> {
+        self.kv.clear();
+        self.members.drain(..).map(|(h, _)| h).collect()
     }
 }
 

@@ -10,6 +10,7 @@ use candle_nn::ops;
 use candle_transformers::utils::repeat_kv;
 
 use super::config::LlamaConfig;
+use super::slots::SlotKv;
 use super::weights::{LayerWeights, LlamaWeights};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,11 +29,11 @@ const MASKED: f32 = -1e9;
 /// reusing a frozen prefix while training).
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    pub(super) layers: Vec<Option<(Tensor, Tensor)>>,
     /// Per sequence, per cached position: was it a real token (not padding)?
-    key_valid: Vec<Vec<bool>>,
+    pub(super) key_valid: Vec<Vec<bool>>,
     /// Per sequence: the position id the next real token gets.
-    next_pos: Vec<usize>,
+    pub(super) next_pos: Vec<usize>,
 }
 
 impl KvCache {
@@ -145,6 +146,14 @@ impl Llama {
 
     pub fn weights(&self) -> &LlamaWeights {
         &self.w
+    }
+
+    /// The same model whose gradient-free forward reads `dtype`-quantized matrices.
+    pub fn quantized(&self, dtype: candle_core::quantized::GgmlDType) -> Result<Self> {
+        Ok(Self {
+            w: self.w.quantized(dtype)?,
+            ..self.clone()
+        })
     }
 
     pub fn device(&self) -> &Device {
@@ -317,13 +326,76 @@ impl Llama {
         let attn = softmax(&scores, mode)?.matmul(&v)?;
         let attn = attn.transpose(1, 2)?.reshape((b, s, nh * hd))?;
         let x = (x + w.o.forward(&attn)?)?;
+        Ok((self.mlp(w, &x, mode)?, kv))
+    }
 
-        let h = rms_norm(&x, &w.ffn_norm, cfg.rms_norm_eps, mode)?;
+    /// The feed-forward half of a block, residual included.
+    fn mlp(&self, w: &LayerWeights, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let h = rms_norm(x, &w.ffn_norm, cfg.rms_norm_eps, mode)?;
         let gu = w.gate_up.forward(&h)?;
         let f = cfg.intermediate_size;
         let act = (gu.narrow(D::Minus1, 0, f)?.silu()? * gu.narrow(D::Minus1, f, f)?)?;
-        let x = (x + w.down.forward(&act)?)?;
-        Ok((x, kv))
+        Ok((x + w.down.forward(&act)?)?)
+    }
+
+    /// One decoding step for every active slot of `kv`: `x` `[n, 1, d]` holds each slot's
+    /// next input embedding. New keys and values are written into the slots in place and
+    /// attention reads the slots through views; grouped-query heads share their key/value
+    /// head without copies. Returns final-norm hidden states `[n, 1, d]`. (Gradient-free.)
+    pub fn decode_slots(&self, x: &Tensor, kv: &mut SlotKv) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (n, s, d) = x.dims3()?;
+        ensure!(
+            n == kv.len() && s == 1 && d == cfg.hidden_size,
+            "decode_slots takes [{}, 1, {}], got {:?}",
+            kv.len(),
+            cfg.hidden_size,
+            x.dims()
+        );
+        let lens = kv.lens().to_vec();
+        let t = lens.iter().max().map_or(0, |m| m + 1);
+        ensure!(
+            t <= cfg.max_position_embeddings,
+            "sequence of {t} positions exceeds the model's context of {}",
+            cfg.max_position_embeddings
+        );
+        kv.reserve(n, t)?;
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let positions: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
+        let pos = Tensor::from_vec(positions, n, &self.device)?;
+        let (cos, sin) = (
+            self.cos.index_select(&pos, 0)?.unsqueeze(1)?,
+            self.sin.index_select(&pos, 0)?.unsqueeze(1)?,
+        );
+        // Slot i attends to its positions 0..=lens[i]; the rest of the view is masked.
+        let mut bias = vec![MASKED; n * t];
+        for (i, &l) in lens.iter().enumerate() {
+            bias[i * t..i * t + l + 1].fill(0.0);
+        }
+        let bias = Tensor::from_vec(bias, (n, 1, 1, t), &self.device)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut x = x.to_dtype(DType::F32)?;
+        for (li, w) in self.w.layers.iter().enumerate() {
+            let h = rms_norm(&x, &w.attn_norm, cfg.rms_norm_eps, Mode::Fast)?;
+            let qkv = w.qkv.forward(&h)?.reshape((n, nh + 2 * nkv, hd))?;
+            let heads = |start: usize, count: usize| -> Result<Tensor> {
+                Ok(qkv.narrow(1, start, count)?.unsqueeze(2)?.contiguous()?)
+            };
+            let q = rope(&heads(0, nh)?, &cos, &sin, Mode::Fast)?;
+            let k = rope(&heads(nh, nkv)?, &cos, &sin, Mode::Fast)?;
+            kv.write(li, &k, &heads(nh + nkv, nkv)?)?;
+            let (keys, values) = kv.view(li, t)?;
+            // [n, nh, 1, hd] as [n, nkv, group, hd]: a group's query heads share a kv head.
+            let q = q.reshape((n, nkv, nh / nkv, hd))?;
+            let scores = (q.matmul(&keys.t()?)? * scale)?.broadcast_add(&bias)?;
+            let attn = softmax(&scores, Mode::Fast)?.matmul(&values)?;
+            let attn = attn.reshape((n, 1, nh * hd))?;
+            let x1 = (&x + w.o.forward(&attn)?)?;
+            x = self.mlp(w, &x1, Mode::Fast)?;
+        }
+        kv.advance();
+        rms_norm(&x, &self.w.norm, cfg.rms_norm_eps, Mode::Fast)
     }
 }
 

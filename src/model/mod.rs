@@ -8,6 +8,7 @@ mod gguf;
 mod hf;
 pub mod linear;
 pub mod llama;
+pub mod slots;
 pub mod threads;
 pub mod tiny;
 pub mod tokenizer;
@@ -20,9 +21,43 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 
 pub use config::LlamaConfig;
-pub use generate::{generate, Decoder, FinishReason, Generation, GenerationParams, TextStream};
+pub use generate::{
+    generate, DecodeBatch, Decoder, FinishReason, Generation, GenerationParams, TextStream,
+};
 pub use llama::{rows_at, KvCache, Llama, Mode};
+pub use slots::SlotKv;
 pub use tokenizer::TextTokenizer;
+
+/// How the serving forward reads the frozen matrices. Training always uses f32; a q8_0
+/// serving copy trades a small drift (README: serving precision) for a quarter of the
+/// bytes read per token. (q4_0 was measured and drifts too far to offer.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    #[default]
+    F32,
+    Q8_0,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Q8_0 => "q8_0",
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "q8_0" => Ok(Self::Q8_0),
+            _ => bail!("unknown precision {s:?} (f32 or q8_0)"),
+        }
+    }
+}
 
 /// Where `scripts/setup-model.sh` puts the default model.
 pub const DEFAULT_MODEL_PATH: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -99,6 +134,23 @@ impl BaseModel {
 
     pub fn config(&self) -> &LlamaConfig {
         self.llama.config()
+    }
+
+    /// A serving copy at `precision` (itself, shared, for f32). Tensors are shared; the
+    /// quantized matrices are the only new memory (~a quarter of f32 for q8_0).
+    pub fn at_precision(
+        self: &std::sync::Arc<Self>,
+        precision: Precision,
+    ) -> Result<std::sync::Arc<Self>> {
+        use candle_core::quantized::GgmlDType;
+        let dtype = match precision {
+            Precision::F32 => return Ok(self.clone()),
+            Precision::Q8_0 => GgmlDType::Q8_0,
+        };
+        Ok(std::sync::Arc::new(Self {
+            llama: self.llama.quantized(dtype)?,
+            ..(**self).clone()
+        }))
     }
 
     pub fn device(&self) -> &Device {

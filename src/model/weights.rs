@@ -58,6 +58,29 @@ fn expect_shape(name: &str, t: &Tensor, dims: &[usize]) -> Result<()> {
 }
 
 impl LlamaWeights {
+    /// A copy whose block matrices also carry a `dtype` quantization for gradient-free
+    /// inputs. The LM head, embeddings and norms stay f32: sampling reads the logits, and
+    /// a quantized head changed the reference's greedy answer (tests/reference_model.rs).
+    pub fn quantized(&self, dtype: candle_core::quantized::GgmlDType) -> Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(LayerWeights {
+                    qkv: l.qkv.quantized(dtype)?,
+                    o: l.o.quantized(dtype)?,
+                    gate_up: l.gate_up.quantized(dtype)?,
+                    down: l.down.quantized(dtype)?,
+                    ..l.clone()
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            layers,
+            ..self.clone()
+        })
+    }
+
     pub fn assemble(
         cfg: &LlamaConfig,
         embed: Tensor,

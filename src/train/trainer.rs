@@ -361,7 +361,7 @@ impl<'a> Trainer<'a> {
                     initial_eval: c.initial_eval,
                 }
             }
-            None => self.from_start()?,
+            None => self.start_point()?,
         };
         self.descend(&mut opt, &mut descent, hooks)?;
         let steps_run = descent.step;
@@ -434,7 +434,7 @@ impl<'a> Trainer<'a> {
                     last_eval_loss: f64::NAN,
                     seconds_per_step: f64::NAN,
                 };
-                let mut descent = self.from_start()?;
+                let mut descent = self.start_point()?;
                 let mut opt = self.optimizer()?;
                 let started = std::time::Instant::now();
                 self.descend(&mut opt, &mut descent, &mut |p: &Progress| {
@@ -489,7 +489,7 @@ impl<'a> Trainer<'a> {
 
     /// The starting point, set up once per trainer (head fit, step-0 evaluation) and
     /// restored for every run that starts from it.
-    fn from_start(&mut self) -> Result<Descent> {
+    fn start_point(&mut self) -> Result<Descent> {
         let start = match self.start.take() {
             Some(s) => {
                 self.restore(&s.snapshot)?;
@@ -550,7 +550,7 @@ impl<'a> Trainer<'a> {
                 "the loss diverged at step {steps_run} (try a lower learning_rate)"
             );
             let mut evaluated = None;
-            if (steps_run == total || steps_run % eval_every == 0) && !self.eval.is_empty() {
+            if (steps_run == total || steps_run.is_multiple_of(eval_every)) && !self.eval.is_empty() {
                 let (eval_loss, m) = self.evaluate()?;
                 evaluated = Some(eval_loss);
                 d.last_eval = Some(m);
@@ -575,7 +575,7 @@ impl<'a> Trainer<'a> {
                 bail!("cancelled at step {steps_run}");
             }
             let every = hooks.every();
-            if (every > 0 && steps_run % every == 0)
+            if (every > 0 && steps_run.is_multiple_of(every))
                 || steps_run == total
                 || stopped_early(d.evals_without_gain)
             {

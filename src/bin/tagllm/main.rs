@@ -86,7 +86,7 @@ enum Command {
     /// Runs a standalone training worker against a shared job store.
     Worker(serve::WorkerCmd),
     /// Trains tags locally (a progress bar) and writes the bundles to --tags-dir.
-    Train(train::TrainCmd),
+    Train(Box<train::TrainCmd>),
     /// Prints the metrics of a function tag on a labelled JSONL file.
     Eval(eval::EvalCmd),
     /// Prints the frozen model's final hidden state at the last position of each composed
@@ -146,7 +146,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Serve(args) => serve::serve(args)?,
         Command::Worker(cmd) => serve::worker(cmd)?,
-        Command::Train(cmd) => train::train(cmd)?,
+        Command::Train(cmd) => train::train(*cmd)?,
         Command::Eval(cmd) => eval::eval(cmd)?,
         Command::Embed(cmd) => eval::embed(cmd)?,
         Command::Openapi => println!("{}", tagllm::http::openapi_json()),

@@ -42,6 +42,10 @@ pub(crate) struct ServeArgs {
     /// engine's measured pace) exceeds this gets 429 at once; queued twice as long, 503.
     #[arg(long, env = "TAGLLM_MAX_QUEUE_MS", default_value_t = 700)]
     pub(crate) max_queue_ms: u64,
+    /// How serving reads the frozen matrices: f32, or re-quantized at load to q8_0
+    /// (faster decoding, a small drift; training always uses f32).
+    #[arg(long, env = "TAGLLM_PRECISION", default_value = "f32")]
+    pub(crate) precision: tagllm::model::Precision,
     /// Request body size limit in bytes; larger bodies get 413.
     #[arg(long, env = "TAGLLM_MAX_BODY_BYTES", default_value_t = 2 * 1024 * 1024)]
     pub(crate) max_body_bytes: usize,
@@ -145,6 +149,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         engine: tagllm::infer::EngineConfig {
             max_batch_tokens: args.max_batch_tokens,
             max_queue_wait: std::time::Duration::from_millis(args.max_queue_ms),
+            precision: args.precision,
             ..Default::default()
         },
         database_url: args

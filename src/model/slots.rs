@@ -1,0 +1,194 @@
+//! A persistent, slot-based KV cache for decoding many sequences together.
+//!
+//! One tensor per layer holds every slot's keys (and one its values),
+//! `[slots, kv_heads, capacity, head_dim]`. A decoding step writes each slot's new key and
+//! value in place and attends through views of the filled part, so the batch is never
+//! re-stacked or split between steps. Active sequences occupy the front slots (`0..len()`):
+//! a leaving sequence's slot is refilled by the last one, so a step needs no gather.
+//! Slots and capacity grow by doubling (one copy each time, amortised).
+
+use anyhow::{ensure, Result};
+use candle_core::{DType, Device, Tensor};
+
+use super::config::LlamaConfig;
+use super::llama::KvCache;
+
+pub struct SlotKv {
+    /// Per layer: keys and values, `[slots, kv_heads, capacity, head_dim]`.
+    layers: Vec<(Tensor, Tensor)>,
+    /// Positions filled, per active slot.
+    lens: Vec<usize>,
+    slots: usize,
+    capacity: usize,
+    num_layers: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    device: Device,
+}
+
+/// Room for this many positions and sequences at first.
+const INITIAL_CAPACITY: usize = 128;
+const INITIAL_SLOTS: usize = 4;
+
+impl SlotKv {
+    pub fn new(cfg: &LlamaConfig, device: &Device) -> Self {
+        Self {
+            layers: Vec::new(),
+            lens: Vec::new(),
+            slots: 0,
+            capacity: 0,
+            num_layers: cfg.num_layers,
+            kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            device: device.clone(),
+        }
+    }
+
+    /// Active sequences.
+    pub fn len(&self) -> usize {
+        self.lens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lens.is_empty()
+    }
+
+    /// Positions filled, per active slot.
+    pub fn lens(&self) -> &[usize] {
+        &self.lens
+    }
+
+    /// Bytes allocated for keys and values.
+    pub fn bytes(&self) -> usize {
+        self.num_layers * 2 * self.slots * self.kv_heads * self.capacity * self.head_dim * 4
+    }
+
+    /// Adds a sequence from its single-sequence cache (real positions only, as
+    /// [`KvCache::split`] leaves them) into the next free slot; returns that slot.
+    pub fn push(&mut self, cache: &KvCache) -> Result<usize> {
+        let n = cache.len();
+        ensure!(
+            cache.key_valid.len() == 1 && cache.key_valid[0].iter().all(|v| *v),
+            "a slot takes one sequence's cache without padding"
+        );
+        ensure!(
+            cache.next_pos.first() == Some(&n),
+            "a slot's positions must be 0..len"
+        );
+        ensure!(
+            cache.layers.len() == self.num_layers,
+            "cache has {} layers, the model {}",
+            cache.layers.len(),
+            self.num_layers
+        );
+        let slot = self.lens.len();
+        self.reserve(slot + 1, n + 1)?;
+        for (li, layer) in cache.layers.iter().enumerate() {
+            let Some((k, v)) = layer else {
+                ensure!(n == 0, "cache layer {li} is empty");
+                continue;
+            };
+            let (dk, dv) = &self.layers[li];
+            dk.narrow(0, slot, 1)?
+                .slice_set(&k.to_dtype(DType::F32)?.contiguous()?, 2, 0)?;
+            dv.narrow(0, slot, 1)?
+                .slice_set(&v.to_dtype(DType::F32)?.contiguous()?, 2, 0)?;
+        }
+        self.lens.push(n);
+        Ok(slot)
+    }
+
+    /// Frees `slot`; the last active sequence moves into it. Returns the slot that moved
+    /// (`None` when `slot` was the last).
+    pub fn swap_remove(&mut self, slot: usize) -> Result<Option<usize>> {
+        ensure!(slot < self.lens.len(), "no active slot {slot}");
+        let last = self.lens.len() - 1;
+        if slot == last {
+            self.lens.pop();
+            return Ok(None);
+        }
+        let n = self.lens[last];
+        for (k, v) in &self.layers {
+            for t in [k, v] {
+                // A copy first: slice_set cannot read the storage it writes.
+                let moving = t.narrow(0, last, 1)?.narrow(2, 0, n)?.contiguous()?;
+                t.narrow(0, slot, 1)?.slice_set(&moving, 2, 0)?;
+            }
+        }
+        self.lens.swap_remove(slot);
+        Ok(Some(last))
+    }
+
+    /// Drops every sequence and the memory.
+    pub fn clear(&mut self) {
+        self.layers.clear();
+        self.lens.clear();
+        self.slots = 0;
+        self.capacity = 0;
+    }
+
+    /// Room for `slots` sequences of `capacity` positions, growing by doubling.
+    pub(crate) fn reserve(&mut self, slots: usize, capacity: usize) -> Result<()> {
+        if slots <= self.slots && capacity <= self.capacity {
+            return Ok(());
+        }
+        let grow = |have: usize, want: usize, initial: usize| {
+            let mut n = have.max(initial);
+            while n < want {
+                n *= 2;
+            }
+            n
+        };
+        let new_slots = grow(self.slots, slots, INITIAL_SLOTS);
+        let new_capacity = grow(self.capacity, capacity, INITIAL_CAPACITY);
+        let shape = (new_slots, self.kv_heads, new_capacity, self.head_dim);
+        let mut layers = Vec::with_capacity(self.num_layers);
+        for li in 0..self.num_layers {
+            let k = Tensor::zeros(shape, DType::F32, &self.device)?;
+            let v = Tensor::zeros(shape, DType::F32, &self.device)?;
+            if let Some((ok, ov)) = self.layers.get(li) {
+                // Old slots into the first rows, old positions into the first columns.
+                for (new, old) in [(&k, ok), (&v, ov)] {
+                    new.narrow(0, 0, self.slots)?.slice_set(old, 2, 0)?;
+                }
+            }
+            layers.push((k, v));
+        }
+        self.layers = layers;
+        self.slots = new_slots;
+        self.capacity = new_capacity;
+        Ok(())
+    }
+
+    /// Writes the new keys/values of every active slot, `[n, kv_heads, 1, head_dim]` each,
+    /// at that slot's next position (call once per layer; [`SlotKv::advance`] after the
+    /// last layer).
+    pub(crate) fn write(&self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+        let (dk, dv) = &self.layers[layer];
+        for (slot, &at) in self.lens.iter().enumerate() {
+            dk.narrow(0, slot, 1)?
+                .slice_set(&k.narrow(0, slot, 1)?.contiguous()?, 2, at)?;
+            dv.narrow(0, slot, 1)?
+                .slice_set(&v.narrow(0, slot, 1)?.contiguous()?, 2, at)?;
+        }
+        Ok(())
+    }
+
+    /// Views of layer `layer`'s keys and values over the active slots and the first `t`
+    /// positions, `[n, kv_heads, t, head_dim]` (no copy).
+    pub(crate) fn view(&self, layer: usize, t: usize) -> Result<(Tensor, Tensor)> {
+        let (k, v) = &self.layers[layer];
+        let n = self.lens.len();
+        Ok((
+            k.narrow(0, 0, n)?.narrow(2, 0, t)?,
+            v.narrow(0, 0, n)?.narrow(2, 0, t)?,
+        ))
+    }
+
+    /// Every active slot has one more position.
+    pub(crate) fn advance(&mut self) {
+        for l in &mut self.lens {
+            *l += 1;
+        }
+    }
+}
