@@ -88,6 +88,45 @@ impl FrozenLinear {
         out.reshape(out_dims)
     }
 
+    /// Like [`FrozenLinear::forward`], but where the quantized path serves, the `k` largest
+    /// outputs of each row are recomputed exactly in f32 (the others keep their quantized
+    /// values). For an LM head: the argmax, and the top of a sampling distribution, are
+    /// then f32's whenever f32's best tokens are among the quantized top `k`.
+    pub fn forward_rescored(&self, x: &Tensor, k: usize) -> Result<Tensor> {
+        let out = self.forward(x)?;
+        let dims = x.dims().to_vec();
+        let (lead, inner) = dims.split_at(dims.len() - 1);
+        let rows: usize = lead.iter().product();
+        if self.quantized.is_none() || rows > QUANTIZED_MAX_ROWS || x.track_op() {
+            return Ok(out);
+        }
+        let n = self.out_features();
+        let k = k.min(n);
+        let xs = x.reshape((rows, inner[0]))?;
+        let mut values = out.reshape((rows, n))?.to_vec2::<f32>()?;
+        let weight = match self.weight_rows.get() {
+            Some(w) => w.clone(),
+            None => self.weight()?,
+        };
+        for (r, row) in values.iter_mut().enumerate() {
+            let mut order: Vec<u32> = (0..n as u32).collect();
+            order.select_nth_unstable_by(k - 1, |a, b| {
+                row[*b as usize].total_cmp(&row[*a as usize])
+            });
+            order.truncate(k);
+            let idx = Tensor::from_vec(order.clone(), k, x.device())?;
+            let exact = weight
+                .index_select(&idx, 0)?
+                .matmul(&xs.narrow(0, r, 1)?.t()?)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            for (i, v) in order.into_iter().zip(exact) {
+                row[i as usize] = v;
+            }
+        }
+        Tensor::from_vec(values.concat(), out.shape(), out.device())
+    }
+
     fn shape_of(&self, l: &Layout) -> Result<(usize, usize, usize)> {
         let (m, k) = l.shape().dims2()?;
         let (wk, n) = self.weight_t.dims2()?;

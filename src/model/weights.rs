@@ -58,9 +58,10 @@ fn expect_shape(name: &str, t: &Tensor, dims: &[usize]) -> Result<()> {
 }
 
 impl LlamaWeights {
-    /// A copy whose block matrices also carry a `dtype` quantization for gradient-free
-    /// inputs. The LM head, embeddings and norms stay f32: sampling reads the logits, and
-    /// a quantized head changed the reference's greedy answer (tests/reference_model.rs).
+    /// A copy whose matrices (blocks and LM head) also carry a `dtype` quantization for
+    /// gradient-free inputs; embeddings and norms stay f32. The LM head's best logits are
+    /// recomputed in f32 (`Llama::logits`): a quantized head alone changed the
+    /// reference's greedy answer (tests/reference_model.rs).
     pub fn quantized(&self, dtype: candle_core::quantized::GgmlDType) -> Result<Self> {
         let layers = self
             .layers
@@ -77,6 +78,7 @@ impl LlamaWeights {
             .collect::<Result<_>>()?;
         Ok(Self {
             layers,
+            lm_head: self.lm_head.quantized(dtype)?,
             ..self.clone()
         })
     }

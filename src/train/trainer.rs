@@ -550,7 +550,8 @@ impl<'a> Trainer<'a> {
                 "the loss diverged at step {steps_run} (try a lower learning_rate)"
             );
             let mut evaluated = None;
-            if (steps_run == total || steps_run.is_multiple_of(eval_every)) && !self.eval.is_empty() {
+            if (steps_run == total || steps_run.is_multiple_of(eval_every)) && !self.eval.is_empty()
+            {
                 let (eval_loss, m) = self.evaluate()?;
                 evaluated = Some(eval_loss);
                 d.last_eval = Some(m);
