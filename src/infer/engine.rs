@@ -12,12 +12,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use candle_core::{DType, Tensor};
+use candle_core::DType;
 use tokio::sync::{mpsc, oneshot};
 
 use super::admission::{Admission, Refused};
-use super::heads::{apply_head, Prediction};
-use crate::model::{rows_at, BaseModel, DecodeBatch, Decoder, GenerationParams, Mode, TextStream};
+use super::heads::{padded_heads, shared_prefix_heads, Prediction};
+use crate::model::{BaseModel, DecodeBatch, Decoder, GenerationParams, Mode, TextStream};
 use crate::tags::compose::{common_prefix, Composed};
 
 #[derive(Debug, Clone)]
@@ -681,7 +681,8 @@ fn run_heads(
                 0
             };
             if shared >= cfg.min_shared_prefix {
-                match shared_prefix_heads(model, g, &heads, shared) {
+                let seqs: Vec<&Composed> = heads.iter().map(|&i| &g.seqs[i]).collect();
+                match shared_prefix_heads(model, &seqs, shared) {
                     Ok(preds) => heads
                         .iter()
                         .zip(preds)
@@ -736,95 +737,4 @@ fn run_heads(
 
 fn batch_seq(batch: &[Work], (wi, gi, si): (usize, usize, usize)) -> &Composed {
     &batch[wi].groups[gi].seqs[si]
-}
-
-/// Right-pads `seqs` into one forward and applies each one's head at its readout
-/// (every sequence must have a head).
-pub fn padded_heads(model: &BaseModel, seqs: &[&Composed]) -> Result<Vec<Prediction>> {
-    let longest = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
-    let (rows, mask) = pad_right(model, seqs, 0, longest)?;
-    let hidden = model.llama.forward(&rows, Some(&mask), None, Mode::Fast)?;
-    let readouts = readouts(seqs, 0)?;
-    read_heads(seqs, &rows_at(&hidden, &readouts)?)
-}
-
-/// The final hidden state at each sequence's last position (the features a linear probe
-/// on the frozen model reads), as one padded batch.
-pub fn padded_last_hidden(model: &BaseModel, seqs: &[&Composed]) -> Result<Vec<Vec<f32>>> {
-    let longest = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
-    let (rows, mask) = pad_right(model, seqs, 0, longest)?;
-    let hidden = model.llama.forward(&rows, Some(&mask), None, Mode::Fast)?;
-    let last: Vec<usize> = seqs.iter().map(|s| s.len() - 1).collect();
-    Ok(rows_at(&hidden, &last)?.to_vec2::<f32>()?)
-}
-
-/// The common prefix once (batch 1, cached), then every suffix in one padded batch.
-fn shared_prefix_heads(
-    model: &BaseModel,
-    g: &Group,
-    idx: &[usize],
-    shared: usize,
-) -> Result<Vec<Prediction>> {
-    let seqs: Vec<&Composed> = idx.iter().map(|&i| &g.seqs[i]).collect();
-    let prefix = seqs[0]
-        .embed(model, 0)?
-        .narrow(0, 0, shared)?
-        .unsqueeze(0)?;
-    let mut cache = model.llama.new_cache();
-    model
-        .llama
-        .forward(&prefix, None, Some(&mut cache), Mode::Fast)?;
-    let mut cache = cache.repeat(seqs.len())?;
-    let longest = seqs.iter().map(|s| s.len() - shared).max().unwrap_or(0);
-    let (rows, mask) = pad_right(model, &seqs, shared, longest)?;
-    let hidden = model
-        .llama
-        .forward(&rows, Some(&mask), Some(&mut cache), Mode::Fast)?;
-    let readouts = readouts(&seqs, shared)?;
-    read_heads(&seqs, &rows_at(&hidden, &readouts)?)
-}
-
-fn pad_right(
-    model: &BaseModel,
-    seqs: &[&Composed],
-    start: usize,
-    longest: usize,
-) -> Result<(Tensor, Tensor)> {
-    let d = model.config().hidden_size;
-    let mut rows = Vec::with_capacity(seqs.len());
-    let mut mask = Vec::with_capacity(seqs.len() * longest);
-    for s in seqs {
-        let e = s.embed(model, start)?;
-        let n = e.dim(0)?;
-        let pad = longest - n;
-        rows.push(if pad > 0 {
-            Tensor::cat(&[&e, &Tensor::zeros((pad, d), DType::F32, e.device())?], 0)?
-        } else {
-            e
-        });
-        mask.extend(std::iter::repeat_n(1u8, n).chain(std::iter::repeat_n(0u8, pad)));
-    }
-    let mask = Tensor::from_vec(mask, (seqs.len(), longest), model.device())?;
-    Ok((Tensor::stack(&rows, 0)?, mask))
-}
-
-fn no_head() -> anyhow::Error {
-    anyhow::anyhow!("internal error: a sequence sent to the heads has no head")
-}
-
-/// Each head sequence's readout position, counted from `start`.
-fn readouts(seqs: &[&Composed], start: usize) -> Result<Vec<usize>> {
-    seqs.iter()
-        .map(|s| Ok(s.readout().ok_or_else(no_head)? - start))
-        .collect()
-}
-
-fn read_heads(seqs: &[&Composed], hidden: &Tensor) -> Result<Vec<Prediction>> {
-    seqs.iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let head = s.head().ok_or_else(no_head)?;
-            Ok(apply_head(head, &hidden.narrow(0, i, 1)?)?.remove(0))
-        })
-        .collect()
 }

@@ -1,12 +1,15 @@
-//! Reading a prediction off the final-norm hidden state at a function tag.
+//! Head predictions: the forwards that compute them (padded batches, or a shared prefix
+//! once and then every suffix) and reading a prediction off the final-norm hidden state at
+//! a function tag.
 
 use std::collections::BTreeMap;
 
 use anyhow::Result;
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use serde::Serialize;
 
-use crate::model::FinishReason;
+use crate::model::{rows_at, BaseModel, FinishReason, Mode};
+use crate::tags::compose::Composed;
 use crate::tags::{Head, HeadSpec};
 
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
@@ -61,4 +64,94 @@ pub fn apply_head(head: &Head, hidden: &Tensor) -> Result<Vec<Prediction>> {
             }
         })
         .collect())
+}
+
+/// Right-pads `seqs` into one forward and applies each one's head at its readout
+/// (every sequence must have a head).
+pub fn padded_heads(model: &BaseModel, seqs: &[&Composed]) -> Result<Vec<Prediction>> {
+    let longest = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+    let (rows, mask) = pad_right(model, seqs, 0, longest)?;
+    let hidden = model.llama.forward(&rows, Some(&mask), None, Mode::Fast)?;
+    let readouts = readouts(seqs, 0)?;
+    read_heads(seqs, &rows_at(&hidden, &readouts)?)
+}
+
+/// The final hidden state at each sequence's last position (the features a linear probe
+/// on the frozen model reads), as one padded batch.
+pub fn padded_last_hidden(model: &BaseModel, seqs: &[&Composed]) -> Result<Vec<Vec<f32>>> {
+    let longest = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+    let (rows, mask) = pad_right(model, seqs, 0, longest)?;
+    let hidden = model.llama.forward(&rows, Some(&mask), None, Mode::Fast)?;
+    let last: Vec<usize> = seqs.iter().map(|s| s.len() - 1).collect();
+    Ok(rows_at(&hidden, &last)?.to_vec2::<f32>()?)
+}
+
+/// The common prefix (its first `shared` positions) once, at batch 1 and cached, then
+/// every suffix in one padded batch.
+pub(super) fn shared_prefix_heads(
+    model: &BaseModel,
+    seqs: &[&Composed],
+    shared: usize,
+) -> Result<Vec<Prediction>> {
+    let prefix = seqs[0]
+        .embed(model, 0)?
+        .narrow(0, 0, shared)?
+        .unsqueeze(0)?;
+    let mut cache = model.llama.new_cache();
+    model
+        .llama
+        .forward(&prefix, None, Some(&mut cache), Mode::Fast)?;
+    let mut cache = cache.repeat(seqs.len())?;
+    let longest = seqs.iter().map(|s| s.len() - shared).max().unwrap_or(0);
+    let (rows, mask) = pad_right(model, seqs, shared, longest)?;
+    let hidden = model
+        .llama
+        .forward(&rows, Some(&mask), Some(&mut cache), Mode::Fast)?;
+    let readouts = readouts(seqs, shared)?;
+    read_heads(seqs, &rows_at(&hidden, &readouts)?)
+}
+
+fn pad_right(
+    model: &BaseModel,
+    seqs: &[&Composed],
+    start: usize,
+    longest: usize,
+) -> Result<(Tensor, Tensor)> {
+    let d = model.config().hidden_size;
+    let mut rows = Vec::with_capacity(seqs.len());
+    let mut mask = Vec::with_capacity(seqs.len() * longest);
+    for s in seqs {
+        let e = s.embed(model, start)?;
+        let n = e.dim(0)?;
+        let pad = longest - n;
+        rows.push(if pad > 0 {
+            Tensor::cat(&[&e, &Tensor::zeros((pad, d), DType::F32, e.device())?], 0)?
+        } else {
+            e
+        });
+        mask.extend(std::iter::repeat_n(1u8, n).chain(std::iter::repeat_n(0u8, pad)));
+    }
+    let mask = Tensor::from_vec(mask, (seqs.len(), longest), model.device())?;
+    Ok((Tensor::stack(&rows, 0)?, mask))
+}
+
+fn no_head() -> anyhow::Error {
+    anyhow::anyhow!("internal error: a sequence sent to the heads has no head")
+}
+
+/// Each head sequence's readout position, counted from `start`.
+fn readouts(seqs: &[&Composed], start: usize) -> Result<Vec<usize>> {
+    seqs.iter()
+        .map(|s| Ok(s.readout().ok_or_else(no_head)? - start))
+        .collect()
+}
+
+fn read_heads(seqs: &[&Composed], hidden: &Tensor) -> Result<Vec<Prediction>> {
+    seqs.iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let head = s.head().ok_or_else(no_head)?;
+            Ok(apply_head(head, &hidden.narrow(0, i, 1)?)?.remove(0))
+        })
+        .collect()
 }

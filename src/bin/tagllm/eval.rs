@@ -69,7 +69,7 @@ pub(crate) fn eval(cmd: EvalCmd) -> Result<()> {
     let data = tagllm::train::Dataset::from_jsonl(&std::fs::read_to_string(&cmd.data)?)?;
     data.require_fields(&[target.as_str()])?;
     let preds = in_batches(&m, &set, &template, &data, Some(&cmd.function), |seqs| {
-        tagllm::infer::engine::padded_heads(&m, seqs)
+        tagllm::infer::heads::padded_heads(&m, seqs)
     })?;
     let metrics = match &head.spec {
         HeadSpec::Regression { .. } => {
@@ -111,7 +111,7 @@ pub(crate) fn embed(cmd: EmbedCmd) -> Result<()> {
     let data = tagllm::train::Dataset::from_jsonl(&std::fs::read_to_string(&cmd.data)?)?;
     data.require_fields(&template.slots())?;
     let rows = in_batches(&m, &set, &template, &data, None, |seqs| {
-        tagllm::infer::engine::padded_last_hidden(&m, seqs)
+        tagllm::infer::heads::padded_last_hidden(&m, seqs)
     })?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     for row in rows {
