@@ -80,10 +80,11 @@ def plot_sweep(name, rows, out):
     ax.axhline(step0, color="tab:gray", ls=":", label="step 0 (fitted head)")
     ax.set_xlabel("step")
     ax.set_ylabel("held-out loss (standardised MSE)")
-    ax.set_title(f"<{name}>: learning-rate / batch sweep")
+    tag = name.replace("-sweep", "")
+    ax.set_title(f"<{tag}>: learning-rate / batch sweep")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = out / f"{name.replace('-sweep', '')}-sweep.png"
+    path = out / f"{tag}-sweep.png"
     fig.savefig(path, dpi=100)
     print(path)
 

@@ -24,6 +24,10 @@ def main():
     ap.add_argument("--runs", default="runs/drift", type=Path)
     ap.add_argument("--port", default=8093, type=int)
     ap.add_argument("--out", default="scripts/repro/precision_drift.json", type=Path)
+    ap.add_argument("--tasks", nargs="*", default=["QED", "Descriptor", "BA", "Translate"])
+    # One generation at a time: q8_0 serves decoding steps of one or two sequences, so a
+    # busier batch would measure f32.
+    ap.add_argument("--workers", default=1, type=int, help="concurrent generation requests")
     args = ap.parse_args()
     tags = Path("tags")
     versions = {t: json.loads((tags / t / "manifest.json").read_text())["version"]
@@ -40,11 +44,15 @@ def main():
             r = {}
             for name, rows, slots, target in [("QED", qed, ["smiles"], "qed"), ("Descriptor", desc, ["protein"], "blosum1"),
                                               ("BA", ba, ["protein", "smiles"], "affinity")]:
-                r[name] = ev.regression(ev.head_values(server, name, rows, slots), [x[target] for x in rows])
+                if name in args.tasks:
+                    r[name] = ev.regression(ev.head_values(server, name, rows, slots), [x[target] for x in rows])
             import sacrebleu
-            texts = ev.generate(server, lambda x: x["template"], trans, ["text"], 32)
+            params = {"max_new_tokens": 32, "temperature": 0, "stop": ["\n"]}  # as evaluate.py
+            bodies = [{"template": x["template"], "inputs": [{"text": x["text"]}], "parameters": params}
+                      for x in (trans if "Translate" in args.tasks else [])]
+            texts = [p[0]["text"] for p in server.predict_all(bodies, workers=args.workers)]
             r["Translate"] = {}
-            for pair in sorted({x["pair"] for x in trans}):
+            for pair in sorted({x["pair"] for x in trans}) if texts else []:
                 idx = [i for i, x in enumerate(trans) if x["pair"] == pair]
                 r["Translate"][pair] = sacrebleu.corpus_chrf([ev.clean(texts[i]) for i in idx],
                                                              [[trans[i]["target"] for i in idx]]).score
@@ -55,20 +63,23 @@ def main():
         print(precision, json.dumps(r), file=sys.stderr, flush=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     base = out["results"].get("f32")
-    print("| precision | QED MSE | Descriptor MSE | BA MSE | chrF (mean of pairs) | seconds |")
-    print("|---|---|---|---|---|---|")
+    heads = [t for t in ["QED", "Descriptor", "BA"] if t in args.tasks]
+    print("| precision | " + " | ".join(f"{t} MSE" for t in heads) + " | chrF (mean of pairs) | seconds |")
+    print("|---|" + "---|" * (len(heads) + 2))
     for precision, r in out["results"].items():
-        chrf = sum(r["Translate"].values()) / len(r["Translate"])
         cells = []
-        for name in ["QED", "Descriptor", "BA"]:
+        for name in heads:
             v = r[name]["mse"]
             rel = f" ({(v / base[name]['mse'] - 1) * 100:+.1f}%)" if base and precision != "f32" else ""
             cells.append(f"{v:.4f}{rel}")
-        rel = ""
-        if base and precision != "f32":
-            b = sum(base["Translate"].values()) / len(base["Translate"])
-            rel = f" ({(chrf / b - 1) * 100:+.1f}%)"
-        print(f"| {precision} | {' | '.join(cells)} | {chrf:.1f}{rel} | {r['seconds']} |")
+        chrf, rel = "—", ""
+        if r["Translate"]:
+            c = sum(r["Translate"].values()) / len(r["Translate"])
+            chrf = f"{c:.1f}"
+            if base and precision != "f32":
+                b = sum(base["Translate"].values()) / len(base["Translate"])
+                rel = f" ({(c / b - 1) * 100:+.1f}%)"
+        print(f"| {precision} | {' | '.join(cells + [chrf + rel])} | {r['seconds']} |")
 
 
 if __name__ == "__main__":
