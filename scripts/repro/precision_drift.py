@@ -64,7 +64,7 @@ def main():
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     base = out["results"].get("f32")
     heads = [t for t in ["QED", "Descriptor", "BA"] if t in args.tasks]
-    print("| precision | " + " | ".join(f"{t} MSE" for t in heads) + " | chrF (mean of pairs) | seconds |")
+    print("| " + " | ".join(["precision", *(f"{t} MSE" for t in heads), "chrF (mean of pairs)", "seconds"]) + " |")
     print("|---|" + "---|" * (len(heads) + 2))
     for precision, r in out["results"].items():
         cells = []
@@ -79,7 +79,7 @@ def main():
             if base and precision != "f32":
                 b = sum(base["Translate"].values()) / len(base["Translate"])
                 rel = f" ({(c / b - 1) * 100:+.1f}%)"
-        print(f"| {precision} | {' | '.join(cells + [chrf + rel])} | {r['seconds']} |")
+        print("| " + " | ".join([precision, *cells, chrf + rel, str(r["seconds"])]) + " |")
 
 
 if __name__ == "__main__":
