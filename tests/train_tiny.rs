@@ -75,6 +75,18 @@ fn job(
     }
 }
 
+/// Stage 2: `<Size>` (a regression head on `y`) after the frozen `<SMILES>`.
+fn size_job(h: Hyperparameters) -> TrainJob {
+    job(
+        2,
+        &["Size"],
+        "<SMILES> {smiles} size <Size>",
+        Some("y"),
+        HeadKind::Regression,
+        h,
+    )
+}
+
 /// Trains `j` and checks that the held-out loss went down.
 fn train_lowers(
     m: &BaseModel,
@@ -157,14 +169,7 @@ fn stages_chain_and_each_lowers_its_loss() {
     let smiles = stage1(&m, "SMILES");
 
     // Stage 2: regression with the stage-1 tag frozen.
-    let j = job(
-        2,
-        &["Size"],
-        "<SMILES> {smiles} size <Size>",
-        Some("y"),
-        HeadKind::Regression,
-        hyper(40, 0.05),
-    );
+    let j = size_job(hyper(40, 0.05));
     let out = train_lowers(&m, smiles.clone(), j, &molecules(24), &molecules(12));
     assert!(out.eval["mse"].as_f64().unwrap().is_finite());
     let size = &out.bundles[0];
@@ -211,14 +216,7 @@ fn stages_chain_and_each_lowers_its_loss() {
 fn trained_bundles_are_served_by_the_registry() {
     let (dir, m) = tiny();
     let smiles = stage1(&m, "SMILES");
-    let j = job(
-        2,
-        &["Size"],
-        "<SMILES> {smiles} size <Size>",
-        Some("y"),
-        HeadKind::Regression,
-        hyper(5, 0.05),
-    );
+    let j = size_job(hyper(5, 0.05));
     let out = Trainer::new(&m, smiles.clone(), j, &molecules(8), Some(&molecules(4)))
         .unwrap()
         .run(None, &mut |_: &tagllm::train::Progress| true)
@@ -394,14 +392,7 @@ fn a_run_resumed_from_its_checkpoint_ends_like_an_uninterrupted_one() {
     let (dir, m) = tiny();
     let smiles = stage1(&m, "SMILES");
     let make = || {
-        let j = job(
-            2,
-            &["Size"],
-            "<SMILES> {smiles} size <Size>",
-            Some("y"),
-            HeadKind::Regression,
-            hyper(10, 0.05),
-        );
+        let j = size_job(hyper(10, 0.05));
         Trainer::new(&m, smiles.clone(), j, &molecules(12), Some(&molecules(4))).unwrap()
     };
     let straight = make()
@@ -579,14 +570,7 @@ fn ridge_head_initialisation_is_the_least_squares_fit() {
         head_learning_rate: Some(1e-12),
         ..hyper(1, 1e-12) // one step that moves nothing: the published head is the fit
     };
-    let j = job(
-        2,
-        &["Size"],
-        "<SMILES> {smiles} size <Size>",
-        Some("y"),
-        HeadKind::Regression,
-        h,
-    );
+    let j = size_job(h);
     let t = Trainer::new(&m, smiles, j, &molecules(160), Some(&molecules(40))).unwrap();
     let (x, z) = t.head_features().unwrap();
     let out = t
@@ -728,14 +712,7 @@ fn step0_selection_keeps_the_initial_tag_when_training_only_makes_it_worse() {
         eval_every: 1,
         ..hyper(3, 2.0) // a step this large wrecks the fitted start
     };
-    let j = job(
-        2,
-        &["Size"],
-        "<SMILES> {smiles} size <Size>",
-        Some("y"),
-        HeadKind::Regression,
-        h,
-    );
+    let j = size_job(h);
     let t = Trainer::new(&m, smiles, j, &molecules(40), Some(&molecules(12))).unwrap();
     let mut evals = Vec::new();
     let out = t
@@ -771,14 +748,7 @@ fn a_sweep_starts_every_run_from_the_same_point_and_trains_with_the_best() {
         ..hyper(6, 0.01)
     };
     let make = |h: Hyperparameters| {
-        let j = job(
-            2,
-            &["Size"],
-            "<SMILES> {smiles} size <Size>",
-            Some("y"),
-            HeadKind::Regression,
-            h,
-        );
+        let j = size_job(h);
         Trainer::new(&m, smiles.clone(), j, &molecules(40), Some(&molecules(12))).unwrap()
     };
     let mut t = make(base.clone());
@@ -843,14 +813,7 @@ fn the_head_is_refitted_on_the_trained_tags_and_kept_only_when_better() {
         head_init: tagllm::train::HeadInit::Random,
         ..hyper(20, 0.01)
     };
-    let j = job(
-        2,
-        &["Size"],
-        "<SMILES> {smiles} size <Size>",
-        Some("y"),
-        HeadKind::Regression,
-        h,
-    );
+    let j = size_job(h);
     let t = Trainer::new(&m, smiles, j, &molecules(40), Some(&molecules(12))).unwrap();
     let out = t
         .run(None, &mut |_: &tagllm::train::Progress| true)

@@ -5,10 +5,10 @@
 use std::collections::BTreeMap;
 
 use anyhow::Result;
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use serde::Serialize;
 
-use crate::model::{rows_at, BaseModel, FinishReason, Mode};
+use crate::model::{pad_right, rows_at, BaseModel, FinishReason, Mode};
 use crate::tags::compose::Composed;
 use crate::tags::{Head, HeadSpec};
 
@@ -69,8 +69,7 @@ pub fn apply_head(head: &Head, hidden: &Tensor) -> Result<Vec<Prediction>> {
 /// Right-pads `seqs` into one forward and applies each one's head at its readout
 /// (every sequence must have a head).
 pub fn padded_heads(model: &BaseModel, seqs: &[&Composed]) -> Result<Vec<Prediction>> {
-    let longest = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
-    let (rows, mask) = pad_right(model, seqs, 0, longest)?;
+    let (rows, mask) = embed_padded(model, seqs, 0)?;
     let hidden = model.llama.forward(&rows, Some(&mask), None, Mode::Fast)?;
     let readouts = readouts(seqs, 0)?;
     read_heads(seqs, &rows_at(&hidden, &readouts)?)
@@ -79,8 +78,7 @@ pub fn padded_heads(model: &BaseModel, seqs: &[&Composed]) -> Result<Vec<Predict
 /// The final hidden state at each sequence's last position (the features a linear probe
 /// on the frozen model reads), as one padded batch.
 pub fn padded_last_hidden(model: &BaseModel, seqs: &[&Composed]) -> Result<Vec<Vec<f32>>> {
-    let longest = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
-    let (rows, mask) = pad_right(model, seqs, 0, longest)?;
+    let (rows, mask) = embed_padded(model, seqs, 0)?;
     let hidden = model.llama.forward(&rows, Some(&mask), None, Mode::Fast)?;
     let last: Vec<usize> = seqs.iter().map(|s| s.len() - 1).collect();
     Ok(rows_at(&hidden, &last)?.to_vec2::<f32>()?)
@@ -102,8 +100,7 @@ pub(super) fn shared_prefix_heads(
         .llama
         .forward(&prefix, None, Some(&mut cache), Mode::Fast)?;
     let mut cache = cache.repeat(seqs.len())?;
-    let longest = seqs.iter().map(|s| s.len() - shared).max().unwrap_or(0);
-    let (rows, mask) = pad_right(model, seqs, shared, longest)?;
+    let (rows, mask) = embed_padded(model, seqs, shared)?;
     let hidden = model
         .llama
         .forward(&rows, Some(&mask), Some(&mut cache), Mode::Fast)?;
@@ -111,28 +108,13 @@ pub(super) fn shared_prefix_heads(
     read_heads(seqs, &rows_at(&hidden, &readouts)?)
 }
 
-fn pad_right(
-    model: &BaseModel,
-    seqs: &[&Composed],
-    start: usize,
-    longest: usize,
-) -> Result<(Tensor, Tensor)> {
-    let d = model.config().hidden_size;
-    let mut rows = Vec::with_capacity(seqs.len());
-    let mut mask = Vec::with_capacity(seqs.len() * longest);
-    for s in seqs {
-        let e = s.embed(model, start)?;
-        let n = e.dim(0)?;
-        let pad = longest - n;
-        rows.push(if pad > 0 {
-            Tensor::cat(&[&e, &Tensor::zeros((pad, d), DType::F32, e.device())?], 0)?
-        } else {
-            e
-        });
-        mask.extend(std::iter::repeat_n(1u8, n).chain(std::iter::repeat_n(0u8, pad)));
-    }
-    let mask = Tensor::from_vec(mask, (seqs.len(), longest), model.device())?;
-    Ok((Tensor::stack(&rows, 0)?, mask))
+/// Each sequence's embeddings from position `start` on, right-padded into one batch.
+fn embed_padded(model: &BaseModel, seqs: &[&Composed], start: usize) -> Result<(Tensor, Tensor)> {
+    let rows = seqs
+        .iter()
+        .map(|s| s.embed(model, start))
+        .collect::<Result<Vec<_>>>()?;
+    pad_right(&rows)
 }
 
 fn no_head() -> anyhow::Error {

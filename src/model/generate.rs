@@ -284,7 +284,6 @@ impl DecodeBatch {
         chunk: Vec<(u64, Decoder)>,
     ) -> Result<Vec<(u64, Result<Option<Decoder>>)>> {
         let llama = &model.llama;
-        let d = model.config().hidden_size;
         let prompts: Vec<Tensor> = chunk
             .iter()
             .map(|(_, dec)| {
@@ -295,29 +294,13 @@ impl DecodeBatch {
                     .ok_or_else(|| anyhow::anyhow!("a decoder joined without its prompt"))
             })
             .collect::<Result<_>>()?;
-        let longest = prompts
-            .iter()
-            .map(|p| p.dim(0))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let width = longest.iter().copied().max().unwrap_or(1);
-        let mut rows = Vec::with_capacity(prompts.len());
-        let mut mask = Vec::with_capacity(prompts.len() * width);
-        for (p, &n) in prompts.iter().zip(&longest) {
-            rows.push(if n < width {
-                Tensor::cat(
-                    &[p, &Tensor::zeros((width - n, d), p.dtype(), p.device())?],
-                    0,
-                )?
-            } else {
-                p.clone()
-            });
-            mask.extend(std::iter::repeat_n(1u8, n).chain(std::iter::repeat_n(0u8, width - n)));
-        }
-        let x = Tensor::stack(&rows, 0)?;
-        let mask = Tensor::from_vec(mask, (rows.len(), width), model.device())?;
+        let (x, mask) = super::pad_right(&prompts)?;
         let mut cache = llama.new_cache();
         let hidden = llama.forward(&x, Some(&mask), Some(&mut cache), Mode::Fast)?;
-        let lasts: Vec<usize> = longest.iter().map(|n| n - 1).collect();
+        let lasts = prompts
+            .iter()
+            .map(|p| Ok(p.dim(0)? - 1))
+            .collect::<Result<Vec<usize>>>()?;
         let logits = llama.logits(&super::rows_at(&hidden, &lasts)?)?;
         let caches = cache.split()?;
         let mut out = Vec::with_capacity(chunk.len());

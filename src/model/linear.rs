@@ -73,14 +73,12 @@ impl FrozenLinear {
 
     /// `x @ W^T` over the last dimension of `x` (any leading dimensions).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(q) = self.quantized_for(x) {
+            return q.forward(&x.contiguous()?);
+        }
         let dims = x.dims().to_vec();
         let (lead, inner) = dims.split_at(dims.len() - 1);
         let rows: usize = lead.iter().product();
-        if let Some(q) = &self.quantized {
-            if rows <= QUANTIZED_MAX_ROWS && !x.track_op() {
-                return q.forward(&x.contiguous()?);
-            }
-        }
         let flat = x.reshape((rows, inner[0]))?;
         let out = flat.apply_op1(self.clone())?;
         let mut out_dims = lead.to_vec();
@@ -94,15 +92,14 @@ impl FrozenLinear {
     /// then f32's whenever f32's best tokens are among the quantized top `k`.
     pub fn forward_rescored(&self, x: &Tensor, k: usize) -> Result<Tensor> {
         let out = self.forward(x)?;
-        let dims = x.dims().to_vec();
-        let (lead, inner) = dims.split_at(dims.len() - 1);
-        let rows: usize = lead.iter().product();
-        if self.quantized.is_none() || rows > QUANTIZED_MAX_ROWS || x.track_op() {
+        if self.quantized_for(x).is_none() {
             return Ok(out);
         }
         let n = self.out_features();
         let k = k.min(n);
-        let xs = x.reshape((rows, inner[0]))?;
+        let inner = x.dim(candle_core::D::Minus1)?;
+        let xs = x.reshape(((), inner))?;
+        let rows = xs.dim(0)?;
         let mut values = out.reshape((rows, n))?.to_vec2::<f32>()?;
         let weight = match self.weight_rows.get() {
             Some(w) => w.clone(),
@@ -125,6 +122,15 @@ impl FrozenLinear {
             }
         }
         Tensor::from_vec(values.concat(), out.shape(), out.device())
+    }
+
+    /// The quantized matmul, when it serves `x`: a quantized copy, at most
+    /// `QUANTIZED_MAX_ROWS` rows, no gradient.
+    fn quantized_for(&self, x: &Tensor) -> Option<&QMatMul> {
+        let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
+        self.quantized
+            .as_deref()
+            .filter(|_| rows <= QUANTIZED_MAX_ROWS && !x.track_op())
     }
 
     fn shape_of(&self, l: &Layout) -> Result<(usize, usize, usize)> {

@@ -408,6 +408,38 @@ impl Llama {
     }
 }
 
+/// Sequences of embeddings `[n_i, d]` right-padded with zeros into one batch
+/// `[b, longest, d]` (at least one position wide), with its mask `[b, longest]` (1: real,
+/// 0: padding): the layout every padded forward takes.
+pub fn pad_right(rows: &[Tensor]) -> Result<(Tensor, Tensor)> {
+    let first = rows
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("nothing to pad"))?;
+    let lens = rows
+        .iter()
+        .map(|r| r.dim(0))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let longest = lens.iter().copied().max().unwrap_or(0).max(1);
+    let mut padded = Vec::with_capacity(rows.len());
+    let mut mask = Vec::with_capacity(rows.len() * longest);
+    for (r, &n) in rows.iter().zip(&lens) {
+        let (_, d) = r.dims2()?;
+        padded.push(if n < longest {
+            Tensor::cat(
+                &[r, &Tensor::zeros((longest - n, d), r.dtype(), r.device())?],
+                0,
+            )?
+        } else {
+            r.clone()
+        });
+        mask.extend(std::iter::repeat_n(1u8, n).chain(std::iter::repeat_n(0u8, longest - n)));
+    }
+    Ok((
+        Tensor::stack(&padded, 0)?,
+        Tensor::from_vec(mask, (rows.len(), longest), first.device())?,
+    ))
+}
+
 /// Rows of `hidden` `[b, s, d]` at one position per sequence: `[b, d]`.
 pub fn rows_at(hidden: &Tensor, positions: &[usize]) -> Result<Tensor> {
     let (b, s, d) = hidden.dims3()?;

@@ -15,7 +15,7 @@ use candle_core::{DType, Tensor, Var};
 use super::examples::Example;
 use super::job::Target;
 use super::trainer::Trainer;
-use crate::model::{KvCache, Mode};
+use crate::model::{pad_right, KvCache, Mode};
 use crate::tags::compose::Piece;
 
 pub(super) enum Outputs {
@@ -57,33 +57,17 @@ impl Trainer<'_> {
     /// Right-padded `[b, longest, d]` embeddings of `pieces[start_i..end_i]` and the mask.
     fn padded(&self, spans: &[&[Piece]]) -> Result<(Tensor, Tensor)> {
         let d = self.model.config().hidden_size;
-        let longest = spans.iter().map(|s| s.len()).max().unwrap_or(0).max(1);
-        let mut rows = Vec::new();
-        let mut mask = Vec::new();
-        for s in spans {
-            let e = if s.is_empty() {
-                Tensor::zeros((0, d), DType::F32, self.model.device())?
-            } else {
-                self.embed(s)?
-            };
-            let pad = longest - s.len();
-            rows.push(if pad > 0 {
-                Tensor::cat(
-                    &[
-                        &e,
-                        &Tensor::zeros((pad, d), DType::F32, self.model.device())?,
-                    ],
-                    0,
-                )?
-            } else {
-                e
-            });
-            mask.extend(std::iter::repeat_n(1u8, s.len()).chain(std::iter::repeat_n(0u8, pad)));
-        }
-        Ok((
-            Tensor::stack(&rows, 0)?,
-            Tensor::from_vec(mask, (spans.len(), longest), self.model.device())?,
-        ))
+        let rows = spans
+            .iter()
+            .map(|s| {
+                if s.is_empty() {
+                    Ok(Tensor::zeros((0, d), DType::F32, self.model.device())?)
+                } else {
+                    self.embed(s)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        pad_right(&rows)
     }
 
     /// Final-norm hidden states of the part of each example from its first learned tag on
