@@ -260,6 +260,42 @@ fn cancelling_stops_the_run() {
 }
 
 #[test]
+fn progress_reports_each_steps_work() {
+    let (_d, m) = tiny();
+    let lens: Vec<usize> = ["the cat sat", "then the cat ran", "the rat sat on the mat"]
+        .iter()
+        .map(|t| 3 + m.tokenizer.encode_fragment(t).unwrap().len())
+        .collect();
+    let (shortest, longest) = (*lens.iter().min().unwrap(), *lens.iter().max().unwrap());
+    for accum in [1, 2] {
+        let h = Hyperparameters {
+            grad_accum: accum,
+            ..hyper(4, 0.01)
+        };
+        let j = job(1, &["Dom"], "<Dom>{text}", None, HeadKind::None, h);
+        let t = Trainer::new(&m, Arc::new(TagSet::default()), j, &text(6), None).unwrap();
+        let mut work = Vec::new();
+        t.run(None, &mut |p: &tagllm::train::Progress| {
+            work.push((p.examples, p.positions));
+            true
+        })
+        .unwrap();
+        assert_eq!(work.len(), 4);
+        for (examples, positions) in work {
+            // Each micro-batch of 4 is padded to its longest example.
+            assert_eq!(examples, 4 * accum, "grad_accum {accum}");
+            assert!(
+                (examples * shortest..=examples * longest).contains(&positions),
+                "{positions} positions for {examples} examples of {shortest}-{longest}"
+            );
+            if accum == 1 {
+                assert_eq!(positions % examples, 0, "one padded batch");
+            }
+        }
+    }
+}
+
+#[test]
 fn bad_jobs_and_data_get_useful_errors() {
     let (_d, m) = tiny();
     let empty = Arc::new(TagSet::default());

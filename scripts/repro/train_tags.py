@@ -29,11 +29,16 @@ LANG_NAMES = {"EN": "English", "FR": "French", "DE": "German", "IT": "Italian", 
 # at 3 learning rates x 2 batch sizes (curves in runs/logs/NAME.jsonl, lines with
 # "sweep"); the run then trains 3 epochs with the pair of lowest held-out loss. The head's
 # rate stays 1/100 of the tag's: its features have a few very large coordinates, and Adam
-# moves every weight by about the rate.
-def function_method(eval_every, patience):
-    return ["--epochs", "3", "--batch-size", "16", "--learning-rate", "3e-4",
-            "--head-learning-rate", "3e-6", "--head-init", "fit",
-            "--eval-every", str(eval_every), "--patience", str(patience),
+# moves every weight by about the rate. A tag whose sweep was already run (its curves are
+# kept in scripts/repro/logs/NAME-sweep.jsonl) trains at the winner directly.
+def function_method(eval_every, patience, winner=None):
+    common = ["--epochs", "3", "--head-init", "fit", "--eval-every", str(eval_every),
+              "--patience", str(patience)]
+    if winner is not None:
+        lr, batch = winner
+        return [*common, "--batch-size", str(batch), "--learning-rate", f"{lr:g}",
+                "--head-learning-rate", f"{lr / 100:g}"]
+    return [*common, "--batch-size", "16", "--learning-rate", "3e-4", "--head-learning-rate", "3e-6",
             "--sweep-learning-rates", "1e-4,3e-4,1e-3", "--sweep-batch-sizes", "16,32",
             "--sweep-steps", "40", "--sweep-eval-every", "20"]
 
@@ -51,7 +56,7 @@ JOBS = [
     # very large coordinates, and Adam moves every weight by about the rate).
     ("QED", 2, ["--template", QED_TEMPLATE, "--head", "regression", "--target", "qed",
                 "--data", "data/qed/train.jsonl", "--eval-data", "runs/data/qed_val.jsonl",
-                *function_method(50, 6)]),
+                *function_method(50, 6, winner=(1e-4, 16))]),
     ("Descriptor", 2, ["--template", DESCRIPTOR_TEMPLATE, "--head", "regression", "--target", "blosum1",
                        "--data", "data/descriptor/train.jsonl", "--eval-data", "runs/data/descriptor_val.jsonl",
                        *function_method(50, 6)]),

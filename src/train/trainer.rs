@@ -39,6 +39,11 @@ pub struct Progress {
     /// Held-out loss measured at this step (evaluation steps only).
     pub eval_loss: Option<f64>,
     pub best_eval_loss: Option<f64>,
+    /// Examples in the step's (micro-)batches.
+    pub examples: usize,
+    /// Positions the step's forward passes covered: examples x longest example of each
+    /// (micro-)batch, frozen prefixes included (what a step's time scales with).
+    pub positions: usize,
 }
 
 /// What a run reports to, and asks of, whoever runs it.
@@ -541,7 +546,7 @@ impl<'a> Trainer<'a> {
             }
             let lr = cosine_with_warmup(step, total, h.warmup_ratio, h.learning_rate);
             opt.lr = lr;
-            let (loss, grads) = self.accumulated_gradients(step)?;
+            let (loss, grads, (examples, positions)) = self.accumulated_gradients(step)?;
             opt.step(&grads)?;
             d.step = step + 1;
             let steps_run = d.step;
@@ -571,6 +576,8 @@ impl<'a> Trainer<'a> {
                 eval: d.last_eval.clone(),
                 eval_loss: evaluated,
                 best_eval_loss: d.best.as_ref().map(|b| b.0),
+                examples,
+                positions,
             };
             if !hooks.progress(&progress) {
                 bail!("cancelled at step {steps_run}");
@@ -619,14 +626,19 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
-    /// The mean loss and gradients of optimizer step `step` over its micro-batches.
-    fn accumulated_gradients(&self, step: usize) -> Result<(f64, Vec<Tensor>)> {
+    /// The mean loss and gradients of optimizer step `step` over its micro-batches, and
+    /// the step's work: (examples, padded positions).
+    fn accumulated_gradients(&self, step: usize) -> Result<(f64, Vec<Tensor>, (usize, usize))> {
         let accum = self.job.hyperparameters.grad_accum;
         let mut sums: Option<Vec<Tensor>> = None;
         let mut loss_sum = 0.0;
+        let (mut n_examples, mut positions) = (0, 0);
         for micro in 0..accum {
             let batch = self.batch_for(step, micro);
             let examples: Vec<&Example> = batch.iter().map(|&i| &self.train[i]).collect();
+            let longest = examples.iter().map(|e| e.pieces.len()).max().unwrap_or(0);
+            n_examples += examples.len();
+            positions += examples.len() * longest;
             let loss = self.loss(
                 &examples,
                 &self.outputs(&examples, Mode::Differentiable, true)?,
@@ -647,7 +659,7 @@ impl<'a> Trainer<'a> {
             .into_iter()
             .map(|g| g / accum as f64)
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok((loss_sum / accum as f64, grads))
+        Ok((loss_sum / accum as f64, grads, (n_examples, positions)))
     }
 
     fn snapshot(&self) -> Result<Vec<Tensor>> {

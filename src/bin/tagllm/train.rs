@@ -178,7 +178,8 @@ pub(crate) fn train(cmd: TrainCmd) -> Result<()> {
         if let Some(f) = log.as_mut() {
             use std::io::Write;
             let mut line = serde_json::json!({"step": p.step, "loss": p.loss, "learning_rate": p.learning_rate,
-                "eval": p.eval, "eval_loss": p.eval_loss, "seconds": started.elapsed().as_secs_f64()});
+                "eval": p.eval, "eval_loss": p.eval_loss, "examples": p.examples, "positions": p.positions,
+                "seconds": started.elapsed().as_secs_f64()});
             if let Some(run) = sweep {
                 line["sweep"] = serde_json::json!({"learning_rate": run.learning_rate, "batch_size": run.batch_size});
             }
