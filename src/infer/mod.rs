@@ -3,7 +3,9 @@
 
 pub mod admission;
 pub mod engine;
+mod executor;
 pub mod heads;
+pub mod scheduler;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -391,7 +393,7 @@ impl Predictor {
                         _ => invalid(format!("inputs[{i}]: {e}")),
                     })?;
                 // Prompts are within the context already: only a generation can outgrow it.
-                if engine::sequence_tokens(&c, &params) > context {
+                if scheduler::sequence_tokens(&c, &params) > context {
                     return Err(invalid(format!(
                         "inputs[{i}]: its prompt of {} tokens plus max_new_tokens {} \
                          exceeds the model's context of {context} tokens: lower \
@@ -409,7 +411,7 @@ impl Predictor {
             .iter()
             .flat_map(|g| &g.seqs)
             .filter(|c| c.head.is_none())
-            .map(|c| engine::sequence_tokens(c, &params))
+            .map(|c| scheduler::sequence_tokens(c, &params))
             .sum();
         if generation_tokens > self.limits.max_generation_tokens {
             return Err(invalid(format!(

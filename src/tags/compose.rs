@@ -64,6 +64,17 @@ pub struct Composed {
 }
 
 impl Composed {
+    /// Plain tokens and no tags (for tests of what handles sequences by their length).
+    #[cfg(test)]
+    pub(crate) fn of_tokens(ids: &[u32]) -> Self {
+        Self {
+            pieces: ids.iter().map(|&id| Piece::Token(id)).collect(),
+            versions: BTreeMap::new(),
+            head: None,
+            bundles: BTreeMap::new(),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.pieces.len()
     }
