@@ -2,7 +2,8 @@
 //! regression-style predictions (64-token inputs) at 1, 8 and 32 concurrent clients, with
 //! dynamic batching on and off, and the HTTP server's overhead over the bare engine; then
 //! admission by work under overload: 256 concurrent clients against the default queue
-//! budget, with the p99 latency of admitted requests and of the 429s; then generation:
+//! budget, with the p99 latency of admitted requests, of the 429s and of `/health` polled
+//! throughout; then generation:
 //! tokens/s of one client alone and of 16 concurrent clients, and head-request latency
 //! idle vs. while 16 generations decode, with f32 and with q8_0 serving weights.
 //!
@@ -10,6 +11,8 @@
 //! in-process on a loopback port; the tag is synthetic (seeded vectors and head), which
 //! costs exactly what a trained one costs. Prints one JSON line per measurement.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
@@ -140,6 +143,59 @@ async fn load_with_refusals(
     all.sort_by(|a, b| a.partial_cmp(b).unwrap());
     refused.sort_by(|a, b| a.partial_cmp(b).unwrap());
     (all.len() as f64 / secs, all, refused)
+}
+
+/// The upper bound of the histogram bucket holding quantile `q` of
+/// `tagllm_request_duration_seconds{labels}` in a Prometheus text exposition, in ms.
+fn histogram_quantile_ms(metrics: &str, labels: &str, q: f64) -> f64 {
+    let prefix = format!("tagllm_request_duration_seconds_bucket{{{labels},le=\"");
+    let buckets: Vec<(f64, f64)> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix(prefix.as_str()))
+        .filter_map(|rest| {
+            let (le, count) = rest.split_once("\"} ")?;
+            Some((le.parse().ok()?, count.trim().parse().ok()?))
+        })
+        .collect();
+    let Some(&(_, total)) = buckets.last() else {
+        return f64::NAN;
+    };
+    buckets
+        .iter()
+        .find(|(_, count)| *count >= q * total)
+        .map_or(f64::NAN, |(le, _)| le * 1e3)
+}
+
+/// Runs `f` to completion on a new runtime with one thread of its own.
+async fn on_client_runtime<F, T>(f: F) -> T
+where
+    F: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    })
+    .await
+    .unwrap()
+}
+
+/// Latencies of `GET /health`, polled every 50 ms while `polling` holds.
+async fn health_latencies(url: String, polling: Arc<AtomicBool>) -> Vec<f64> {
+    let client = reqwest::Client::new();
+    let mut lat = Vec::new();
+    while polling.load(Ordering::SeqCst) {
+        let t = Instant::now();
+        let r = client.get(format!("{url}/health")).send().await.unwrap();
+        assert!(r.status().is_success());
+        r.bytes().await.unwrap();
+        lat.push(t.elapsed().as_secs_f64());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    lat
 }
 
 /// One generation through /predict; returns (new tokens, seconds).
@@ -299,9 +355,30 @@ async fn main() {
             continue;
         }
         if admission {
-            load(&url, 4, 2, &smiles).await; // warm-up: the engine measures its pace
+            // Warm-up, one request at a time (never refused: an empty queue takes any request).
+            load(&url, 1, 8, &smiles).await;
             let clients = 256;
-            let (rps, ok, refused) = load_with_refusals(&url, clients, 4, &smiles).await;
+            // The clients run on a runtime of their own, as another process would, so
+            // the server's runtime threads serve only the server; /health is polled
+            // throughout the overload (a probe must keep its answer fast).
+            let (u, s) = (url.clone(), smiles.clone());
+            let ((rps, ok, refused), mut health) = on_client_runtime(async move {
+                let polling = Arc::new(AtomicBool::new(true));
+                let poller = tokio::spawn(health_latencies(u.clone(), polling.clone()));
+                let load = load_with_refusals(&u, clients, 4, &s).await;
+                polling.store(false, Ordering::SeqCst);
+                (load, poller.await.unwrap())
+            })
+            .await;
+            health.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            let metrics = reqwest::get(format!("{url}/metrics"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let server_429_p99_ms =
+                histogram_quantile_ms(&metrics, "route=\"/predict\",status=\"429\"", 0.99);
             let pct = |v: &[f64], q: f64| {
                 if v.is_empty() {
                     f64::NAN
@@ -314,7 +391,10 @@ async fn main() {
                 json!({"bench": "admission", "clients": clients, "max_queue_wait_ms": engine.max_queue_wait.as_millis() as u64,
                        "admitted": ok.len(), "refused_429": refused.len(), "admitted_per_s": (rps * 100.0).round() / 100.0,
                        "admitted_p50_ms": pct(&ok, 0.5), "admitted_p99_ms": pct(&ok, 0.99),
-                       "refused_p50_ms": pct(&refused, 0.5), "refused_p99_ms": pct(&refused, 0.99)})
+                       "refused_p50_ms": pct(&refused, 0.5), "refused_p99_ms": pct(&refused, 0.99),
+                       "health_polls": health.len(), "health_p99_ms": pct(&health, 0.99),
+                       "health_max_ms": pct(&health, 1.0),
+                       "refused_p99_ms_server_side_at_most": server_429_p99_ms})
             );
             continue;
         }

@@ -213,14 +213,10 @@ async fn observe(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Re
     let started = Instant::now();
     let resp = next.run(req).await;
     let secs = started.elapsed().as_secs_f64();
-    s.metrics
-        .requests
-        .with_label_values(&[route.as_str(), resp.status().as_str()])
-        .inc();
-    s.metrics
-        .latency
-        .with_label_values(&[route.as_str()])
-        .observe(secs);
+    let status = resp.status();
+    let labels = [route.as_str(), status.as_str()];
+    s.metrics.requests.with_label_values(&labels).inc();
+    s.metrics.latency.with_label_values(&labels).observe(secs);
     resp
 }
 

@@ -36,10 +36,10 @@ impl HttpMetrics {
         let latency = HistogramVec::new(
             prometheus::HistogramOpts::new(
                 "tagllm_request_duration_seconds",
-                "HTTP request latency by route",
+                "HTTP request latency by route and status",
             )
             .buckets(prometheus::exponential_buckets(0.001, 2.0, 16)?),
-            &["route"],
+            &["route", "status"],
         )?;
         let tags_loaded = IntGauge::new("tagllm_tags_loaded", "Tags currently served")?;
         registry.register(Box::new(requests.clone()))?;

@@ -104,18 +104,31 @@ impl Admission {
     /// Lets `units` of work in, or says how long the queue already is.
     pub fn admit(&self, units: u64) -> Result<Ticket, Refused> {
         let mut s = self.lock();
-        let pace = s.pace();
-        let budget = (pace * self.max_wait.as_secs_f64()) as u64;
-        let after = s.queued + units;
-        if s.queued > 0 && after > budget {
-            return Err(Refused {
-                estimated_wait: Duration::from_secs_f64(s.queued as f64 / pace.max(1e-9)),
-            });
+        if let Some(refused) = self.refusal(&s, units) {
+            return Err(refused);
         }
-        s.queued = after;
+        s.queued += units;
         Ok(Ticket {
             state: self.state.clone(),
             units,
+        })
+    }
+
+    /// Whether `units` of work would be refused now, without letting anything in: a
+    /// request can be turned away on its smallest possible size before the work of
+    /// preparing it, which is what keeps 429s fast under overload.
+    pub fn check(&self, units: u64) -> Result<(), Refused> {
+        match self.refusal(&self.lock(), units) {
+            Some(refused) => Err(refused),
+            None => Ok(()),
+        }
+    }
+
+    fn refusal(&self, s: &State, units: u64) -> Option<Refused> {
+        let pace = s.pace();
+        let budget = (pace * self.max_wait.as_secs_f64()) as u64;
+        (s.queued > 0 && s.queued + units > budget).then(|| Refused {
+            estimated_wait: Duration::from_secs_f64(s.queued as f64 / pace.max(1e-9)),
         })
     }
 
@@ -159,10 +172,15 @@ mod tests {
         assert!((a.pace() - 1000.0).abs() < 1.0, "{}", a.pace());
         let first = a.admit(600).unwrap();
         let second = a.admit(400).unwrap();
+        assert!(a.check(1).is_err(), "check agrees with admit");
         let refused = a.admit(1).unwrap_err();
         assert!((refused.estimated_wait.as_secs_f64() - 1.0).abs() < 0.01);
         drop(first);
         assert_eq!(a.queued_units(), 400);
+        assert!(
+            a.check(600).is_ok() && a.queued_units() == 400,
+            "check takes nothing"
+        );
         let third = a.admit(600).unwrap();
         drop((second, third));
         assert_eq!(a.queued_units(), 0);

@@ -304,6 +304,7 @@ impl Predictor {
         self: &Arc<Self>,
         req: PredictRequest,
     ) -> Result<(PredictResponse, Timings), PredictError> {
+        self.shed_early(&req)?;
         let p = self.prepare_off_thread(req).await?;
         let (preds, timings) = self.engine.predict(p.groups, p.params).await?;
         Ok((p.answer.respond(preds), timings))
@@ -315,6 +316,7 @@ impl Predictor {
         self: &Arc<Self>,
         req: PredictRequest,
     ) -> Result<Streaming, PredictError> {
+        self.shed_early(&req)?;
         let p = self.prepare_off_thread(req).await?;
         let (tx, pieces) = tokio::sync::mpsc::unbounded_channel();
         let submitted = self.engine.submit(p.groups, p.params, Some(tx))?;
@@ -325,6 +327,18 @@ impl Predictor {
                 answer: p.answer,
             },
         })
+    }
+
+    /// Refuses at once (429) when the queue is too long already for the smallest work
+    /// this request could be (a token per input and function): under overload, turning a
+    /// request away must cost less than preparing it.
+    fn shed_early(&self, req: &PredictRequest) -> Result<(), PredictError> {
+        let functions = req.functions.as_ref().map_or(1, |f| f.len().max(1));
+        let smallest = req.inputs.len().max(1).saturating_mul(functions) as u64;
+        self.engine
+            .admission
+            .check(smallest)
+            .map_err(PredictError::Overloaded)
     }
 
     async fn prepare_off_thread(
