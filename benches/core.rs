@@ -10,7 +10,8 @@
 //!   spliced tag vectors + AdamW, for a regression head and for prompt tuning (LM loss).
 //!
 //! Run: `cargo bench --bench core` (after scripts/setup-model.sh). Prints one JSON line
-//! per measurement.
+//! per measurement. `cargo bench --bench core -- decode_batch` runs one section;
+//! `TAGLLM_BENCH_SEQUENCES=1,16` picks the decoding batch sizes.
 
 use std::time::Instant;
 
@@ -161,12 +162,22 @@ fn main() {
     // one forward per token for all of them over the persistent slot cache).
     if "decode_batch".contains(filter.as_str()) || filter.is_empty() {
         let steps = 64;
+        // TAGLLM_BENCH_SEQUENCES=1,16 measures just those batch sizes.
+        let sequences: Vec<usize> = std::env::var("TAGLLM_BENCH_SEQUENCES")
+            .unwrap_or_else(|_| "1,2,4,8,16".into())
+            .split(',')
+            .map(|n| {
+                n.trim()
+                    .parse()
+                    .expect("TAGLLM_BENCH_SEQUENCES: counts, comma-separated")
+            })
+            .collect();
         for (precision, llama) in &precisions[..2] {
             let served = BaseModel {
                 llama: llama.clone(),
                 ..m.clone()
             };
-            for batch in [1usize, 2, 4, 8, 16] {
+            for &batch in &sequences {
                 let params = GenerationParams {
                     max_new_tokens: steps + 1,
                     ..Default::default()

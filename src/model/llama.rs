@@ -378,11 +378,16 @@ impl Llama {
             self.sin.index_select(&pos, 0)?.unsqueeze(1)?,
         );
         // Slot i attends to its positions 0..=lens[i]; the rest of the view is masked.
-        let mut bias = vec![MASKED; n * t];
-        for (i, &l) in lens.iter().enumerate() {
-            bias[i * t..i * t + l + 1].fill(0.0);
-        }
-        let bias = Tensor::from_vec(bias, (n, 1, 1, t), &self.device)?;
+        // Slots all of one length (always so for one) need no mask: one op less a layer.
+        let bias = if lens.iter().all(|&l| l + 1 == t) {
+            None
+        } else {
+            let mut bias = vec![MASKED; n * t];
+            for (i, &l) in lens.iter().enumerate() {
+                bias[i * t..i * t + l + 1].fill(0.0);
+            }
+            Some(Tensor::from_vec(bias, (n, 1, 1, t), &self.device)?)
+        };
         let scale = 1.0 / (hd as f64).sqrt();
         let mut x = x.to_dtype(DType::F32)?;
         for (li, w) in self.w.layers.iter().enumerate() {
@@ -397,7 +402,10 @@ impl Llama {
             let (keys, values) = kv.view(li, t)?;
             // [n, nh, 1, hd] as [n, nkv, group, hd]: a group's query heads share a kv head.
             let q = q.reshape((n, nkv, nh / nkv, hd))?;
-            let scores = (q.matmul(&keys.t()?)? * scale)?.broadcast_add(&bias)?;
+            let mut scores = (q.matmul(&keys.t()?)? * scale)?;
+            if let Some(bias) = &bias {
+                scores = scores.broadcast_add(bias)?;
+            }
             let attn = softmax(&scores, Mode::Fast)?.matmul(&values)?;
             let attn = attn.reshape((n, 1, nh * hd))?;
             let x1 = (&x + w.o.forward(&attn)?)?;
