@@ -1050,7 +1050,7 @@ async fn admission_refuses_work_beyond_the_queue_budget_at_once() {
             })
         })
         .collect();
-    let (mut served, mut refused) = (0, 0);
+    let (mut served, mut expired, mut refused) = (0, 0, 0);
     for b in burst {
         let (status, retry, body) = b.await.unwrap();
         match status {
@@ -1061,13 +1061,17 @@ async fn admission_refuses_work_beyond_the_queue_budget_at_once() {
                 assert!(retry.unwrap().parse::<u64>().unwrap() >= 1);
             }
             // Admitted, then not started within twice the 1 ms budget (a loaded machine).
-            StatusCode::SERVICE_UNAVAILABLE if body["error_type"] == "queue_timeout" => {}
+            StatusCode::SERVICE_UNAVAILABLE if body["error_type"] == "queue_timeout" => {
+                expired += 1
+            }
             other => panic!("{other}: {body}"),
         }
     }
+    // Refusals come before a request is prepared, so the burst is refused while the first
+    // one is still in flight; that one may itself expire (its deadline is 2 ms).
     assert!(
-        served >= 1 && refused >= 1,
-        "served {served}, refused {refused}"
+        served + expired >= 1 && refused >= 1,
+        "served {served}, expired {expired}, refused {refused}"
     );
     // The budget frees as work finishes: the server takes new work again.
     let (status, body) = post(
