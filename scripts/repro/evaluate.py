@@ -332,6 +332,7 @@ def main():
             ("QED", "QEDNoDomain", qed, ["smiles"], "qed", {"test": "test", "chembl": "test_chembl"}),
             ("Descriptor", "Descriptor", desc, ["protein"], "blosum1", {"test": "test"}),
             ("BA", "BA", ba, ["protein", "smiles"], "affinity", {"test": "test"}),
+            ("BA warm", "BAWarm", ba_warm, ["protein", "smiles"], "affinity", {"test": "test"}),
         ]:
             if tag not in present:
                 print(f"{tag}: not trained, skipped", file=sys.stderr)
@@ -406,6 +407,7 @@ NAMES = {
     "<QED>": "**tagllm: `<SMILES>` + `<QED>` (regression head)**",
     "<Descriptor>": "**tagllm: `<Protein>` + `<Descriptor>` (regression head)**",
     "<BA>": "**tagllm: `<Protein>` + `<SMILES>` + `<BA>` (regression head)**",
+    "<BAWarm>": "**tagllm: `<Protein>` + `<SMILES>` + `<BAWarm>` (regression head, warm training split)**",
     "<QEDNoDomain>": "ablation: no domain tag (function tag + head = prompt tuning with a head)",
     "<QEDText> (no head)": "ablation: no head (`<QEDText>` generates the number)",
 }

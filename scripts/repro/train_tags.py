@@ -63,6 +63,13 @@ JOBS = [
     ("BA", 3, ["--template", BA_TEMPLATE, "--head", "regression", "--target", "affinity",
                "--data", "data/ba/train.jsonl", "--eval-data", "runs/data/ba_val.jsonl",
                "--steps", "400", "--eval-every", "100"]),
+    # <BA> on the warm re-split (every test protein and ligand occurs in training), where
+    # the experts get signal; not shipped. Head fitted, then the tag at the function-tag rate.
+    ("BAWarm", 3, ["--template", BA_TEMPLATE.replace("<BA>", "<BAWarm>"), "--head", "regression",
+                   "--target", "affinity", "--data", "data/ba_warm/train.jsonl",
+                   "--eval-data", "runs/data/ba_warm_val.jsonl", "--head-init", "fit",
+                   "--batch-size", "16", "--learning-rate", "1e-4", "--head-learning-rate", "1e-6",
+                   "--steps", "100", "--eval-every", "50"]),
     # <Translate> starts as the words "Translate this": step 0 is the base model prompted
     # in words; sentence pairs (Debian's and Django's catalogs) teach it from there.
     ("Translate", 3, ["--template", TRANSLATE_TEMPLATE, "--target", "target", "--num-vectors", "2",
@@ -96,7 +103,7 @@ def main():
     args = ap.parse_args()
     runs = args.runs
     (runs / "logs").mkdir(parents=True, exist_ok=True)
-    for name, n in [("qed", 200), ("descriptor", 200), ("ba", 200), ("translate", 60)]:
+    for name, n in [("qed", 200), ("descriptor", 200), ("ba", 200), ("ba_warm", 200), ("translate", 60)]:
         head(f"data/{name}/val.jsonl", runs / "data" / f"{name}_val.jsonl", n)
     for name, stage, flags in JOBS:
         if args.only and name not in args.only:
