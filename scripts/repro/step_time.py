@@ -6,8 +6,8 @@ per step is the median time between consecutive logged steps of one run, leaving
 that also evaluated (their time includes the held-out pass) and the first step of each run
 (set-up). Its shape (examples per step, padded positions per example) comes from the log's
 `examples` and `positions` fields. The benchmark is then run at that shape and stage
-(TAGLLM_BENCH_BATCH, TAGLLM_BENCH_TOKENS, 12 steps) and the two medians are compared; the issue asks that they
-agree within 30%. Results go to scripts/repro/step_time.json.
+(TAGLLM_BENCH_BATCH, TAGLLM_BENCH_TOKENS, 12 steps) and the two medians are compared;
+the issue asks that they agree within 30%. Results go to scripts/repro/step_time.json.
 
     python3 scripts/repro/step_time.py QED Descriptor
 """

@@ -260,15 +260,14 @@ fn run_heads(
             let heads: Vec<usize> = (0..g.seqs.len())
                 .filter(|&i| g.seqs[i].head.is_some())
                 .collect();
-            let shared = if heads.len() >= 2 {
-                let seqs: Vec<&Composed> = heads.iter().map(|&i| &g.seqs[i]).collect();
+            let seqs: Vec<&Composed> = heads.iter().map(|&i| &g.seqs[i]).collect();
+            let shared = if seqs.len() >= 2 {
                 let min_readout = seqs.iter().filter_map(|s| s.readout()).min().unwrap_or(0);
                 common_prefix(&seqs).min(min_readout)
             } else {
                 0
             };
             if shared >= cfg.min_shared_prefix {
-                let seqs: Vec<&Composed> = heads.iter().map(|&i| &g.seqs[i]).collect();
                 match shared_prefix_heads(model, &seqs, shared) {
                     Ok(preds) => heads
                         .iter()
