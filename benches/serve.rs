@@ -35,6 +35,7 @@ fn tag(
     let vectors = (Tensor::randn(0f32, 1.0, (10, d), &Device::Cpu).unwrap() * 0.05).unwrap();
     let head = head.clone().map(|spec| Head {
         spec,
+        positions: 1,
         weight: (Tensor::randn(0f32, 1.0, (1, d), &Device::Cpu).unwrap() * 0.01).unwrap(),
         bias: Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap(),
     });
@@ -46,6 +47,7 @@ fn tag(
             num_vectors: 10,
             hidden_size: d,
             base_model: fingerprint.into(),
+            head_positions: 1,
             head: head.as_ref().map(|h| h.spec.clone()),
             template: (kind == TagKind::Function).then(|| TEMPLATE.to_string()),
             domain_tags: vec![],

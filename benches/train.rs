@@ -35,6 +35,7 @@ fn domain(m: &BaseModel, name: &str) -> Arc<TagBundle> {
             num_vectors: 10,
             hidden_size: m.config().hidden_size,
             base_model: m.fingerprint.clone(),
+            head_positions: 1,
             head: None,
             template: None,
             domain_tags: vec![],

@@ -63,8 +63,12 @@ fn by_hand(server: &common::server::TestServer, template: &str, input: Input) ->
         .forward(&x, None, None, Mode::Differentiable)
         .unwrap();
     let (b, pos) = c.head.clone().unwrap();
-    let row = rows_at(&h, &[pos]).unwrap();
     let head = b.head.as_ref().unwrap();
+    // The head's input: its tag's last `positions` hidden states, side by side.
+    let rows: Vec<_> = (pos + 1 - head.positions..=pos)
+        .map(|p| rows_at(&h, &[p]).unwrap())
+        .collect();
+    let row = candle_core::Tensor::cat(&rows, 1).unwrap();
     let out: Vec<f32> = row
         .matmul(&head.weight.t().unwrap())
         .unwrap()
@@ -198,6 +202,49 @@ async fn several_functions_share_the_prefix_and_match_separate_calls() {
             assert!(
                 (a - b).abs() < 1e-3,
                 "{f} input {i}: shared prefix {a}, separate {b}"
+            );
+        }
+    }
+}
+
+/// A head that reads several of its tag's positions reads them in order, alone, beside
+/// another function on a shared prefix, and in a padded batch of different lengths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_over_several_positions_reads_its_tags_last_rows() {
+    let s = start(Options::default()).await;
+    install_chem(&s).await;
+    const WIDE_TPL: &str = "The molecule <SMILES> {smiles} is <Wide>";
+    install(
+        &s,
+        &TagSpec {
+            head_positions: 3,
+            seed: 5.0,
+            ..TagSpec::regression("Wide", WIDE_TPL)
+        },
+    )
+    .await;
+    let inputs = ["CCO", "c1ccccc1C(=O)O"];
+    let (status, alone) = post(
+        &s.url,
+        "/predict",
+        json!({"function": "Wide", "inputs": inputs}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{alone}");
+    let (status, both) = post(
+        &s.url,
+        "/predict",
+        json!({"functions": ["QED", "Wide"], "inputs": inputs}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{both}");
+    for (i, smiles) in inputs.iter().enumerate() {
+        let want = by_hand(&s, WIDE_TPL, Input::Text(smiles.to_string()));
+        for got in [&alone["predictions"][i], &both["predictions"][i]["Wide"]] {
+            let got = got["value"].as_f64().unwrap();
+            assert!(
+                (got - want).abs() < 1e-3,
+                "{smiles}: served {got}, by hand {want}"
             );
         }
     }

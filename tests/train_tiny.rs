@@ -600,19 +600,35 @@ fn gauss_solve(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Vec<f64> {
 /// equations in raw units (with the ridge penalty the trainer chose, which is tiny here).
 #[test]
 fn ridge_head_initialisation_is_the_least_squares_fit() {
-    let (_d, m) = tiny();
+    ridge_head_is_the_least_squares_fit(1);
+}
+
+/// The same with a head that reads all three of its tag's positions: its features are the
+/// three hidden states side by side, and the fit is still the direct least squares.
+#[test]
+fn a_ridge_head_over_every_tag_position_is_the_least_squares_fit() {
+    ridge_head_is_the_least_squares_fit(3);
+}
+
+fn ridge_head_is_the_least_squares_fit(head_positions: usize) {
+    let (dir, m) = tiny();
     let smiles = stage1(&m, "SMILES");
+    let frozen = smiles.clone();
     let h = Hyperparameters {
         head_learning_rate: Some(1e-12),
+        head_positions,
         ..hyper(1, 1e-12) // one step that moves nothing: the published head is the fit
     };
     let j = size_job(h);
     let t = Trainer::new(&m, smiles, j, &molecules(160), Some(&molecules(40))).unwrap();
     let (x, z) = t.head_features().unwrap();
+    let hidden = m.config().hidden_size;
+    assert_eq!(x[0].len(), head_positions * hidden);
     let out = t
         .run(None, &mut |_: &tagllm::train::Progress| true)
         .unwrap();
     let bundle = &out.bundles[0];
+    assert_eq!(bundle.manifest.head_positions, head_positions);
     let fit = &bundle.manifest.provenance["head_fit"];
     assert_eq!(fit["method"], "ridge", "{fit}");
     let lambda = fit["lambda"].as_f64().unwrap();
@@ -668,6 +684,45 @@ fn ridge_head_initialisation_is_the_least_squares_fit() {
         "training MSE of the fitted head {mse} (the mean gives 1.0)"
     );
     assert!(out.eval["step0"]["mse"].as_f64().is_some(), "{}", out.eval);
+
+    // Served, the bundle's head reads what the trainer fitted it on: its predictions are
+    // the fit applied to the trainer's features, in the target's units.
+    let tags = dir.path().join("tags");
+    for b in frozen.tags.values() {
+        b.save(&tags).unwrap();
+    }
+    bundle.save(&tags).unwrap();
+    let set = Registry::open(&tags, BaseModelIdentity::of(&m), Device::Cpu)
+        .unwrap()
+        .snapshot();
+    let template = tagllm::tags::Template::parse("<SMILES> {smiles} size <Size>");
+    let data = molecules(160);
+    let composed: Vec<_> = data.records[..8]
+        .iter()
+        .map(|r| {
+            let input = tagllm::tags::compose::Input::Text(r["smiles"].clone());
+            tagllm::tags::compose::compose(&m, &set, &template, &input, None, 1024).unwrap()
+        })
+        .collect();
+    let seqs: Vec<_> = composed.iter().collect();
+    let served = tagllm::infer::heads::padded_heads(&m, &seqs).unwrap();
+    let tagllm::tags::HeadSpec::Regression {
+        target_mean,
+        target_std,
+    } = head.spec
+    else {
+        panic!("a regression head")
+    };
+    for (i, p) in served.iter().enumerate() {
+        let tagllm::infer::Prediction::Value { value } = p else {
+            panic!("{p:?}")
+        };
+        let want = predict(&x[i], &w64, b as f64) * target_std + target_mean;
+        assert!(
+            (value - want).abs() < 1e-3 * target_std,
+            "example {i}: served {value}, the fit on the trainer's features {want}"
+        );
+    }
 }
 
 /// `init: text:PHRASE` starts the tag at the phrase's token embeddings (cycled to p rows);

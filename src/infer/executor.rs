@@ -262,8 +262,12 @@ fn run_heads(
                 .collect();
             let seqs: Vec<&Composed> = heads.iter().map(|&i| &g.seqs[i]).collect();
             let shared = if seqs.len() >= 2 {
-                let min_readout = seqs.iter().filter_map(|s| s.readout()).min().unwrap_or(0);
-                common_prefix(&seqs).min(min_readout)
+                let first_read = seqs
+                    .iter()
+                    .filter_map(|s| s.head_reads().map(|r| r.start))
+                    .min()
+                    .unwrap_or(0);
+                common_prefix(&seqs).min(first_read)
             } else {
                 0
             };

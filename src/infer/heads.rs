@@ -31,7 +31,8 @@ pub enum Prediction {
     },
 }
 
-/// Applies `head` to hidden states `[n, d]`, one prediction per row.
+/// Applies `head` to its inputs `[n, positions * d]` (each row the hidden states it reads,
+/// concatenated), one prediction per row.
 pub fn apply_head(head: &Head, hidden: &Tensor) -> Result<Vec<Prediction>> {
     let out = hidden
         .matmul(&head.weight.t()?)?
@@ -71,17 +72,39 @@ pub fn apply_head(head: &Head, hidden: &Tensor) -> Result<Vec<Prediction>> {
 pub fn padded_heads(model: &BaseModel, seqs: &[&Composed]) -> Result<Vec<Prediction>> {
     let (rows, mask) = embed_padded(model, seqs, 0)?;
     let hidden = model.llama.forward(&rows, Some(&mask), None, Mode::Fast)?;
-    let readouts = readouts(seqs, 0)?;
-    read_heads(seqs, &rows_at(&hidden, &readouts)?)
+    read_heads(seqs, &hidden, 0)
 }
 
-/// The final hidden state at each sequence's last position (the features a linear probe
-/// on the frozen model reads), as one padded batch.
-pub fn padded_last_hidden(model: &BaseModel, seqs: &[&Composed]) -> Result<Vec<Vec<f32>>> {
+/// The final hidden states at each sequence's last `positions` positions, concatenated
+/// in order (the features a linear probe on the frozen model reads), as one padded batch.
+pub fn padded_last_hidden(
+    model: &BaseModel,
+    seqs: &[&Composed],
+    positions: usize,
+) -> Result<Vec<Vec<f32>>> {
     let (rows, mask) = embed_padded(model, seqs, 0)?;
     let hidden = model.llama.forward(&rows, Some(&mask), None, Mode::Fast)?;
-    let last: Vec<usize> = seqs.iter().map(|s| s.len() - 1).collect();
-    Ok(rows_at(&hidden, &last)?.to_vec2::<f32>()?)
+    let mut features = vec![Vec::new(); seqs.len()];
+    for back in (1..=positions).rev() {
+        let at = seqs
+            .iter()
+            .map(|s| {
+                s.len().checked_sub(back).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "a sequence of {} positions has no last {positions}",
+                        s.len()
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (f, row) in features
+            .iter_mut()
+            .zip(rows_at(&hidden, &at)?.to_vec2::<f32>()?)
+        {
+            f.extend(row);
+        }
+    }
+    Ok(features)
 }
 
 /// The common prefix (its first `shared` positions) once, at batch 1 and cached, then
@@ -104,8 +127,7 @@ pub(super) fn shared_prefix_heads(
     let hidden = model
         .llama
         .forward(&rows, Some(&mask), Some(&mut cache), Mode::Fast)?;
-    let readouts = readouts(seqs, shared)?;
-    read_heads(seqs, &rows_at(&hidden, &readouts)?)
+    read_heads(seqs, &hidden, shared)
 }
 
 /// Each sequence's embeddings from position `start` on, right-padded into one batch.
@@ -121,19 +143,23 @@ fn no_head() -> anyhow::Error {
     anyhow::anyhow!("internal error: a sequence sent to the heads has no head")
 }
 
-/// Each head sequence's readout position, counted from `start`.
-fn readouts(seqs: &[&Composed], start: usize) -> Result<Vec<usize>> {
-    seqs.iter()
-        .map(|s| Ok(s.readout().ok_or_else(no_head)? - start))
-        .collect()
-}
-
-fn read_heads(seqs: &[&Composed], hidden: &Tensor) -> Result<Vec<Prediction>> {
+/// Each sequence's head applied to the hidden states it reads (`hidden` is `[b, s, d]`,
+/// row `i` holding sequence `i` from position `start` on).
+fn read_heads(seqs: &[&Composed], hidden: &Tensor, start: usize) -> Result<Vec<Prediction>> {
     seqs.iter()
         .enumerate()
         .map(|(i, s)| {
-            let head = s.head().ok_or_else(no_head)?;
-            Ok(apply_head(head, &hidden.narrow(0, i, 1)?)?.remove(0))
+            let (head, reads) = s.head().zip(s.head_reads()).ok_or_else(no_head)?;
+            anyhow::ensure!(
+                reads.start >= start,
+                "internal error: the head reads inside the shared prefix"
+            );
+            let input = hidden
+                .get(i)?
+                .narrow(0, reads.start - start, reads.len())?
+                .flatten_all()?
+                .unsqueeze(0)?;
+            Ok(apply_head(head, &input)?.remove(0))
         })
         .collect()
 }

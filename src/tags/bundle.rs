@@ -45,6 +45,10 @@ pub struct TagManifest {
     pub base_model: String,
     #[serde(default)]
     pub head: Option<HeadSpec>,
+    /// How many of the tag's last positions the head reads, concatenated in order
+    /// (`head.weight` is `[k, head_positions * d]`); 1, the default, reads the last only.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub head_positions: usize,
     /// For function tags: the default template, e.g. `... <SMILES> {smiles} ... <QED>`.
     #[serde(default)]
     pub template: Option<String>,
@@ -59,10 +63,20 @@ pub struct TagManifest {
     pub metrics: serde_json::Value,
 }
 
-/// A head's parameters: `weight` `[k, d]`, `bias` `[k]`.
+fn one() -> usize {
+    1
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
+}
+
+/// A head's parameters: `weight` `[k, positions * d]`, `bias` `[k]`.
 #[derive(Debug, Clone)]
 pub struct Head {
     pub spec: HeadSpec,
+    /// How many of its tag's last positions it reads, concatenated.
+    pub positions: usize,
     pub weight: Tensor,
     pub bias: Tensor,
 }
@@ -225,7 +239,20 @@ impl TagBundle {
         ensure!(all_finite(&vectors)?, "vectors contain NaN or infinity");
         let head = match &manifest.head {
             None => None,
-            Some(spec) => Some(Self::load_head(spec, &mut tensors, manifest.hidden_size)?),
+            Some(spec) => {
+                let positions = manifest.head_positions;
+                ensure!(
+                    (1..=manifest.num_vectors).contains(&positions),
+                    "head_positions is {positions}; it must be in 1..=num_vectors ({})",
+                    manifest.num_vectors
+                );
+                Some(Self::load_head(
+                    spec,
+                    &mut tensors,
+                    positions,
+                    manifest.hidden_size,
+                )?)
+            }
         };
         if let Some(t) = &manifest.template {
             let tpl = Template::parse(t);
@@ -246,7 +273,13 @@ impl TagBundle {
         })
     }
 
-    fn load_head(spec: &HeadSpec, tensors: &mut HashMap<String, Tensor>, d: usize) -> Result<Head> {
+    fn load_head(
+        spec: &HeadSpec,
+        tensors: &mut HashMap<String, Tensor>,
+        positions: usize,
+        hidden_size: usize,
+    ) -> Result<Head> {
+        let d = positions * hidden_size;
         let k = match spec {
             HeadSpec::Regression { target_std, .. } => {
                 ensure!(
@@ -286,6 +319,7 @@ impl TagBundle {
         );
         Ok(Head {
             spec: spec.clone(),
+            positions,
             weight,
             bias,
         })
@@ -346,6 +380,7 @@ impl TagBundle {
             num_vectors: p,
             hidden_size: d,
             base_model: base.fingerprint.clone(),
+            head_positions: 1,
             head: None,
             template: Some(format!("<{dir_name}>{{input}}")),
             domain_tags: Vec::new(),
@@ -472,6 +507,7 @@ mod tests {
                 num_vectors: 2,
                 hidden_size: 4,
                 base_model: "f".repeat(64),
+                head_positions: 1,
                 head: None,
                 template: None,
                 domain_tags: vec![],
@@ -483,6 +519,54 @@ mod tests {
             head: None,
             source: "bundle",
         }
+    }
+
+    /// A function tag whose head reads `positions` rows, its weight `[1, width]`.
+    fn wide_head_tag(positions: usize, width: usize) -> TagBundle {
+        let spec = HeadSpec::Regression {
+            target_mean: 0.0,
+            target_std: 1.0,
+        };
+        let mut b = domain_tag("Wide", 1, 0.5);
+        b.manifest.kind = TagKind::Function;
+        b.manifest.head = Some(spec.clone());
+        b.manifest.head_positions = positions;
+        b.head = Some(Head {
+            spec,
+            positions,
+            weight: Tensor::ones((1, width), DType::F32, &Device::Cpu).unwrap(),
+            bias: Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap(),
+        });
+        b
+    }
+
+    #[test]
+    fn a_head_over_several_positions_round_trips_and_bad_shapes_are_refused() {
+        let base = BaseModelIdentity {
+            fingerprint: "f".repeat(64),
+            hidden_size: 4,
+        };
+        let load = |b: TagBundle| {
+            let dir = tempfile::tempdir().unwrap();
+            b.save(dir.path()).unwrap();
+            TagBundle::load(&dir.path().join("Wide"), &base, &Device::Cpu)
+        };
+        let served = load(wide_head_tag(2, 8)).unwrap();
+        assert_eq!(served.manifest.head_positions, 2);
+        assert_eq!(served.head.as_ref().unwrap().positions, 2);
+        let e = format!("{:#}", load(wide_head_tag(2, 4)).unwrap_err());
+        assert!(
+            e.contains("head.weight has shape [1, 4], expected [1, 8]"),
+            "{e}"
+        );
+        // The tag has 2 rows: a head cannot read 3.
+        let e = format!("{:#}", load(wide_head_tag(3, 12)).unwrap_err());
+        assert!(e.contains("head_positions is 3"), "{e}");
+        // The default (1) is not written, so older readers see the manifest they know.
+        let dir = tempfile::tempdir().unwrap();
+        wide_head_tag(1, 4).save(dir.path()).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("Wide").join(MANIFEST_FILE)).unwrap();
+        assert!(!text.contains("head_positions"), "{text}");
     }
 
     #[test]

@@ -92,6 +92,13 @@ impl Composed {
         self.head.as_ref().map(|(_, at)| *at)
     }
 
+    /// Every position the head reads, in order: its tag's last `positions` rows, ending
+    /// at [`Composed::readout`] (a bundle's head never reads more rows than its tag has).
+    pub fn head_reads(&self) -> Option<std::ops::Range<usize>> {
+        let (at, positions) = (self.readout()?, self.head()?.positions);
+        Some(at + 1 - positions..at + 1)
+    }
+
     /// Input embeddings `[n, d]` for `pieces[range]`.
     pub fn embed(&self, model: &BaseModel, start: usize) -> Result<Tensor> {
         let mut parts = Vec::new();

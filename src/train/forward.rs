@@ -158,12 +158,9 @@ impl Trainer<'_> {
                 }
             }
             _ => {
-                let at = batch
-                    .iter()
-                    .enumerate()
-                    .map(|(i, e)| Ok((i * s + readout(e)? - offsets[i]) as u32))
-                    .collect::<Result<Vec<u32>>>()?;
-                Outputs::Head(self.head_out(&rows(at)?)?)
+                let at = self.head_rows(batch, &offsets, s)?;
+                let input = rows(at)?.reshape((b, self.head_positions() * d))?;
+                Outputs::Head(self.head_out(&input)?)
             }
         })
     }
@@ -230,8 +227,25 @@ impl Trainer<'_> {
             .collect()
     }
 
-    /// Final-norm hidden states at each example's head readout (the head's input), `[n, d]`
-    /// as f64 rows, in batches of `batch` with prefix reuse (which fills the prefix cache).
+    /// Where the head's inputs are in a flattened `[b * s, d]` forward: each example's
+    /// last `head_positions` positions up to its readout, in order.
+    fn head_rows(&self, batch: &[&Example], offsets: &[usize], s: usize) -> Result<Vec<u32>> {
+        let r = self.head_positions();
+        let mut at = Vec::with_capacity(batch.len() * r);
+        for (i, (e, off)) in batch.iter().zip(offsets).enumerate() {
+            let last = readout(e)? - off;
+            anyhow::ensure!(
+                last + 1 >= r,
+                "internal error: the head reads before the sequence"
+            );
+            at.extend((last + 1 - r..=last).map(|p| (i * s + p) as u32));
+        }
+        Ok(at)
+    }
+
+    /// The head's input for each example: the final-norm hidden states at its last
+    /// `head_positions` positions, concatenated, `[n, head_positions * d]` as f64 rows, in
+    /// batches of `batch` with prefix reuse (which fills the prefix cache).
     pub(super) fn features(&self, examples: &[Example], batch: usize) -> Result<Vec<Vec<f64>>> {
         // Batches of similar lengths (little padding); rows go back to the examples' order.
         let mut order: Vec<usize> = (0..examples.len()).collect();
@@ -240,13 +254,17 @@ impl Trainer<'_> {
         for chunk in order.chunks(batch.max(1)) {
             let batch: Vec<&Example> = chunk.iter().map(|&i| &examples[i]).collect();
             let (h, offsets) = self.forward(&batch, Mode::Fast, true)?;
-            let positions: Vec<usize> = batch
+            let (b, s, d) = h.dims3()?;
+            let at = self.head_rows(&batch, &offsets, s)?;
+            let idx = Tensor::from_vec(at.clone(), at.len(), h.device())?;
+            let input = h
+                .reshape((b * s, d))?
+                .index_select(&idx, 0)?
+                .reshape((b, self.head_positions() * d))?;
+            for (&i, r) in chunk
                 .iter()
-                .zip(&offsets)
-                .map(|(e, off)| Ok(readout(e)? - off))
-                .collect::<Result<_>>()?;
-            let at = crate::model::llama::rows_at(&h, &positions)?;
-            for (&i, r) in chunk.iter().zip(at.to_dtype(DType::F64)?.to_vec2::<f64>()?) {
+                .zip(input.to_dtype(DType::F64)?.to_vec2::<f64>()?)
+            {
                 rows[i] = r;
             }
         }

@@ -94,12 +94,46 @@ impl Standardised {
     }
 }
 
+/// `X'X` (row-major `d x d`) and `X'(y - y_mean)` of the rows `x`, by one f64 matrix
+/// product (thousands of rows by thousands of features take seconds, not minutes).
+fn gram_and_moment(x: &[Vec<f64>], y: &[f64], y_mean: f64) -> Result<(Vec<f64>, Vec<f64>)> {
+    let (n, d) = (x.len(), x[0].len());
+    let rows = Tensor::from_vec(x.concat(), (n, d), &Device::Cpu)?;
+    let centred: Vec<f64> = y.iter().map(|t| t - y_mean).collect();
+    let t = rows.t()?;
+    let gram = t.matmul(&rows)?.flatten_all()?.to_vec1::<f64>()?;
+    let xty = t
+        .matmul(&Tensor::from_vec(centred, (n, 1), &Device::Cpu)?)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
+    Ok((gram, xty))
+}
+
+/// `a . b` with independent partial sums, so that the compiler can vectorise it (a plain
+/// `sum()` must add in order); Cholesky spends its time here.
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let mut acc = [0.0; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f64 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
 /// Solves `a x = b` for symmetric positive definite `a` (row-major `d x d`) by Cholesky.
 fn solve_spd(a: &[f64], b: &[f64], d: usize) -> Result<Vec<f64>> {
     let mut l = vec![0.0; d * d];
     for i in 0..d {
         for j in 0..=i {
-            let s: f64 = (0..j).map(|k| l[i * d + k] * l[j * d + k]).sum();
+            let s = dot(&l[i * d..i * d + j], &l[j * d..j * d + j]);
             if i == j {
                 let v = a[i * d + i] - s;
                 ensure!(v > 0.0, "the ridge system is not positive definite");
@@ -172,22 +206,7 @@ pub fn fit_ridge(
     let (n, d) = (x.len(), x[0].len());
     let std = Standardised::new(x);
     let y_mean = y.iter().sum::<f64>() / n as f64;
-    let mut gram = vec![0.0; d * d];
-    let mut xty = vec![0.0; d];
-    for (row, t) in std.rows.iter().zip(y) {
-        for i in 0..d {
-            xty[i] += row[i] * (t - y_mean);
-            let ri = row[i];
-            for j in 0..=i {
-                gram[i * d + j] += ri * row[j];
-            }
-        }
-    }
-    for i in 0..d {
-        for j in 0..i {
-            gram[j * d + i] = gram[i * d + j];
-        }
-    }
+    let (gram, xty) = gram_and_moment(&std.rows, y, y_mean)?;
     let fit_with = |lambda: f64| -> Result<LinearFit> {
         let mut a = gram.clone();
         for i in 0..d {

@@ -53,6 +53,9 @@ pub struct Hyperparameters {
     /// of a served tag's vectors, likewise).
     pub init: String,
     pub head_init: HeadInit,
+    /// How many of the function tag's last positions the head reads, concatenated: 1 reads
+    /// the last only (the paper); up to `num_vectors`, the head sees every row of the tag.
+    pub head_positions: usize,
     /// After tag training, fit the head again in closed form on the trained tags'
     /// features; the new head is kept only if it does better on held-out data.
     pub head_refit: bool,
@@ -77,6 +80,7 @@ impl Default for Hyperparameters {
             weight_decay: 0.0,
             init: "mean".into(),
             head_init: HeadInit::Fit,
+            head_positions: 1,
             head_refit: true,
             eval_every: 0,
             patience: 0,
@@ -127,6 +131,11 @@ impl Hyperparameters {
         ensure!(
             (1..=256).contains(&self.num_vectors),
             "num_vectors must be in 1..=256"
+        );
+        ensure!(
+            (1..=self.num_vectors).contains(&self.head_positions),
+            "head_positions must be in 1..=num_vectors ({})",
+            self.num_vectors
         );
         TagInit::parse(&self.init)?;
         Ok(())
@@ -286,6 +295,14 @@ pub(super) fn plan(
         require_slots(e, &templates, &job.template)?;
     }
     let target = target(job, data)?;
+    ensure!(
+        job.hyperparameters.head_positions == 1
+            || matches!(
+                target,
+                Target::Regression { .. } | Target::Classification { .. }
+            ),
+        "head_positions needs a regression or classification head"
+    );
     Ok(Plan { templates, target })
 }
 
@@ -456,6 +473,20 @@ mod tests {
                     ..ok.clone()
                 },
                 "epochs",
+            ),
+            (
+                Hyperparameters {
+                    head_positions: 11,
+                    ..ok.clone()
+                },
+                "head_positions",
+            ),
+            (
+                Hyperparameters {
+                    head_positions: 0,
+                    ..ok.clone()
+                },
+                "head_positions",
             ),
         ];
         for (h, field) in cases {

@@ -164,7 +164,7 @@ impl<'a> Trainer<'a> {
             .iter()
             .map(|t| Ok((t.clone(), Var::from_tensor(&init)?)))
             .collect::<Result<BTreeMap<_, _>>>()?;
-        let head = random_head(model, &plan.target, h.seed)?;
+        let head = random_head(model, &plan.target, h.head_positions, h.seed)?;
         let build = |d: &Dataset, base: usize| {
             examples::build(model, &job, &plan.target, &plan.templates, &set, d, base)
         };
@@ -237,6 +237,11 @@ impl<'a> Trainer<'a> {
     /// Optimizer steps of a full run (from `steps`, or from `epochs` and the data).
     pub fn total_steps(&self) -> usize {
         self.total_steps
+    }
+
+    /// How many hidden states the head reads (`Hyperparameters::head_positions`).
+    pub(super) fn head_positions(&self) -> usize {
+        self.job.hyperparameters.head_positions
     }
 
     fn steps_per_epoch(&self) -> usize {
@@ -710,6 +715,7 @@ impl<'a> Trainer<'a> {
                 let head = match (&self.head, &head_spec) {
                     (Some((w, b)), Some(spec)) => Some(Head {
                         spec: spec.clone(),
+                        positions: self.head_positions(),
                         weight: w.as_tensor().copy()?,
                         bias: b.as_tensor().copy()?,
                     }),
@@ -727,6 +733,10 @@ impl<'a> Trainer<'a> {
                         num_vectors: var.as_tensor().dim(0)?,
                         hidden_size: d,
                         base_model: self.model.fingerprint.clone(),
+                        head_positions: match head_spec {
+                            Some(_) => self.head_positions(),
+                            None => 1,
+                        },
                         head: head_spec.clone(),
                         template: is_function.then(|| self.job.template.clone()),
                         domain_tags: template
@@ -763,14 +773,20 @@ impl<'a> Trainer<'a> {
     }
 }
 
-/// Small random head weights (the paper's start; replaced by the fit when asked).
-fn random_head(model: &BaseModel, target: &Target, seed: u64) -> Result<Option<(Var, Var)>> {
+/// Small random head weights (the paper's start; replaced by the fit when asked), reading
+/// `positions` hidden states.
+fn random_head(
+    model: &BaseModel,
+    target: &Target,
+    positions: usize,
+    seed: u64,
+) -> Result<Option<(Var, Var)>> {
     let k = match target {
         Target::Regression { .. } => 1,
         Target::Classification { labels } => labels.len(),
         _ => return Ok(None),
     };
-    let d = model.config().hidden_size;
+    let d = positions * model.config().hidden_size;
     let mut rng = StdRng::seed_from_u64(seed);
     let w: Vec<f32> = (0..k * d)
         .map(|_| rand::Rng::random_range(&mut rng, -0.01f32..0.01))

@@ -184,6 +184,8 @@ pub struct TagSpec<'a> {
     pub version: u64,
     pub num_vectors: usize,
     pub head: Option<HeadSpec>,
+    /// How many of the tag's last positions its head reads.
+    pub head_positions: usize,
     pub template: Option<&'a str>,
     pub seed: f64,
 }
@@ -196,6 +198,7 @@ impl<'a> TagSpec<'a> {
             version: 1,
             num_vectors: 3,
             head: None,
+            head_positions: 1,
             template: None,
             seed: 1.0,
         }
@@ -210,6 +213,7 @@ impl<'a> TagSpec<'a> {
                 target_mean: 10.0,
                 target_std: 2.0,
             }),
+            head_positions: 1,
             template: Some(template),
             seed: 2.0,
         }
@@ -232,7 +236,8 @@ pub fn bundle(spec: &TagSpec, fingerprint: &str, d: usize) -> TagBundle {
         };
         Head {
             spec: h.clone(),
-            weight: seeded(k, d, spec.seed + 0.5),
+            positions: spec.head_positions,
+            weight: seeded(k, spec.head_positions * d, spec.seed + 0.5),
             bias: Tensor::zeros(k, DType::F32, &Device::Cpu).unwrap(),
         }
     });
@@ -244,6 +249,7 @@ pub fn bundle(spec: &TagSpec, fingerprint: &str, d: usize) -> TagBundle {
             num_vectors: spec.num_vectors,
             hidden_size: d,
             base_model: fingerprint.into(),
+            head_positions: spec.head_positions,
             head: spec.head.clone(),
             template: spec.template.map(String::from),
             domain_tags: vec![],

@@ -36,6 +36,9 @@ pub(crate) struct EmbedCmd {
     /// JSONL with the template's slots.
     #[arg(long)]
     pub(crate) data: PathBuf,
+    /// How many final positions to read, concatenated (e.g. a function tag's p rows).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) positions: usize,
 }
 
 pub(crate) fn eval(cmd: EvalCmd) -> Result<()> {
@@ -111,7 +114,7 @@ pub(crate) fn embed(cmd: EmbedCmd) -> Result<()> {
     let data = tagllm::train::Dataset::from_jsonl(&std::fs::read_to_string(&cmd.data)?)?;
     data.require_fields(&template.slots())?;
     let rows = in_batches(&m, &set, &template, &data, None, |seqs| {
-        tagllm::infer::heads::padded_last_hidden(&m, seqs)
+        tagllm::infer::heads::padded_last_hidden(&m, seqs, cmd.positions)
     })?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     for row in rows {

@@ -64,6 +64,10 @@ pub(crate) struct TrainCmd {
     /// `fit` (closed form on the step-0 features) or `random`.
     #[arg(long, value_parser = ["fit", "random"])]
     pub(crate) head_init: Option<String>,
+    /// How many of the function tag's last positions the head reads, concatenated
+    /// (1: the last only; up to --num-vectors).
+    #[arg(long)]
+    pub(crate) head_positions: Option<usize>,
     /// After tag training, refit the head in closed form on the trained tags' features
     /// (kept only if better on held-out data).
     #[arg(long)]
@@ -117,6 +121,7 @@ impl TrainCmd {
                 Some(_) => tagllm::train::HeadInit::Fit,
                 None => d.head_init,
             },
+            head_positions: self.head_positions.unwrap_or(d.head_positions),
             head_refit: self.head_refit.unwrap_or(d.head_refit),
             eval_every: self.eval_every.unwrap_or(d.eval_every),
             patience: self.patience.unwrap_or(d.patience),
