@@ -6,7 +6,7 @@ Sources (downloaded once into --cache by pip / apt, checked against pinned sha25
   pydebiaseddta 0.1.0 (PyPI, MIT)      KIBA sample (3000/1000/1000 pairs, cold) -> <BA>, and
                                        a warm re-split of them (3500/500/1000);
                                        ChEMBL27 mini SMILES -> out-of-MOSES QED test
-  mmseqs2-examples 14-7e284+ds-1       20,000 UniProt sequences (CC BY 4.0) -> <Protein> text
+  mmseqs2-examples 14-7e284+ds-1       19,412 usable UniProt sequences (CC BY 4.0) -> <Protein> text
     (Debian bookworm)                  and the first BLOSUM index (peptides 0.5.0, MIT) -> <Descriptor>
   django 5.2.19 (PyPI, BSD-3)          UI strings in ~99 languages -> language tags, <Translate>
   15 Debian bookworm packages'          message catalogs (GPL/LGPL) -> sentences in each language
@@ -158,9 +158,12 @@ def proteins(debs, out: Path):
 
     # Disjoint proteins per split; stage-1 text never includes a test protein.
     write_jsonl(out / "protein/text.jsonl", [{"text": window(s)} for s in seqs[:3000]])
-    write_jsonl(out / "descriptor/train.jsonl", label(seqs[3000:7000]))
+    train = label(seqs[3000:7000])
     write_jsonl(out / "descriptor/val.jsonl", label(seqs[7000:7500]))
     write_jsonl(out / "descriptor/test.jsonl", label(seqs[7500:8500]))
+    # Every remaining protein trains too (labelled last, so the splits above keep their
+    # windows): the readout's validation MSE fell ~25% per doubling of 1,000-4,000 rows.
+    write_jsonl(out / "descriptor/train.jsonl", train + label(seqs[8500:]))
 
 
 def warm_split(rows, n_test, n_val, seed=13):

@@ -31,8 +31,8 @@ LANG_NAMES = {"EN": "English", "FR": "French", "DE": "German", "IT": "Italian", 
 # rate stays 1/100 of the tag's: its features have a few very large coordinates, and Adam
 # moves every weight by about the rate. A tag whose sweep was already run (its curves are
 # kept in scripts/repro/logs/NAME-sweep.jsonl) trains at the winner directly.
-def function_method(eval_every, patience, winner=None):
-    common = ["--epochs", "3", "--head-init", "fit", "--eval-every", str(eval_every),
+def function_method(eval_every, patience, winner=None, epochs=3):
+    common = ["--epochs", str(epochs), "--head-init", "fit", "--eval-every", str(eval_every),
               "--patience", str(patience)]
     if winner is not None:
         lr, batch = winner
@@ -57,9 +57,12 @@ JOBS = [
     ("QED", 2, ["--template", QED_TEMPLATE, "--head", "regression", "--target", "qed",
                 "--data", "data/qed/train.jsonl", "--eval-data", "runs/data/qed_val.jsonl",
                 *function_method(50, 6, winner=(1e-4, 16))]),
+    # <Descriptor>'s head reads all 10 of its tag's positions (a ridge on the step-0
+    # features: validation MSE 0.0055 against 0.0073 for the last position alone, 4,000
+    # rows), trained on all 14,912 labelled proteins at its sweep's winner, for one epoch.
     ("Descriptor", 2, ["--template", DESCRIPTOR_TEMPLATE, "--head", "regression", "--target", "blosum1",
                        "--data", "data/descriptor/train.jsonl", "--eval-data", "runs/data/descriptor_val.jsonl",
-                       *function_method(50, 6)]),
+                       "--head-positions", "10", *function_method(50, 3, winner=(1e-4, 32), epochs=1)]),
     ("BA", 3, ["--template", BA_TEMPLATE, "--head", "regression", "--target", "affinity",
                "--data", "data/ba/train.jsonl", "--eval-data", "runs/data/ba_val.jsonl",
                "--steps", "400", "--eval-every", "100"]),
