@@ -329,18 +329,21 @@ impl JobStore {
     ) -> Result<Job> {
         let id = uuid::Uuid::new_v4().to_string();
         let now = now_ms();
-        sqlx::query("INSERT INTO jobs (id, state, stage, tag, spec, total_steps, created_at, updated_at) VALUES ($1, 'queued', $2, $3, $4, $5, $6, $6)")
-            .bind(&id)
-            .bind(stage)
-            .bind(tag)
-            .bind(spec.to_string())
-            .bind(total_steps)
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
-        self.get(&id)
-            .await?
-            .context("the job just inserted is missing")
+        // The row as inserted: a worker may claim the job before a second read would run,
+        // and the submitter is told the state it was accepted in.
+        let row = sqlx::query(&format!(
+            "INSERT INTO jobs (id, state, stage, tag, spec, total_steps, created_at, updated_at) \
+             VALUES ($1, 'queued', $2, $3, $4, $5, $6, $6) RETURNING {JOB_COLUMNS}"
+        ))
+        .bind(&id)
+        .bind(stage)
+        .bind(tag)
+        .bind(spec.to_string())
+        .bind(total_steps)
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        job_from(&row)
     }
 
     pub async fn get(&self, id: &str) -> Result<Option<Job>> {
