@@ -67,10 +67,11 @@ JOBS = [
                "--data", "data/ba/train.jsonl", "--eval-data", "runs/data/ba_val.jsonl",
                "--steps", "400", "--eval-every", "100"]),
     # <BA> on the warm re-split (every test protein and ligand occurs in training), where
-    # the experts get signal; not shipped. Head fitted, then the tag at the function-tag rate.
+    # the experts get signal; not shipped. Head fitted (over all 10 positions, as
+    # <Descriptor>'s), then the tag at the function-tag rate.
     ("BAWarm", 3, ["--template", BA_TEMPLATE.replace("<BA>", "<BAWarm>"), "--head", "regression",
                    "--target", "affinity", "--data", "data/ba_warm/train.jsonl",
-                   "--eval-data", "runs/data/ba_warm_val.jsonl", "--head-init", "fit",
+                   "--eval-data", "runs/data/ba_warm_val.jsonl", "--head-init", "fit", "--head-positions", "10",
                    "--batch-size", "16", "--learning-rate", "1e-4", "--head-learning-rate", "1e-6",
                    "--steps", "100", "--eval-every", "50"]),
     # <Translate> starts as the words "Translate this": step 0 is the base model prompted
