@@ -8,7 +8,7 @@ use anyhow::Result;
 use candle_core::Tensor;
 use serde::Serialize;
 
-use crate::model::{pad_right, rows_at, BaseModel, FinishReason, Mode};
+use crate::model::{pad_right, BaseModel, FinishReason, Mode};
 use crate::tags::compose::Composed;
 use crate::tags::{Head, HeadSpec};
 
@@ -84,27 +84,18 @@ pub fn padded_last_hidden(
 ) -> Result<Vec<Vec<f32>>> {
     let (rows, mask) = embed_padded(model, seqs, 0)?;
     let hidden = model.llama.forward(&rows, Some(&mask), None, Mode::Fast)?;
-    let mut features = vec![Vec::new(); seqs.len()];
-    for back in (1..=positions).rev() {
-        let at = seqs
-            .iter()
-            .map(|s| {
-                s.len().checked_sub(back).ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "a sequence of {} positions has no last {positions}",
-                        s.len()
-                    )
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        for (f, row) in features
-            .iter_mut()
-            .zip(rows_at(&hidden, &at)?.to_vec2::<f32>()?)
-        {
-            f.extend(row);
-        }
-    }
-    Ok(features)
+    seqs.iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let first = s.len().checked_sub(positions).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "a sequence of {} positions has no last {positions}",
+                    s.len()
+                )
+            })?;
+            Ok(side_by_side(&hidden, i, first..s.len())?.to_vec1::<f32>()?)
+        })
+        .collect()
 }
 
 /// The common prefix (its first `shared` positions) once, at batch 1 and cached, then
@@ -154,12 +145,16 @@ fn read_heads(seqs: &[&Composed], hidden: &Tensor, start: usize) -> Result<Vec<P
                 reads.start >= start,
                 "internal error: the head reads inside the shared prefix"
             );
-            let input = hidden
-                .get(i)?
-                .narrow(0, reads.start - start, reads.len())?
-                .flatten_all()?
-                .unsqueeze(0)?;
-            Ok(apply_head(head, &input)?.remove(0))
+            let input = side_by_side(hidden, i, reads.start - start..reads.end - start)?;
+            Ok(apply_head(head, &input.unsqueeze(0)?)?.remove(0))
         })
         .collect()
+}
+
+/// Row `i`'s hidden states at `positions` of a `[b, s, d]` forward, side by side: `[n * d]`.
+fn side_by_side(hidden: &Tensor, i: usize, positions: std::ops::Range<usize>) -> Result<Tensor> {
+    Ok(hidden
+        .get(i)?
+        .narrow(0, positions.start, positions.len())?
+        .flatten_all()?)
 }

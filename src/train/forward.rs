@@ -157,11 +157,7 @@ impl Trainer<'_> {
                     ids: Tensor::from_vec(ids, n, h.device())?,
                 }
             }
-            _ => {
-                let at = self.head_rows(batch, &offsets, s)?;
-                let input = rows(at)?.reshape((b, self.head_positions() * d))?;
-                Outputs::Head(self.head_out(&input)?)
-            }
+            _ => Outputs::Head(self.head_out(&self.head_input(&h, batch, &offsets)?)?),
         })
     }
 
@@ -227,11 +223,13 @@ impl Trainer<'_> {
             .collect()
     }
 
-    /// Where the head's inputs are in a flattened `[b * s, d]` forward: each example's
-    /// last `head_positions` positions up to its readout, in order.
-    fn head_rows(&self, batch: &[&Example], offsets: &[usize], s: usize) -> Result<Vec<u32>> {
+    /// The head's input from a forward `h` (`[b, s, d]`, example `i` from `offsets[i]` on):
+    /// each example's last `head_positions` hidden states up to its readout, side by side,
+    /// `[b, head_positions * d]`.
+    fn head_input(&self, h: &Tensor, batch: &[&Example], offsets: &[usize]) -> Result<Tensor> {
+        let (b, s, d) = h.dims3()?;
         let r = self.head_positions();
-        let mut at = Vec::with_capacity(batch.len() * r);
+        let mut at = Vec::with_capacity(b * r);
         for (i, (e, off)) in batch.iter().zip(offsets).enumerate() {
             let last = readout(e)? - off;
             anyhow::ensure!(
@@ -240,7 +238,10 @@ impl Trainer<'_> {
             );
             at.extend((last + 1 - r..=last).map(|p| (i * s + p) as u32));
         }
-        Ok(at)
+        let idx = Tensor::from_vec(at, b * r, h.device())?;
+        Ok(h.reshape((b * s, d))?
+            .index_select(&idx, 0)?
+            .reshape((b, r * d))?)
     }
 
     /// The head's input for each example: the final-norm hidden states at its last
@@ -254,13 +255,7 @@ impl Trainer<'_> {
         for chunk in order.chunks(batch.max(1)) {
             let batch: Vec<&Example> = chunk.iter().map(|&i| &examples[i]).collect();
             let (h, offsets) = self.forward(&batch, Mode::Fast, true)?;
-            let (b, s, d) = h.dims3()?;
-            let at = self.head_rows(&batch, &offsets, s)?;
-            let idx = Tensor::from_vec(at.clone(), at.len(), h.device())?;
-            let input = h
-                .reshape((b * s, d))?
-                .index_select(&idx, 0)?
-                .reshape((b, self.head_positions() * d))?;
+            let input = self.head_input(&h, &batch, &offsets)?;
             for (&i, r) in chunk
                 .iter()
                 .zip(input.to_dtype(DType::F64)?.to_vec2::<f64>()?)
