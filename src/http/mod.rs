@@ -3,6 +3,7 @@
 pub mod console;
 pub mod error;
 pub mod jobs_routes;
+pub mod listen;
 pub mod routes;
 pub mod state;
 
@@ -20,6 +21,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::OpenApi;
 
 use error::ApiError;
+pub use listen::listen;
 pub use state::{AppState, HttpMetrics, ServerConfig};
 
 #[derive(OpenApi)]

@@ -129,7 +129,7 @@ pub async fn start(opts: Options) -> TestServer {
     let mut config = opts.config;
     config.data_root = Some(data_root.clone());
     let database_url = fresh_database_url(dir.path()).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = tagllm::http::listen("127.0.0.1", 0).await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let stop = async move {

@@ -162,7 +162,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port)).await?;
+        let listener = tagllm::http::listen(&args.host, args.port).await?;
         tracing::info!(addr = %listener.local_addr()?, "listening; loading the model");
         tagllm::service::Service::start(config)
             .await?
