@@ -242,6 +242,51 @@ fn train_then_eval_on_the_tiny_model() {
     assert!(err.contains("missing field `nope`"), "{err}");
 }
 
+/// (name, nice value) of every thread of process `pid`, from `/proc`.
+fn thread_priorities(pid: u32) -> Vec<(String, i64)> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| {
+            let stat = std::fs::read_to_string(task.ok()?.path().join("stat")).ok()?;
+            let (name, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
+            // `rest` starts at field 3 (state); the nice value is field 19.
+            Some((name.to_string(), rest.split(' ').nth(16)?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Every compute thread of a serving process (rayon's, candle's own pool, the engine, the
+/// training worker) runs below the threads that answer HTTP, which keep the process's priority.
+fn compute_runs_below_http(pid: u32) {
+    let threads = thread_priorities(pid);
+    let nice_of = |name: &str| threads.iter().find(|(n, _)| n == name).map(|t| t.1);
+    let base = nice_of("tagllm").expect("the main thread");
+    let lowered = (base + 10).min(19);
+    let is_compute = |n: &str| {
+        n.starts_with("compute-")
+            || n.starts_with("candle-bp-")
+            || n == "inference"
+            || n == "training-worker"
+    };
+    for (name, nice) in &threads {
+        let want = if is_compute(name) { lowered } else { base };
+        assert_eq!(*nice, want, "thread {name}: {threads:?}");
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for prefix in ["compute-", "inference"] {
+        assert!(
+            threads.iter().any(|(n, _)| n.starts_with(prefix)),
+            "no {prefix} thread: {threads:?}"
+        );
+    }
+    if cores > 1 {
+        assert!(
+            threads.iter().any(|(n, _)| n.starts_with("candle-bp-")),
+            "candle's pool: {threads:?}"
+        );
+    }
+}
+
 /// `tagllm serve` as a process, end to end: ready, a generation, the console, a training
 /// job run by its embedded worker and hot-loaded, then SIGTERM ends it cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -298,6 +343,7 @@ async fn serve_runs_end_to_end_as_a_process_and_stops_on_sigterm() {
     );
     let page = http.get(format!("{url}/")).send().await.unwrap();
     assert!(page.text().await.unwrap().contains("tagllm console"));
+    compute_runs_below_http(server.id());
 
     let records: Vec<_> = (0..6)
         .map(|i| serde_json::json!({"text": format!("the cat {i} sat on the mat")}))

@@ -29,6 +29,17 @@ pub fn lower_compute_pool_priority() {
     if let Err(e) = built {
         tracing::debug!("rayon's global pool already exists: {e}");
     }
+    // candle runs elementwise ops on a pool of its own (`candle-bp-N`, which spins
+    // between jobs), made on first use by whichever thread needs it first; its threads
+    // inherit that thread's nice value, and were found at 0 beside the lowered compute
+    // threads. Made here from a lowered thread, they stay below the HTTP threads too.
+    let lowered = std::thread::Builder::new().spawn(|| {
+        lower_this_thread_priority();
+        candle_core::utils::barrier_pool().n_workers()
+    });
+    if lowered.map(|t| t.join()).is_err() {
+        tracing::debug!("could not start candle's pool from a lowered thread");
+    }
 }
 
 /// Lowers the calling thread's priority (only the thread's: Linux's nice is per thread).
