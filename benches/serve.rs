@@ -147,16 +147,144 @@ async fn load_with_refusals(
     (all.len() as f64 / secs, all, refused)
 }
 
-/// The upper bound of the histogram bucket holding quantile `q` of
-/// `tagllm_request_duration_seconds{labels}` in a Prometheus text exposition, in ms.
-fn histogram_quantile_ms(metrics: &str, labels: &str, q: f64) -> f64 {
+async fn metrics(url: &str) -> String {
+    reqwest::get(format!("{url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// One client's kept HTTP/1.1 connection, written and read by hand as wrk does: the
+/// requests' bytes are made before the burst, so that the clients' own work, on the
+/// cores the server uses too, stays small next to the server's.
+struct RawConnection(tokio::io::BufReader<tokio::net::TcpStream>);
+
+impl RawConnection {
+    async fn open(addr: &str) -> Self {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        Self(tokio::io::BufReader::new(stream))
+    }
+
+    /// Sends one whole request and reads the response; returns its status.
+    async fn exchange(&mut self, request: &[u8]) -> u16 {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+        self.0.get_mut().write_all(request).await.unwrap();
+        let (mut status, mut length) = (0u16, 0usize);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            self.0.read_line(&mut line).await.unwrap();
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if status == 0 {
+                status = l.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap();
+            } else if let Some((name, value)) = l.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().unwrap();
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        self.0.read_exact(&mut body).await.unwrap();
+        status
+    }
+}
+
+/// `POST /predict` of one SMILES string, as the bytes on the wire.
+fn predict_request(host: &str, smiles: &str) -> Vec<u8> {
+    let body = json!({"function": "QED", "inputs": [smiles]}).to_string();
+    format!(
+        "POST /predict HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// `clients` clients that fire `per_client` requests each, all at once: admitted
+/// requests/s, admitted latencies and refused (429) latencies, sorted. With `connected`,
+/// every client opens its connection before the burst (a pool's kept connection);
+/// otherwise each connects inside it.
+async fn burst(
+    url: &str,
+    clients: usize,
+    per_client: usize,
+    smiles: &[String],
+    connected: bool,
+) -> (f64, Vec<f64>, Vec<f64>) {
+    let addr = url.trim_start_matches("http://").to_string();
+    let start = Arc::new(tokio::sync::Barrier::new(clients + 1));
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let requests: Vec<Vec<u8>> = (0..per_client)
+            .map(|i| predict_request(&addr, &smiles[(c * 7 + i) % smiles.len()]))
+            .collect();
+        let (addr, start) = (addr.clone(), start.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut conn = if connected {
+                Some(RawConnection::open(&addr).await)
+            } else {
+                None
+            };
+            start.wait().await;
+            let (mut ok, mut refused) = (Vec::new(), Vec::new());
+            for request in &requests {
+                let t = Instant::now();
+                if conn.is_none() {
+                    conn = Some(RawConnection::open(&addr).await);
+                }
+                let status = conn.as_mut().unwrap().exchange(request).await;
+                let secs = t.elapsed().as_secs_f64();
+                match status {
+                    200 => ok.push(secs),
+                    429 => refused.push(secs),
+                    other => panic!("status {other}"),
+                }
+            }
+            (ok, refused)
+        }));
+    }
+    start.wait().await;
+    let started = Instant::now();
+    let (mut all, mut refused) = (Vec::new(), Vec::new());
+    for t in tasks {
+        let (ok, no) = t.await.unwrap();
+        all.extend(ok);
+        refused.extend(no);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    all.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    refused.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (all.len() as f64 / secs, all, refused)
+}
+
+/// The cumulative bucket counts `(le, count)` of `tagllm_request_duration_seconds{labels}`
+/// in a Prometheus text exposition.
+fn histogram_buckets(metrics: &str, labels: &str) -> Vec<(f64, f64)> {
     let prefix = format!("tagllm_request_duration_seconds_bucket{{{labels},le=\"");
-    let buckets: Vec<(f64, f64)> = metrics
+    metrics
         .lines()
         .filter_map(|l| l.strip_prefix(prefix.as_str()))
         .filter_map(|rest| {
             let (le, count) = rest.split_once("\"} ")?;
             Some((le.parse().ok()?, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The upper bound, in ms, of the histogram bucket holding quantile `q` of
+/// `tagllm_request_duration_seconds{labels}` over the requests between two expositions.
+fn histogram_quantile_ms(before: &str, after: &str, labels: &str, q: f64) -> f64 {
+    let earlier = histogram_buckets(before, labels);
+    let buckets: Vec<(f64, f64)> = histogram_buckets(after, labels)
+        .into_iter()
+        .map(|(le, count)| {
+            let old = earlier.iter().find(|(l, _)| *l == le).map_or(0.0, |b| b.1);
+            (le, count - old)
         })
         .collect();
     let Some(&(_, total)) = buckets.last() else {
@@ -348,7 +476,7 @@ async fn main() {
         .unwrap();
         p.registry.rescan();
         let smiles = inputs(&p);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tagllm::http::listen("127.0.0.1", 0).await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(service.serve(listener));
 
@@ -360,44 +488,51 @@ async fn main() {
             // Warm-up, one request at a time (never refused: an empty queue takes any request).
             load(&url, 1, 8, &smiles).await;
             let clients = 256;
-            // The clients run on a runtime of their own, as another process would, so
-            // the server's runtime threads serve only the server; /health is polled
-            // throughout the overload (a probe must keep its answer fast).
-            let (u, s) = (url.clone(), smiles.clone());
-            let ((rps, ok, refused), mut health) = on_client_runtime(async move {
-                let polling = Arc::new(AtomicBool::new(true));
-                let poller = tokio::spawn(health_latencies(u.clone(), polling.clone()));
-                let load = load_with_refusals(&u, clients, 4, &s).await;
-                polling.store(false, Ordering::SeqCst);
-                (load, poller.await.unwrap())
-            })
-            .await;
-            health.sort_by(|a, b| a.partial_cmp(b).unwrap());
-            let metrics = reqwest::get(format!("{url}/metrics"))
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
-            let server_429_p99_ms =
-                histogram_quantile_ms(&metrics, "route=\"/predict\",status=\"429\"", 0.99);
-            let pct = |v: &[f64], q: f64| {
-                if v.is_empty() {
-                    f64::NAN
-                } else {
-                    (percentile(v, q) * 1e4).round() / 10.0
-                }
-            };
-            println!(
-                "{}",
-                json!({"bench": "admission", "clients": clients, "max_queue_wait_ms": engine.max_queue_wait.as_millis() as u64,
-                       "admitted": ok.len(), "refused_429": refused.len(), "admitted_per_s": (rps * 100.0).round() / 100.0,
-                       "admitted_p50_ms": pct(&ok, 0.5), "admitted_p99_ms": pct(&ok, 0.99),
-                       "refused_p50_ms": pct(&refused, 0.5), "refused_p99_ms": pct(&refused, 0.99),
-                       "health_polls": health.len(), "health_p99_ms": pct(&health, 0.99),
-                       "health_max_ms": pct(&health, 1.0),
-                       "refused_p99_ms_server_side_at_most": server_429_p99_ms})
-            );
+            // Kept connections (each client connected before the burst, as a load
+            // balancer's or a client pool's would be) first, then every client opening
+            // its connection inside the burst.
+            for connected in [true, false] {
+                let before = metrics(&url).await;
+                // The clients run on a runtime of their own, as another process would, so
+                // the server's runtime threads serve only the server; /health is polled
+                // throughout the overload (a probe must keep its answer fast).
+                let (u, s) = (url.clone(), smiles.clone());
+                let ((rps, ok, refused), mut health) = on_client_runtime(async move {
+                    let polling = Arc::new(AtomicBool::new(true));
+                    let poller = tokio::spawn(health_latencies(u.clone(), polling.clone()));
+                    let load = burst(&u, clients, 4, &s, connected).await;
+                    polling.store(false, Ordering::SeqCst);
+                    (load, poller.await.unwrap())
+                })
+                .await;
+                health.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                let server_429_p99_ms = histogram_quantile_ms(
+                    &before,
+                    &metrics(&url).await,
+                    "route=\"/predict\",status=\"429\"",
+                    0.99,
+                );
+                let pct = |v: &[f64], q: f64| {
+                    if v.is_empty() {
+                        f64::NAN
+                    } else {
+                        (percentile(v, q) * 1e4).round() / 10.0
+                    }
+                };
+                println!(
+                    "{}",
+                    json!({"bench": "admission", "clients": clients, "connections": if connected { "kept" } else { "new" },
+                           "max_queue_wait_ms": engine.max_queue_wait.as_millis() as u64,
+                           "admitted": ok.len(), "refused_429": refused.len(), "admitted_per_s": (rps * 100.0).round() / 100.0,
+                           "admitted_p50_ms": pct(&ok, 0.5), "admitted_p99_ms": pct(&ok, 0.99),
+                           "refused_p50_ms": pct(&refused, 0.5), "refused_p99_ms": pct(&refused, 0.99),
+                           "health_polls": health.len(), "health_p99_ms": pct(&health, 0.99),
+                           "health_max_ms": pct(&health, 1.0),
+                           "refused_p99_ms_server_side_at_most": server_429_p99_ms})
+                );
+                // Let the admitted work drain before the next burst.
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
             continue;
         }
         if batching {
