@@ -155,7 +155,7 @@ echo "   resumed from step $resumed" >&2
 post /predict '{"function": "E2EResume", "inputs": ["CCO"]}' >/dev/null ||
     wait_for 30 "<E2EResume> served" post /predict '{"function": "E2EResume", "inputs": ["CCO"]}'
 
-if [ -f target/cuda/docker/Dockerfile ]; then # staged by scripts/build-cuda.sh --stage-docker
+if [ -f docker/cuda/Dockerfile ]; then # staged by scripts/build-cuda.sh --stage-docker
     step "the GPU worker image: built without a registry; with no GPU it stops with one clear line"
     "${COMPOSE[@]}" --env-file docker/.env -f docker/compose.yaml --profile gpu build worker >&2 ||
         fail "docker compose --profile gpu build"

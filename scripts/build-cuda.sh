@@ -6,7 +6,7 @@
 #
 # Usage: scripts/build-cuda.sh [--stage-docker] [cargo build args...]
 #   default: --release --bin tagllm  ->  target/cuda/release/tagllm
-#   --stage-docker: also stage target/cuda/docker, the build context of
+#   --stage-docker: also stage docker/cuda, the build context of
 #   docker/Dockerfile.cuda (`docker compose --profile gpu build`).
 # Env: CUDA_COMPUTE_CAP (default 90: H100/H200; 80 A100, 89 L4/4090), TAGLLM_CUDA_DIR
 # (default .cache/cuda-13.0). The build goes to target/cuda so the CPU build is untouched.
@@ -66,10 +66,12 @@ done
 cargo build --locked --features cuda --target-dir target/cuda "${args[@]}"
 if $stage; then
     # docker/Dockerfile.cuda's build context: the build, the runtime libraries it loads, and
-    # the model and tags the images share. It lives under target/ (outside the api image's
-    # context, which .dockerignore keeps small).
-    ctx=target/cuda/docker
-    rm -rf "$ctx" && mkdir -p "$ctx/cuda-lib" "$ctx/models"
+    # the model and tags the images share. The folder is committed (its .gitignore keeps it
+    # empty in git) so that compose validates on a machine that never staged it;
+    # .dockerignore keeps it out of the api image's context.
+    ctx=docker/cuda
+    rm -rf "$ctx/Dockerfile" "$ctx/tagllm" "$ctx/cuda-lib" "$ctx/models" "$ctx/tags"
+    mkdir -p "$ctx/cuda-lib" "$ctx/models"
     cp docker/Dockerfile.cuda "$ctx/Dockerfile"
     cp target/cuda/release/tagllm "$ctx/tagllm"
     for lib in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 \
