@@ -135,6 +135,15 @@ async fn load_with_refusals(
             (lat, refused)
         }));
     }
+    gather(tasks, started).await
+}
+
+/// The clients' (admitted, refused) latencies, each list sorted, and the admitted
+/// requests per second since `started`.
+async fn gather(
+    tasks: Vec<tokio::task::JoinHandle<(Vec<f64>, Vec<f64>)>>,
+    started: Instant,
+) -> (f64, Vec<f64>, Vec<f64>) {
     let (mut all, mut refused) = (Vec::new(), Vec::new());
     for t in tasks {
         let (ok, no) = t.await.unwrap();
@@ -250,16 +259,7 @@ async fn burst(
     }
     start.wait().await;
     let started = Instant::now();
-    let (mut all, mut refused) = (Vec::new(), Vec::new());
-    for t in tasks {
-        let (ok, no) = t.await.unwrap();
-        all.extend(ok);
-        refused.extend(no);
-    }
-    let secs = started.elapsed().as_secs_f64();
-    all.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    refused.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    (all.len() as f64 / secs, all, refused)
+    gather(tasks, started).await
 }
 
 /// The cumulative bucket counts `(le, count)` of `tagllm_request_duration_seconds{labels}`
