@@ -17,9 +17,10 @@ fn nice_increment() -> i32 {
         .map_or(COMPUTE_NICE_INCREMENT, |n| n.clamp(0, 19))
 }
 
-/// Builds rayon's global pool (which gemm, and so candle's CPU matmuls, run on) with
-/// lowered priority. Call it before the first tensor op; where the pool already exists
-/// (a second service in one process) it stays as it is.
+/// Builds rayon's global pool (which gemm, and so candle's CPU matmuls, run on) and
+/// candle's own pool for elementwise ops with lowered priority. Call it before the first
+/// tensor op; where a pool already exists (a second service in one process) it stays as
+/// it is.
 pub fn lower_compute_pool_priority() {
     let built = rayon::ThreadPoolBuilder::new()
         .num_threads(candle_core::utils::get_num_threads())
