@@ -91,27 +91,16 @@ fn inputs(p: &Predictor) -> Vec<String> {
         .collect()
 }
 
-/// Requests/s of the successful requests and their latencies (sorted); requests refused
-/// with 429 are allowed only when `refusals` is given, which collects their latencies.
+/// Requests/s and latencies (sorted) of `clients` clients sending `per_client` requests
+/// each, one after another; every request must succeed.
 async fn load(url: &str, clients: usize, per_client: usize, smiles: &[String]) -> (f64, Vec<f64>) {
-    let (rps, ok, refused) = load_with_refusals(url, clients, per_client, smiles).await;
-    assert!(refused.is_empty(), "{} requests refused", refused.len());
-    (rps, ok)
-}
-
-async fn load_with_refusals(
-    url: &str,
-    clients: usize,
-    per_client: usize,
-    smiles: &[String],
-) -> (f64, Vec<f64>, Vec<f64>) {
     let client = reqwest::Client::new();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..clients {
         let (client, url, smiles) = (client.clone(), url.to_string(), smiles.to_vec());
         tasks.push(tokio::spawn(async move {
-            let (mut lat, mut refused) = (Vec::new(), Vec::new());
+            let mut lat = Vec::new();
             for i in 0..per_client {
                 let body =
                     json!({"function": "QED", "inputs": [smiles[(c * 7 + i) % smiles.len()]]});
@@ -122,38 +111,20 @@ async fn load_with_refusals(
                     .send()
                     .await
                     .unwrap();
-                let status = r.status();
-                if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
-                    r.bytes().await.unwrap();
-                    refused.push(t.elapsed().as_secs_f64());
-                    continue;
-                }
-                assert!(status.is_success(), "{}", r.text().await.unwrap());
+                assert!(r.status().is_success(), "{}", r.text().await.unwrap());
                 r.bytes().await.unwrap();
                 lat.push(t.elapsed().as_secs_f64());
             }
-            (lat, refused)
+            lat
         }));
     }
-    gather(tasks, started).await
-}
-
-/// The clients' (admitted, refused) latencies, each list sorted, and the admitted
-/// requests per second since `started`.
-async fn gather(
-    tasks: Vec<tokio::task::JoinHandle<(Vec<f64>, Vec<f64>)>>,
-    started: Instant,
-) -> (f64, Vec<f64>, Vec<f64>) {
-    let (mut all, mut refused) = (Vec::new(), Vec::new());
+    let mut all = Vec::new();
     for t in tasks {
-        let (ok, no) = t.await.unwrap();
-        all.extend(ok);
-        refused.extend(no);
+        all.extend(t.await.unwrap());
     }
     let secs = started.elapsed().as_secs_f64();
     all.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    refused.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    (all.len() as f64 / secs, all, refused)
+    (all.len() as f64 / secs, all)
 }
 
 async fn metrics(url: &str) -> String {
@@ -259,7 +230,16 @@ async fn burst(
     }
     start.wait().await;
     let started = Instant::now();
-    gather(tasks, started).await
+    let (mut all, mut refused) = (Vec::new(), Vec::new());
+    for t in tasks {
+        let (ok, no) = t.await.unwrap();
+        all.extend(ok);
+        refused.extend(no);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    all.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    refused.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (all.len() as f64 / secs, all, refused)
 }
 
 /// The cumulative bucket counts `(le, count)` of `tagllm_request_duration_seconds{labels}`
