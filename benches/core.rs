@@ -11,7 +11,8 @@
 //!
 //! Run: `cargo bench --bench core` (after scripts/setup-model.sh). Prints one JSON line
 //! per measurement. `cargo bench --bench core -- decode_batch` runs one section;
-//! `TAGLLM_BENCH_SEQUENCES=1,16` picks the decoding batch sizes.
+//! `TAGLLM_BENCH_SEQUENCES=1,16` picks the decoding batch sizes, `TAGLLM_BENCH_PRECISIONS=q8_0`
+//! the precisions.
 
 use std::time::Instant;
 
@@ -96,11 +97,16 @@ fn main() {
         ("q8_0", m.llama.quantized(GgmlDType::Q8_0).unwrap()),
         ("q4_0", m.llama.quantized(GgmlDType::Q4_0).unwrap()),
     ];
+    // TAGLLM_BENCH_PRECISIONS=q8_0 measures just that one (e.g. under a profiler).
+    let wanted = |precision: &str| {
+        std::env::var("TAGLLM_BENCH_PRECISIONS")
+            .map_or(true, |list| list.split(',').any(|p| p.trim() == precision))
+    };
 
     if "prefill_quantized".contains(filter.as_str()) || filter.is_empty() {
         let x = token_batch(&m, 32);
         let last = vec![SEQ - 1; 32];
-        for (precision, llama) in &precisions[1..] {
+        for (precision, llama) in precisions[1..].iter().filter(|(p, _)| wanted(p)) {
             let secs = timed(1, 3, || {
                 let h = llama.forward(&x, None, None, Mode::Fast).unwrap();
                 rows_at(&h, &last).unwrap();
@@ -121,7 +127,7 @@ fn main() {
             .unsqueeze(0)
             .unwrap();
         let steps = 64;
-        for (precision, llama) in &precisions {
+        for (precision, llama) in precisions.iter().filter(|(p, _)| wanted(p)) {
             let mut ids = Vec::new();
             let secs = timed(1, 3, || {
                 ids.clear();
@@ -172,7 +178,7 @@ fn main() {
                     .expect("TAGLLM_BENCH_SEQUENCES: counts, comma-separated")
             })
             .collect();
-        for (precision, llama) in &precisions[..2] {
+        for (precision, llama) in precisions[..2].iter().filter(|(p, _)| wanted(p)) {
             let served = BaseModel {
                 llama: llama.clone(),
                 ..m.clone()
