@@ -1,21 +1,26 @@
 //! Learning tags: jobs and their validation, examples, the three-stage training loop,
 //! initialisations, evaluation, schedules and metrics.
 
+mod batches;
 pub mod checkpoint;
 pub mod data;
 mod evaluate;
 mod examples;
 mod forward;
+mod head_fit;
 pub mod init;
 pub mod job;
 pub mod metrics;
 pub mod optim;
 mod prefix_cache;
+mod publish;
 pub mod schedule;
+mod sweep;
 pub mod trainer;
 
 pub use checkpoint::Checkpoint;
 pub use data::Dataset;
 pub use init::mean_embedding_init;
 pub use job::{HeadInit, HeadKind, Hyperparameters, TrainJob, RECORD_TEMPLATE_FIELD};
-pub use trainer::{Hooks, Progress, SweepRun, Trained, Trainer};
+pub use sweep::SweepRun;
+pub use trainer::{Hooks, Progress, Trained, Trainer};

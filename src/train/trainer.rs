@@ -1,13 +1,15 @@
 //! The training run: a job checked and turned into examples (`Trainer::new`), the
-//! starting point (tag initialisation, the head fitted in closed form, the step-0
-//! evaluation), the optimisation loop with evaluation, early stopping and checkpoints,
-//! and the published bundles of the best evaluated point, step 0 included. The base model
-//! is frozen; only tag vectors (and a function tag's head) are learned.
+//! starting point (tag initialisation, the head fit, the step-0 evaluation), and the
+//! optimisation loop with evaluation, early stopping and checkpoints; the best evaluated
+//! point, step 0 included, is published. The base model is frozen; only tag vectors (and
+//! a function tag's head) are learned.
 //!
-//! Neighbours: `job` (validation), `examples` (records -> examples), `forward` (the
-//! model-facing half), `evaluate`, `init` (initialisations and head fits).
+//! Neighbours, each an `impl Trainer` of its own job: `batches` (the draw order),
+//! `head_fit` (closed-form heads), `sweep`, `publish` (bundles), `forward` (the
+//! model-facing half), `evaluate`; and `job` (validation), `examples` (records ->
+//! examples), `init` (initialisations and fits).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -18,15 +20,14 @@ use rand::SeedableRng;
 
 use super::checkpoint::Checkpoint;
 use super::data::Dataset;
-use super::evaluate::EVAL_BATCH;
 use super::examples::{self, Example};
-use super::init::{fit_logistic, fit_ridge, tag_init};
+use super::init::{random_head, tag_init};
 use super::job::{self, HeadInit, TagInit, Target, TrainJob};
 use super::optim::AdamW;
 use super::prefix_cache::{default_budget, PrefixCache};
 use super::schedule::cosine_with_warmup;
 use crate::model::{BaseModel, Mode};
-use crate::tags::{Head, HeadSpec, TagBundle, TagKind, TagManifest, TagSet, Template};
+use crate::tags::{TagBundle, TagSet};
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Progress {
@@ -85,61 +86,43 @@ pub struct Trainer<'a> {
     pub(super) train: Vec<Example>,
     pub(super) eval: Vec<Example>,
     pub(super) eval_values: Vec<f64>,
-    total_steps: usize,
+    pub(super) total_steps: usize,
     /// Keys/values of each example's frozen prefix, kept across the run.
     pub(super) prefixes: Mutex<PrefixCache>,
     /// The draw order of the epoch last asked for: `(epoch, order)`.
-    order: Mutex<Option<(u64, Arc<Vec<usize>>)>>,
+    pub(super) order: Mutex<Option<(u64, Arc<Vec<usize>>)>>,
     /// How the head was fitted before step 1 (provenance).
-    head_fit: Option<serde_json::Value>,
+    pub(super) head_fit: Option<serde_json::Value>,
     /// The head fitted again on the trained tags' features (provenance).
-    head_refit: Option<serde_json::Value>,
+    pub(super) head_refit: Option<serde_json::Value>,
     /// The sweep that chose the learning rate and batch size, if one ran (provenance).
-    sweep_record: Option<serde_json::Value>,
+    pub(super) sweep_record: Option<serde_json::Value>,
     /// The initialised parameters and their held-out evaluation, once set up.
-    start: Option<Start>,
+    pub(super) start: Option<Start>,
 }
 
 /// Where every run of a trainer starts: parameters after initialisation (and the head
 /// fit) with their held-out loss and metrics.
-struct Start {
-    snapshot: Vec<Tensor>,
-    eval: Option<(f64, serde_json::Value)>,
+pub(super) struct Start {
+    pub(super) snapshot: Vec<Tensor>,
+    pub(super) eval: Option<(f64, serde_json::Value)>,
 }
 
 /// The optimisation's state between steps (what a checkpoint keeps, and the latest
 /// evaluation).
-struct Descent {
+pub(super) struct Descent {
     /// Steps taken.
-    step: usize,
+    pub(super) step: usize,
     /// Lowest held-out loss, its step and parameters.
-    best: Option<(f64, usize, Vec<Tensor>)>,
-    evals_without_gain: usize,
-    last_eval: Option<serde_json::Value>,
-    last_eval_loss: Option<f64>,
-    initial_eval: Option<serde_json::Value>,
-}
-
-/// One short run of a learning-rate / batch-size sweep.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct SweepRun {
-    pub learning_rate: f64,
-    pub head_learning_rate: Option<f64>,
-    pub batch_size: usize,
-    pub steps: usize,
-    /// Lowest held-out loss of the run (step 0 included) and its step.
-    pub best_eval_loss: f64,
-    pub best_step: usize,
-    pub last_eval_loss: f64,
-    pub seconds_per_step: f64,
+    pub(super) best: Option<(f64, usize, Vec<Tensor>)>,
+    pub(super) evals_without_gain: usize,
+    pub(super) last_eval: Option<serde_json::Value>,
+    pub(super) last_eval_loss: Option<f64>,
+    pub(super) initial_eval: Option<serde_json::Value>,
 }
 
 /// Without an eval set, training data this large gives up 10% for held-out evaluation.
 const HOLD_OUT_MIN_EXAMPLES: usize = 10;
-
-/// Batches are formed within windows of this many batches, sorted by length, so that a
-/// batch's examples have similar lengths (little padding) while the order stays random.
-const BUCKET_WINDOW_BATCHES: usize = 50;
 
 impl<'a> Trainer<'a> {
     /// Validates the job against the model, the frozen tags and the data, and prepares
@@ -244,112 +227,6 @@ impl<'a> Trainer<'a> {
         self.job.hyperparameters.head_positions
     }
 
-    fn steps_per_epoch(&self) -> usize {
-        let h = &self.job.hyperparameters;
-        self.train
-            .len()
-            .div_ceil(h.batch_size * h.grad_accum)
-            .max(1)
-    }
-
-    /// The draw order of one epoch: a seeded shuffle, then sorted by length within windows
-    /// of `BUCKET_WINDOW_BATCHES` batches, cut into batches whose order is shuffled again.
-    fn epoch_order(&self, epoch: u64) -> Arc<Vec<usize>> {
-        let mut memo = self.order.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((e, order)) = memo.as_ref() {
-            if *e == epoch {
-                return order.clone();
-            }
-        }
-        let h = &self.job.hyperparameters;
-        let mut rng = StdRng::seed_from_u64(h.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ epoch);
-        let mut perm: Vec<usize> = (0..self.train.len()).collect();
-        perm.shuffle(&mut rng);
-        let mut batches: Vec<Vec<usize>> = Vec::new();
-        for window in perm.chunks(h.batch_size * BUCKET_WINDOW_BATCHES) {
-            let mut w = window.to_vec();
-            w.sort_by_key(|&i| self.train[i].pieces.len());
-            batches.extend(w.chunks(h.batch_size).map(<[usize]>::to_vec));
-        }
-        // Full batches in random order; a short one (if any) last, so batches stay aligned.
-        let short = batches
-            .last()
-            .filter(|b| b.len() < h.batch_size)
-            .is_some()
-            .then(|| batches.pop())
-            .flatten();
-        batches.shuffle(&mut rng);
-        batches.extend(short);
-        let order = Arc::new(batches.concat());
-        *memo = Some((epoch, order.clone()));
-        order
-    }
-
-    /// The examples of optimizer step `step`: a deterministic function of the seed and the
-    /// step, so a resumed run sees exactly the batches an uninterrupted one would.
-    fn batch_for(&self, step: usize, micro: usize) -> Vec<usize> {
-        let h = &self.job.hyperparameters;
-        let n = self.train.len();
-        let first = (step * h.grad_accum + micro) * h.batch_size;
-        (first..first + h.batch_size)
-            .map(|draw| self.epoch_order((draw / n) as u64)[draw % n])
-            .collect()
-    }
-
-    /// The head's inputs on the training set (final-norm hidden states at the function
-    /// tag's readout, with the current tag vectors) and the standardised regression
-    /// targets: what the closed-form head fit sees, e.g. for a linear probe.
-    pub fn head_features(&self) -> Result<(Vec<Vec<f64>>, Vec<f64>)> {
-        let Target::Regression { mean, std } = &self.target else {
-            bail!("head features are for regression jobs");
-        };
-        let x = self.features(&self.train, EVAL_BATCH)?;
-        Ok((
-            x,
-            self.train.iter().map(|e| (e.value - mean) / std).collect(),
-        ))
-    }
-
-    /// Fits the head in closed form on the features at the function tag, computed with the
-    /// current tag vectors; the regularisation is chosen on the held-out set. Returns how
-    /// (provenance), or nothing for a job without a head.
-    fn fit_head(&mut self) -> Result<Option<serde_json::Value>> {
-        let Some((w, b)) = self.head.clone() else {
-            return Ok(None);
-        };
-        let started = std::time::Instant::now();
-        let x = self.features(&self.train, EVAL_BATCH)?;
-        let xv = self.features(&self.eval, EVAL_BATCH)?;
-        let features_seconds = started.elapsed().as_secs_f64();
-        let fit = match &self.target {
-            Target::Regression { mean, std } => {
-                let z = |ex: &[Example]| -> Vec<f64> {
-                    ex.iter().map(|e| (e.value - mean) / std).collect()
-                };
-                let (y, yv) = (z(&self.train), z(&self.eval));
-                fit_ridge(&x, &y, Some((&xv, &yv)))?
-            }
-            Target::Classification { labels } => {
-                let c = |ex: &[Example]| -> Vec<u32> { ex.iter().map(|e| e.class).collect() };
-                let (y, yv) = (c(&self.train), c(&self.eval));
-                fit_logistic(&x, &y, labels.len(), Some((&xv, &yv)))?
-            }
-            _ => return Ok(None),
-        };
-        let (fw, fb) = fit.tensors(self.model.device())?;
-        w.set(&fw)?;
-        b.set(&fb)?;
-        Ok(Some(serde_json::json!({
-            "method": if matches!(self.target, Target::Regression { .. }) { "ridge" } else { "logistic" },
-            "lambda": fit.lambda,
-            "validation_loss": fit.validation_loss,
-            "train_examples": x.len(),
-            // The features pass also fills the frozen-prefix cache for the run.
-            "features_seconds": features_seconds,
-            "fit_seconds": started.elapsed().as_secs_f64() - features_seconds,
-        })))
-    }
-
     /// Runs (or, from `resume`, continues) the optimisation. `hooks.progress` is called
     /// after every step (returning false cancels the run); `hooks.checkpoint` every
     /// `hooks.every` steps and at the end. A fresh run starts from the initialisation (the
@@ -398,89 +275,8 @@ impl<'a> Trainer<'a> {
         })
     }
 
-    /// Short runs from the same start (the head fitted once, the frozen prefixes computed
-    /// once), one per learning rate × batch size, each `steps` long and evaluated every
-    /// `eval_every` steps; afterwards the job trains with the pair whose best held-out loss
-    /// was lowest (the head's rate keeps its ratio to the tags'). `progress` sees every
-    /// step of every run with the run's settings; returning false cancels the sweep.
-    pub fn sweep(
-        &mut self,
-        learning_rates: &[f64],
-        batch_sizes: &[usize],
-        steps: usize,
-        eval_every: usize,
-        progress: &mut dyn FnMut(&SweepRun, &Progress) -> bool,
-    ) -> Result<Vec<SweepRun>> {
-        ensure!(
-            !self.eval.is_empty(),
-            "a sweep needs held-out data to compare its runs"
-        );
-        ensure!(
-            !learning_rates.is_empty() && !batch_sizes.is_empty() && steps > 0,
-            "a sweep needs at least one learning rate, one batch size and one step"
-        );
-        let base = self.job.hyperparameters.clone();
-        let head_ratio = base.head_learning_rate.map(|r| r / base.learning_rate);
-        let mut runs = Vec::new();
-        for &batch_size in batch_sizes {
-            for &learning_rate in learning_rates {
-                let mut h = base.clone();
-                h.learning_rate = learning_rate;
-                h.head_learning_rate = head_ratio.map(|r| r * learning_rate);
-                h.batch_size = batch_size;
-                h.steps = steps;
-                h.epochs = 0.0;
-                h.eval_every = eval_every;
-                h.patience = 0;
-                h.validate()?;
-                self.set_hyperparameters(h.clone());
-                let mut run = SweepRun {
-                    learning_rate,
-                    head_learning_rate: h.head_learning_rate,
-                    batch_size,
-                    steps,
-                    best_eval_loss: f64::NAN,
-                    best_step: 0,
-                    last_eval_loss: f64::NAN,
-                    seconds_per_step: f64::NAN,
-                };
-                let mut descent = self.start_point()?;
-                let mut opt = self.optimizer()?;
-                let started = std::time::Instant::now();
-                self.descend(&mut opt, &mut descent, &mut |p: &Progress| {
-                    progress(&run, p)
-                })?;
-                run.seconds_per_step = started.elapsed().as_secs_f64() / steps as f64;
-                if let Some((loss, step, _)) = &descent.best {
-                    (run.best_eval_loss, run.best_step) = (*loss, *step);
-                }
-                run.last_eval_loss = descent.last_eval_loss.unwrap_or(f64::NAN);
-                runs.push(run);
-            }
-        }
-        let winner = runs
-            .iter()
-            .min_by(|a, b| a.best_eval_loss.total_cmp(&b.best_eval_loss))
-            .context("a sweep of no runs")?
-            .clone();
-        let mut chosen = base;
-        chosen.learning_rate = winner.learning_rate;
-        chosen.head_learning_rate = winner.head_learning_rate;
-        chosen.batch_size = winner.batch_size;
-        self.set_hyperparameters(chosen);
-        self.sweep_record = Some(serde_json::json!({"runs": runs, "chosen": winner}));
-        Ok(runs)
-    }
-
-    /// Replaces the job's hyperparameters (already validated), with what depends on them.
-    fn set_hyperparameters(&mut self, h: super::job::Hyperparameters) {
-        self.total_steps = h.total_steps(self.train.len());
-        self.job.hyperparameters = h;
-        *self.order.lock().unwrap_or_else(PoisonError::into_inner) = None;
-    }
-
     /// AdamW over the learned parameters, the head at its own rate.
-    fn optimizer(&self) -> Result<AdamW> {
+    pub(super) fn optimizer(&self) -> Result<AdamW> {
         let h = &self.job.hyperparameters;
         let mut opt = AdamW::new(self.vars(), h.learning_rate, h.weight_decay)?;
         let head_scale = h.head_learning_rate.unwrap_or(h.learning_rate) / h.learning_rate;
@@ -499,7 +295,7 @@ impl<'a> Trainer<'a> {
 
     /// The starting point, set up once per trainer (head fit, step-0 evaluation) and
     /// restored for every run that starts from it.
-    fn start_point(&mut self) -> Result<Descent> {
+    pub(super) fn start_point(&mut self) -> Result<Descent> {
         let start = match self.start.take() {
             Some(s) => {
                 self.restore(&s.snapshot)?;
@@ -537,7 +333,12 @@ impl<'a> Trainer<'a> {
 
     /// The optimisation loop from `d.step` to the total, with evaluation, early stopping,
     /// progress reports and checkpoints.
-    fn descend(&self, opt: &mut AdamW, d: &mut Descent, hooks: &mut dyn Hooks) -> Result<()> {
+    pub(super) fn descend(
+        &self,
+        opt: &mut AdamW,
+        d: &mut Descent,
+        hooks: &mut dyn Hooks,
+    ) -> Result<()> {
         let h = &self.job.hyperparameters;
         let total = self.total_steps;
         let eval_every = match h.eval_every {
@@ -608,32 +409,12 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
-    /// After tag training, fits the head again in closed form on the features of the
-    /// trained tags, and keeps the new head only if it does better on held-out data.
-    fn refit_head(&mut self) -> Result<()> {
-        if !self.job.hyperparameters.head_refit || self.head.is_none() || self.eval.is_empty() {
-            return Ok(());
-        }
-        let before = self.snapshot()?;
-        let (loss_before, _) = self.evaluate()?;
-        let fit = self.fit_head()?;
-        let (loss_after, _) = self.evaluate()?;
-        let kept = loss_after < loss_before;
-        if !kept {
-            self.restore(&before)?;
-        }
-        self.head_refit = Some(serde_json::json!({
-            "fit": fit,
-            "validation_loss_before": loss_before,
-            "validation_loss_after": loss_after,
-            "kept": kept,
-        }));
-        Ok(())
-    }
-
     /// The mean loss and gradients of optimizer step `step` over its micro-batches, and
     /// the step's work: (examples, padded positions).
-    fn accumulated_gradients(&self, step: usize) -> Result<(f64, Vec<Tensor>, (usize, usize))> {
+    pub(super) fn accumulated_gradients(
+        &self,
+        step: usize,
+    ) -> Result<(f64, Vec<Tensor>, (usize, usize))> {
         let accum = self.job.hyperparameters.grad_accum;
         let mut sums: Option<Vec<Tensor>> = None;
         let mut loss_sum = 0.0;
@@ -667,7 +448,7 @@ impl<'a> Trainer<'a> {
         Ok((loss_sum / accum as f64, grads, (n_examples, positions)))
     }
 
-    fn snapshot(&self) -> Result<Vec<Tensor>> {
+    pub(super) fn snapshot(&self) -> Result<Vec<Tensor>> {
         Ok(self
             .vars()
             .iter()
@@ -675,124 +456,10 @@ impl<'a> Trainer<'a> {
             .collect::<candle_core::Result<_>>()?)
     }
 
-    fn restore(&mut self, snapshot: &[Tensor]) -> Result<()> {
+    pub(super) fn restore(&mut self, snapshot: &[Tensor]) -> Result<()> {
         for (v, t) in self.vars().iter().zip(snapshot) {
             v.set(t)?;
         }
         Ok(())
     }
-
-    /// The learned tags as bundles, with the metrics and how they were made.
-    fn bundles(
-        &self,
-        eval: &serde_json::Value,
-        best_step: usize,
-        steps_run: usize,
-    ) -> Result<Vec<TagBundle>> {
-        let d = self.model.config().hidden_size;
-        let template = Template::parse(&self.job.template);
-        let head_spec = match &self.target {
-            Target::Regression { mean, std } => Some(HeadSpec::Regression {
-                target_mean: *mean,
-                target_std: *std,
-            }),
-            Target::Classification { labels } => Some(HeadSpec::Classification {
-                labels: labels.clone(),
-            }),
-            _ => None,
-        };
-        let frozen_tags: HashMap<String, u64> = template
-            .tags()
-            .iter()
-            .filter(|t| !self.learned.contains_key(**t))
-            .map(|t| (t.to_string(), self.frozen.get(t).map_or(0, |b| b.version())))
-            .collect();
-        self.learned
-            .iter()
-            .map(|(name, var)| {
-                let version = self.frozen.get(name).map_or(1, |b| b.version() + 1);
-                let is_function = self.job.stage > 1;
-                let head = match (&self.head, &head_spec) {
-                    (Some((w, b)), Some(spec)) => Some(Head {
-                        spec: spec.clone(),
-                        positions: self.head_positions(),
-                        weight: w.as_tensor().copy()?,
-                        bias: b.as_tensor().copy()?,
-                    }),
-                    _ => None,
-                };
-                Ok(TagBundle {
-                    manifest: TagManifest {
-                        name: name.clone(),
-                        kind: if is_function {
-                            TagKind::Function
-                        } else {
-                            TagKind::Domain
-                        },
-                        version,
-                        num_vectors: var.as_tensor().dim(0)?,
-                        hidden_size: d,
-                        base_model: self.model.fingerprint.clone(),
-                        head_positions: match head_spec {
-                            Some(_) => self.head_positions(),
-                            None => 1,
-                        },
-                        head: head_spec.clone(),
-                        template: is_function.then(|| self.job.template.clone()),
-                        domain_tags: template
-                            .tags()
-                            .iter()
-                            .filter(|t| *t != name)
-                            .map(|t| t.to_string())
-                            .collect(),
-                        tensors_sha256: None,
-                        provenance: serde_json::json!({
-                            "stage": self.job.stage,
-                            "template": self.job.template,
-                            "target": self.job.target,
-                            "head": self.job.head,
-                            "hyperparameters": self.job.hyperparameters,
-                            "head_fit": self.head_fit,
-                            "head_refit": self.head_refit,
-                            "sweep": self.sweep_record,
-                            "train_examples": self.train.len(),
-                            "eval_examples": self.eval.len(),
-                            "total_steps": self.total_steps,
-                            "steps_run": steps_run,
-                            "best_step": best_step,
-                            "frozen_tags": frozen_tags,
-                        }),
-                        metrics: eval.clone(),
-                    },
-                    vectors: var.as_tensor().copy()?,
-                    head,
-                    source: "bundle",
-                })
-            })
-            .collect()
-    }
-}
-
-/// Small random head weights (the paper's start; replaced by the fit when asked), reading
-/// `positions` hidden states.
-fn random_head(
-    model: &BaseModel,
-    target: &Target,
-    positions: usize,
-    seed: u64,
-) -> Result<Option<(Var, Var)>> {
-    let k = match target {
-        Target::Regression { .. } => 1,
-        Target::Classification { labels } => labels.len(),
-        _ => return Ok(None),
-    };
-    let d = positions * model.config().hidden_size;
-    let mut rng = StdRng::seed_from_u64(seed);
-    let w: Vec<f32> = (0..k * d)
-        .map(|_| rand::Rng::random_range(&mut rng, -0.01f32..0.01))
-        .collect();
-    Ok(Some((
-        Var::from_vec(w, (k, d), model.device())?,
-        Var::zeros(k, DType::F32, model.device())?,
-    )))
 }
