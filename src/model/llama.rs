@@ -450,23 +450,32 @@ pub fn pad_right(rows: &[Tensor]) -> Result<(Tensor, Tensor)> {
 
 /// Rows of `hidden` `[b, s, d]` at one position per sequence: `[b, d]`.
 pub fn rows_at(hidden: &Tensor, positions: &[usize]) -> Result<Tensor> {
+    rows_ending_at(hidden, positions, 1)
+}
+
+/// Each sequence's `width` rows of `hidden` `[b, s, d]` up to and including its position in
+/// `last`, side by side: `[b, width * d]` (a head reading a tag's last rows).
+pub fn rows_ending_at(hidden: &Tensor, last: &[usize], width: usize) -> Result<Tensor> {
     let (b, s, d) = hidden.dims3()?;
     ensure!(
-        positions.len() == b,
+        last.len() == b,
         "{} positions for a batch of {b}",
-        positions.len()
+        last.len()
     );
     ensure!(
-        positions.iter().all(|&p| p < s),
-        "position out of range (sequence length {s})"
+        last.iter().all(|&p| p < s && p + 1 >= width),
+        "position out of range (sequence length {s}, {width} rows each)"
     );
-    let idx: Vec<u32> = positions
+    let idx: Vec<u32> = last
         .iter()
         .enumerate()
-        .map(|(i, &p)| (i * s + p) as u32)
+        .flat_map(|(i, &p)| (i * s + p + 1 - width..=i * s + p).map(|r| r as u32))
         .collect();
     let idx = Tensor::new(idx.as_slice(), hidden.device())?;
-    Ok(hidden.reshape((b * s, d))?.index_select(&idx, 0)?)
+    Ok(hidden
+        .reshape((b * s, d))?
+        .index_select(&idx, 0)?
+        .reshape((b, width * d))?)
 }
 
 impl KvCache {
@@ -635,5 +644,29 @@ impl KvCache {
             .flatten()
             .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
             .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_ending_at_takes_each_sequences_last_rows_side_by_side() {
+        // hidden[i][p] = [100 i + 10 p, 100 i + 10 p + 1]
+        let values: Vec<f32> = (0..2)
+            .flat_map(|i| (0..4).flat_map(move |p| [0, 1].map(|c| (100 * i + 10 * p + c) as f32)))
+            .collect();
+        let hidden = Tensor::from_vec(values, (2, 4, 2), &Device::Cpu).unwrap();
+        let got = rows_ending_at(&hidden, &[2, 3], 2).unwrap();
+        assert_eq!(
+            got.to_vec2::<f32>().unwrap(),
+            [[10., 11., 20., 21.], [120., 121., 130., 131.]]
+        );
+        let one = rows_at(&hidden, &[0, 1]).unwrap();
+        assert_eq!(one.to_vec2::<f32>().unwrap(), [[0., 1.], [110., 111.]]);
+        // Reading before the start, or past the end, is an error, not a wrong row.
+        assert!(rows_ending_at(&hidden, &[0, 3], 2).is_err());
+        assert!(rows_ending_at(&hidden, &[4, 3], 1).is_err());
     }
 }

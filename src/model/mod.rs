@@ -24,7 +24,7 @@ pub use config::LlamaConfig;
 pub use generate::{
     generate, DecodeBatch, Decoder, FinishReason, Generation, GenerationParams, TextStream,
 };
-pub use llama::{pad_right, rows_at, KvCache, Llama, Mode};
+pub use llama::{pad_right, rows_at, rows_ending_at, KvCache, Llama, Mode};
 pub use slots::SlotKv;
 pub use tokenizer::TextTokenizer;
 

@@ -227,21 +227,12 @@ impl Trainer<'_> {
     /// each example's last `head_positions` hidden states up to its readout, side by side,
     /// `[b, head_positions * d]`.
     fn head_input(&self, h: &Tensor, batch: &[&Example], offsets: &[usize]) -> Result<Tensor> {
-        let (b, s, d) = h.dims3()?;
-        let r = self.head_positions();
-        let mut at = Vec::with_capacity(b * r);
-        for (i, (e, off)) in batch.iter().zip(offsets).enumerate() {
-            let last = readout(e)? - off;
-            anyhow::ensure!(
-                last + 1 >= r,
-                "internal error: the head reads before the sequence"
-            );
-            at.extend((last + 1 - r..=last).map(|p| (i * s + p) as u32));
-        }
-        let idx = Tensor::from_vec(at, b * r, h.device())?;
-        Ok(h.reshape((b * s, d))?
-            .index_select(&idx, 0)?
-            .reshape((b, r * d))?)
+        let last = batch
+            .iter()
+            .zip(offsets)
+            .map(|(e, off)| Ok(readout(e)? - off))
+            .collect::<Result<Vec<_>>>()?;
+        crate::model::rows_ending_at(h, &last, self.head_positions())
     }
 
     /// The head's input for each example: the final-norm hidden states at its last
