@@ -261,7 +261,8 @@ fn compute_runs_below_http(pid: u32) {
     let threads = thread_priorities(pid);
     let nice_of = |name: &str| threads.iter().find(|(n, _)| n == name).map(|t| t.1);
     let base = nice_of("tagllm").expect("the main thread");
-    let lowered = (base + 10).min(19);
+    // The default increment: the server runs without TAGLLM_COMPUTE_NICE.
+    let lowered = (base + i64::from(tagllm::model::threads::COMPUTE_NICE_INCREMENT)).min(19);
     let is_compute = |n: &str| {
         n.starts_with("compute-")
             || n.starts_with("candle-bp-")
@@ -312,6 +313,7 @@ async fn serve_runs_end_to_end_as_a_process_and_stops_on_sigterm() {
         .arg(dir.path().join("tags"))
         .arg("--data-dir")
         .arg(dir.path().join("data"))
+        .env_remove("TAGLLM_COMPUTE_NICE")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -8,7 +8,7 @@
 
 /// Nice value added to compute threads (CFS weight 1024 -> 110 at +10) unless
 /// `TAGLLM_COMPUTE_NICE` says otherwise (0 turns it off, e.g. to measure its effect).
-const COMPUTE_NICE_INCREMENT: i32 = 10;
+pub const COMPUTE_NICE_INCREMENT: i32 = 10;
 
 fn nice_increment() -> i32 {
     std::env::var("TAGLLM_COMPUTE_NICE")
