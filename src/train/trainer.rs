@@ -98,27 +98,27 @@ pub struct Trainer<'a> {
     /// The sweep that chose the learning rate and batch size, if one ran (provenance).
     pub(super) sweep_record: Option<serde_json::Value>,
     /// The initialised parameters and their held-out evaluation, once set up.
-    pub(super) start: Option<Start>,
+    start: Option<Start>,
 }
 
 /// Where every run of a trainer starts: parameters after initialisation (and the head
 /// fit) with their held-out loss and metrics.
-pub(super) struct Start {
-    pub(super) snapshot: Vec<Tensor>,
-    pub(super) eval: Option<(f64, serde_json::Value)>,
+struct Start {
+    snapshot: Vec<Tensor>,
+    eval: Option<(f64, serde_json::Value)>,
 }
 
 /// The optimisation's state between steps (what a checkpoint keeps, and the latest
 /// evaluation).
 pub(super) struct Descent {
     /// Steps taken.
-    pub(super) step: usize,
+    step: usize,
     /// Lowest held-out loss, its step and parameters.
     pub(super) best: Option<(f64, usize, Vec<Tensor>)>,
-    pub(super) evals_without_gain: usize,
-    pub(super) last_eval: Option<serde_json::Value>,
+    evals_without_gain: usize,
+    last_eval: Option<serde_json::Value>,
     pub(super) last_eval_loss: Option<f64>,
-    pub(super) initial_eval: Option<serde_json::Value>,
+    initial_eval: Option<serde_json::Value>,
 }
 
 /// Without an eval set, training data this large gives up 10% for held-out evaluation.
@@ -411,10 +411,7 @@ impl<'a> Trainer<'a> {
 
     /// The mean loss and gradients of optimizer step `step` over its micro-batches, and
     /// the step's work: (examples, padded positions).
-    pub(super) fn accumulated_gradients(
-        &self,
-        step: usize,
-    ) -> Result<(f64, Vec<Tensor>, (usize, usize))> {
+    fn accumulated_gradients(&self, step: usize) -> Result<(f64, Vec<Tensor>, (usize, usize))> {
         let accum = self.job.hyperparameters.grad_accum;
         let mut sums: Option<Vec<Tensor>> = None;
         let mut loss_sum = 0.0;
