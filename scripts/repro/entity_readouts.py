@@ -85,11 +85,10 @@ def main():
     scaler = StandardScaler().fit(X["train"])
     Z = {s: scaler.transform(x) for s, x in X.items()}
     d = Z["train"].shape[1]
-    best = min(((g, a) for g in [0.1, 0.3, 1.0] for a in [0.03, 0.1, 1.0]),
-               key=lambda ga: scores(KernelRidge(kernel="rbf", gamma=ga[0] / d, alpha=ga[1])
-                                     .fit(Z["train"], y["train"]).predict(Z["val"]), y["val"])[0])
-    m = KernelRidge(kernel="rbf", gamma=best[0] / d, alpha=best[1]).fit(Z["train"], y["train"])
-    report(f"RBF kernel ridge (gamma {best[0]}/d, alpha {best[1]})", *(m.predict(Z[s]) for s in ["val", "test"]))
+    kernels = {(g, a): KernelRidge(kernel="rbf", gamma=g / d, alpha=a).fit(Z["train"], y["train"])
+               for g in [0.1, 0.3, 1.0] for a in [0.03, 0.1, 1.0]}
+    (g, a), m = min(kernels.items(), key=lambda km: scores(km[1].predict(Z["val"]), y["val"])[0])
+    report(f"RBF kernel ridge (gamma {g}/d, alpha {a})", *(m.predict(Z[s]) for s in ["val", "test"]))
     m = HistGradientBoostingRegressor(max_iter=500, learning_rate=0.05, random_state=0).fit(Z["train"], y["train"])
     report("gradient boosting", *(m.predict(Z[s]) for s in ["val", "test"]))
 
