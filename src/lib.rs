@@ -9,6 +9,7 @@
 pub mod http;
 pub mod infer;
 pub mod jobs;
+pub mod json_object;
 pub mod model;
 pub mod service;
 pub mod shutdown;

@@ -301,6 +301,24 @@ async fn bad_training_requests_and_data_get_4xx_with_useful_messages() {
             ),
             "two distinct labels",
         ),
+        // Found by the fuzzer: serde reads a struct from an array of its fields, so
+        // `["no-such-id"]` was taken for `{"id": "no-such-id"}`. The schema says object.
+        (
+            with(json!({"dataset": ["no-such-id"]})),
+            "expected a JSON object",
+        ),
+        (
+            with(json!({"eval_dataset": ["no-such-id"]})),
+            "expected a JSON object",
+        ),
+        (
+            with(json!({"hyperparameters": [10]})),
+            "expected a JSON object",
+        ),
+        (
+            json!([2, "QED", null, "{smiles} qed <QED>", "qed", "regression", {"records": molecules(4)}]),
+            "expected a JSON object",
+        ),
     ];
     let (status, resp) = get(&s, "/jobs?limit=abc").await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{resp}");

@@ -657,6 +657,16 @@ async fn bad_requests_get_clear_json_errors() {
             json!({"function": "QED", "inputs": ["CCO"], "surprise": 1}),
             "surprise",
         ),
+        // Found by the fuzzer: serde reads a struct from an array of its fields in order;
+        // the schema (and every client) means an object.
+        (
+            json!({"template": "{x}", "inputs": ["a"], "parameters": [3]}),
+            "expected a JSON object",
+        ),
+        (
+            json!(["QED", null, null, ["CCO"]]),
+            "expected a JSON object",
+        ),
         // One request's generations are bounded in tokens (the probe's 24 x 1,000-token
         // generation took 2.2 GB); heads are not (they run in bounded batches).
         (
@@ -1030,6 +1040,15 @@ async fn info_tokenize_metrics_and_openapi() {
         .encode("the <QED> 42")
         .unwrap();
     assert_eq!(tok["ids"], json!(want));
+    // The fuzzer's find: `[""]` was read as `{"text": ""}` and answered 200.
+    let (status, resp) = post(&s.url, "/tokenize", json!([""])).await;
+    assert_error(
+        status,
+        &resp,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation",
+        "expected a JSON object",
+    );
     post(
         &s.url,
         "/predict",

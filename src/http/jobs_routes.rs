@@ -20,6 +20,7 @@ use super::state::AppState;
 use crate::jobs::{
     CurvePoint, DatasetInfo, DatasetRef, Job, JobSpec, JobState, JobStore, TrainRequest,
 };
+use crate::json_object::Object;
 use crate::train::Dataset;
 
 type Shared = State<Arc<AppState>>;
@@ -125,9 +126,9 @@ async fn parse(text: String, what: &str) -> Result<(String, Dataset), ApiError> 
               (status = 503, body = ErrorBody)), security(("admin" = [])))]
 pub async fn train(
     State(s): Shared,
-    body: Result<Json<TrainRequest>, JsonRejection>,
+    body: Result<Json<Object<TrainRequest>>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
-    let Json(req) = body?;
+    let Json(Object(req)) = body?;
     let store = s.jobs()?.clone();
     let predictor = s.predictor()?.clone();
     let job = req.to_job().map_err(ApiError::validation)?;

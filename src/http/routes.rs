@@ -16,6 +16,7 @@ use utoipa::ToSchema;
 use super::error::{ApiError, ErrorBody};
 use super::state::AppState;
 use crate::infer::{PredictError, PredictRequest, PredictResponse};
+use crate::json_object::Object;
 use crate::tags::{ReloadReport, TagManifest};
 
 type Shared = State<Arc<AppState>>;
@@ -217,9 +218,9 @@ pub struct TokenizeResponse {
     responses((status = 200, body = TokenizeResponse), (status = 422, body = ErrorBody)))]
 pub async fn tokenize(
     State(s): Shared,
-    body: Result<Json<TokenizeRequest>, JsonRejection>,
+    body: Result<Json<Object<TokenizeRequest>>, JsonRejection>,
 ) -> Result<Json<TokenizeResponse>, ApiError> {
-    let Json(req) = body?;
+    let Json(Object(req)) = body?;
     let p = s.predictor()?.clone();
     // Up to a body's worth of text: tokenised on the blocking pool.
     let (ids, tokens) = tokio::task::spawn_blocking(move || {
@@ -252,9 +253,9 @@ pub async fn tokenize(
               (status = 503, body = ErrorBody, description = "Not ready, or queued past its deadline")))]
 pub async fn predict(
     State(s): Shared,
-    body: Result<Json<PredictRequest>, JsonRejection>,
+    body: Result<Json<Object<PredictRequest>>, JsonRejection>,
 ) -> Result<axum::response::Response, ApiError> {
-    let Json(req) = body?;
+    let Json(Object(req)) = body?;
     let p = s.predictor()?.clone();
     let permit = s
         .permits

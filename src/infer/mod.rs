@@ -94,7 +94,7 @@ pub struct PredictRequest {
     /// One per example: an object of slot values, or a bare string for one slot.
     #[schema(min_items = 1)]
     pub inputs: Vec<Input>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::json_object::object")]
     pub parameters: Parameters,
     /// Stream the generated text as server-sent events (`text/event-stream`): `token`
     /// events carry pieces of text as they are decoded, then one `done` event carries the

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::json_object::{object, optional_object};
 use crate::train::{HeadKind, Hyperparameters, TrainJob};
 
 /// Where training data comes from.
@@ -37,9 +38,11 @@ pub struct TrainRequest {
     #[serde(default = "no_head")]
     #[schema(value_type = String)]
     pub head: HeadKind,
+    #[serde(deserialize_with = "object")]
     pub dataset: DatasetRef,
+    #[serde(default, deserialize_with = "optional_object")]
     pub eval_dataset: Option<DatasetRef>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "object")]
     pub hyperparameters: Hyperparameters,
 }
 
