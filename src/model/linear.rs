@@ -6,20 +6,29 @@
 //! op whose backward only returns the gradient with respect to its input.
 //!
 //! For serving, a copy may also carry the weight re-quantized (`quantized`): a row or two
-//! without gradient (decoding one or two sequences) then goes through candle's quantized
-//! matmul, which reads a quarter of the bytes (Q8_0); such a step is bound by those reads.
+//! without gradient (decoding one or two sequences) then goes through a quantized matmul
+//! (q8_0: `q8_matvec`; other types: candle's), which reads a quarter of the bytes; such a
+//! step is bound by those reads.
 
 use std::sync::{Arc, OnceLock};
 
+use super::q8_matvec::Q8Matrix;
 use candle_core::backend::BackendStorage;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Storage, Tensor};
 
-/// The quantized matmul pays off only for a row or two (decoding one or two sequences),
-/// where reading the weights dominates; from 4 rows on, f32 gemm was as fast or faster
-/// here (`cargo bench --bench core decode_batch`: q8_0 66/97/79/93/99 tokens/s at 1/2/4/8/16
-/// sequences against f32's 24/44/80/122/200). Prefill always takes the f32 path.
+/// Rows that any quantized matmul serves: through candle's kernel it paid off only for a
+/// row or two (decoding one or two sequences), where reading the weights dominates; from 4
+/// rows on f32 gemm was as fast or faster (`cargo bench --bench core decode_batch`: q8_0
+/// 66/97/79/93/99 tokens/s at 1/2/4/8/16 sequences against f32's 24/44/80/122/200).
 const QUANTIZED_MAX_ROWS: usize = 2;
+
+/// Decoding steps of up to this many sequences go through `q8_matvec`, which reads the
+/// weights once per two sequences: on 2026-12-02, q8_0 100-103/144-157/170-199/200-229/
+/// 197-253 tokens/s at 1/2/4/8/16 sequences against f32's 19/23-32/51/82-90/136-139 in the
+/// same runs. Prefill (several positions per sequence) stays f32, so head tags never see
+/// the quantized weights.
+const Q8_DECODE_MAX_ROWS: usize = 16;
 
 #[derive(Debug, Clone)]
 pub struct FrozenLinear {
@@ -30,7 +39,23 @@ pub struct FrozenLinear {
     /// transposed view). Made on first use, so serving never holds the second copy.
     weight_rows: Arc<OnceLock<Tensor>>,
     /// The weight re-quantized, for inputs without gradient (serving), when asked for.
-    quantized: Option<Arc<QMatMul>>,
+    quantized: Option<Arc<Quantized>>,
+}
+
+/// A re-quantized weight and the kernel that serves it.
+#[derive(Debug)]
+enum Quantized {
+    Q8(Q8Matrix),
+    Candle(QMatMul),
+}
+
+impl Quantized {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Q8(m) => m.forward(x),
+            Self::Candle(m) => m.forward(&x.contiguous()?),
+        }
+    }
 }
 
 impl FrozenLinear {
@@ -47,9 +72,12 @@ impl FrozenLinear {
     /// weight stays shared for differentiable inputs).
     pub fn quantized(&self, dtype: GgmlDType) -> Result<Self> {
         let rows = self.weight()?.contiguous()?;
-        let q = QTensor::quantize(&rows, dtype)?;
+        let quantized = match dtype {
+            GgmlDType::Q8_0 => Quantized::Q8(Q8Matrix::quantize(&rows)?),
+            _ => Quantized::Candle(QMatMul::from_qtensor(QTensor::quantize(&rows, dtype)?)?),
+        };
         Ok(Self {
-            quantized: Some(Arc::new(QMatMul::from_qtensor(q)?)),
+            quantized: Some(Arc::new(quantized)),
             ..self.clone()
         })
     }
@@ -74,7 +102,7 @@ impl FrozenLinear {
     /// `x @ W^T` over the last dimension of `x` (any leading dimensions).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(q) = self.quantized_for(x) {
-            return q.forward(&x.contiguous()?);
+            return q.forward(x);
         }
         let dims = x.dims().to_vec();
         let (lead, inner) = dims.split_at(dims.len() - 1);
@@ -124,13 +152,18 @@ impl FrozenLinear {
         Tensor::from_vec(values.concat(), out.shape(), out.device())
     }
 
-    /// The quantized matmul, when it serves `x`: a quantized copy, at most
-    /// `QUANTIZED_MAX_ROWS` rows, no gradient.
-    fn quantized_for(&self, x: &Tensor) -> Option<&QMatMul> {
-        let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
-        self.quantized
-            .as_deref()
-            .filter(|_| rows <= QUANTIZED_MAX_ROWS && !x.track_op())
+    /// The quantized matmul, when it serves `x`: a quantized copy, no gradient, and at most
+    /// `QUANTIZED_MAX_ROWS` rows, or for q8_0 a decoding step (one position per sequence)
+    /// of at most `Q8_DECODE_MAX_ROWS`.
+    fn quantized_for(&self, x: &Tensor) -> Option<&Quantized> {
+        let dims = x.dims();
+        let rows = x.elem_count() / dims.last().copied().unwrap_or(1).max(1);
+        let one_position_each = dims.len() < 3 || dims[dims.len() - 2] == 1;
+        self.quantized.as_deref().filter(|q| {
+            let decoding = matches!(q, Quantized::Q8(_)) && one_position_each;
+            !x.track_op()
+                && (rows <= QUANTIZED_MAX_ROWS || (decoding && rows <= Q8_DECODE_MAX_ROWS))
+        })
     }
 
     fn shape_of(&self, l: &Layout) -> Result<(usize, usize, usize)> {

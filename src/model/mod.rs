@@ -8,6 +8,7 @@ mod gguf;
 mod hf;
 pub mod linear;
 pub mod llama;
+mod q8_matvec;
 pub mod slots;
 pub mod threads;
 pub mod tiny;
