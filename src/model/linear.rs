@@ -73,7 +73,8 @@ impl FrozenLinear {
     pub fn quantized(&self, dtype: GgmlDType) -> Result<Self> {
         let rows = self.weight()?.contiguous()?;
         let quantized = match dtype {
-            GgmlDType::Q8_0 => Quantized::Q8(Q8Matrix::quantize(&rows)?),
+            // A CPU kernel: on a GPU, candle's own quantized matmul serves.
+            GgmlDType::Q8_0 if rows.device().is_cpu() => Quantized::Q8(Q8Matrix::quantize(&rows)?),
             _ => Quantized::Candle(QMatMul::from_qtensor(QTensor::quantize(&rows, dtype)?)?),
         };
         Ok(Self {
