@@ -5,10 +5,10 @@
 //! model throws away (as much work again as the forward matmul). `FrozenLinear` is a custom
 //! op whose backward only returns the gradient with respect to its input.
 //!
-//! For serving, a copy may also carry the weight re-quantized (`quantized`): a row or two
-//! without gradient (decoding one or two sequences) then goes through a quantized matmul
-//! (q8_0: `q8_matvec`; other types: candle's), which reads a quarter of the bytes; such a
-//! step is bound by those reads.
+//! For serving, a copy may also carry the weight re-quantized (`quantized`): a decoding
+//! step without gradient then goes through a quantized matmul, which reads a quarter of
+//! the bytes (such a step is bound by those reads): q8_0 through `q8_matvec` for up to 16
+//! sequences, other types through candle's for one or two.
 
 use std::sync::{Arc, OnceLock};
 
@@ -24,9 +24,9 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Storage,
 const QUANTIZED_MAX_ROWS: usize = 2;
 
 /// Decoding steps of up to this many sequences go through `q8_matvec`, which reads the
-/// weights once per two sequences: on 2026-12-02, q8_0 100-103/144-157/170-199/200-229/
-/// 197-253 tokens/s at 1/2/4/8/16 sequences against f32's 19/23-32/51/82-90/136-139 in the
-/// same runs. Prefill (several positions per sequence) stays f32, so head tags never see
+/// weights once per two sequences: on 2026-12-02, q8_0 83-105/131-168/170-231/189-269/
+/// 192-283 tokens/s at 1/2/4/8/16 sequences against f32's 19-27/23-38/51-72/82-107/136-163
+/// (README: Benchmarks). Prefill (several positions per sequence) stays f32, so head tags never see
 /// the quantized weights.
 const Q8_DECODE_MAX_ROWS: usize = 16;
 

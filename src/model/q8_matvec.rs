@@ -11,8 +11,8 @@
 //!   sequences reads the weights `n / 2` times, where candle's kernel (or f32 gemm) gave
 //!   no gain over f32 from four sequences on.
 //!
-//! On the 2-core dev host, one decoding sequence went from 55-64 to 100-103 tokens/s
-//! (`cargo bench --bench core -- decode`; README: Benchmarks).
+//! On the 2-core dev host, one decoding sequence went from 55-64 to 83-105 tokens/s (100 or
+//! more in four runs of five; `cargo bench --bench core -- decode`; README: Benchmarks).
 //!
 //! The rows are shared out over candle's spinning pool, as its own matmul does: a step runs
 //! ~200 of these products, too short to wake sleeping threads for.
@@ -225,7 +225,6 @@ impl SharedOut {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
-
     use std::ops::Range;
 
     use super::{Q8Matrix, Q8Vector, SharedOut, BLOCK, GROUP};
