@@ -126,6 +126,9 @@ impl FrozenLinear {
         }
         let n = self.out_features();
         let k = k.min(n);
+        if k == 0 {
+            return Ok(out);
+        }
         let inner = x.dim(candle_core::D::Minus1)?;
         let xs = x.reshape(((), inner))?;
         let rows = xs.dim(0)?;
@@ -134,19 +137,18 @@ impl FrozenLinear {
             Some(w) => w.clone(),
             None => self.weight()?,
         };
-        for (r, row) in values.iter_mut().enumerate() {
-            let mut order: Vec<u32> = (0..n as u32).collect();
-            order.select_nth_unstable_by(k - 1, |a, b| {
-                row[*b as usize].total_cmp(&row[*a as usize])
-            });
-            order.truncate(k);
-            let idx = Tensor::from_vec(order.clone(), k, x.device())?;
-            let exact = weight
-                .index_select(&idx, 0)?
-                .matmul(&xs.narrow(0, r, 1)?.t()?)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            for (i, v) in order.into_iter().zip(exact) {
+        // Every row's best k at once: one gather and one batched matmul (per row, the
+        // calls cost more than the arithmetic).
+        let best: Vec<Vec<u32>> = values.iter().map(|row| largest(row, k)).collect();
+        let idx = Tensor::from_vec(best.concat(), rows * k, x.device())?;
+        let exact = weight
+            .index_select(&idx, 0)?
+            .reshape((rows, k, inner))?
+            .matmul(&xs.unsqueeze(2)?)?
+            .reshape((rows, k))?
+            .to_vec2::<f32>()?;
+        for ((row, best), exact) in values.iter_mut().zip(best).zip(exact) {
+            for (i, v) in best.into_iter().zip(exact) {
                 row[i as usize] = v;
             }
         }
@@ -217,5 +219,62 @@ impl CustomOp1 for FrozenLinear {
             }
         };
         Ok(Some(grad_res.matmul(rows)?))
+    }
+}
+
+/// The indices of the `k` largest of `values` (`k` ≥ 1; ties at the edge: any of them), in
+/// about one pass: candidates above a floor that rises each time their buffer fills (to
+/// the `k`-th best so far), so that after the first few hundred values almost none is kept.
+fn largest(values: &[f32], k: usize) -> Vec<u32> {
+    use std::cmp::Ordering::Greater;
+    let by_value_down = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0);
+    let room = 8 * k;
+    let mut kept: Vec<(f32, u32)> = Vec::with_capacity(room);
+    let mut floor: Option<f32> = None;
+    for (i, &v) in values.iter().enumerate() {
+        if floor.is_some_and(|f| v.total_cmp(&f) != Greater) {
+            continue;
+        }
+        if kept.len() == room {
+            kept.select_nth_unstable_by(k - 1, by_value_down);
+            kept.truncate(k);
+            floor = Some(kept[k - 1].0);
+            if v.total_cmp(&kept[k - 1].0) != Greater {
+                continue;
+            }
+        }
+        kept.push((v, i as u32));
+    }
+    if kept.len() > k {
+        kept.select_nth_unstable_by(k - 1, by_value_down);
+        kept.truncate(k);
+    }
+    kept.into_iter().map(|(_, i)| i).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::largest;
+
+    #[test]
+    fn largest_finds_the_k_best_values() {
+        // Rising, falling and scrambled orders (the floor rises early, late, or in steps),
+        // and fewer values than the buffer holds.
+        let n = 5_000u32;
+        let scrambled: Vec<f32> = (0..n).map(|i| ((i * 7_919) % n) as f32).collect();
+        let rising: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        let falling: Vec<f32> = rising.iter().rev().copied().collect();
+        let few: Vec<f32> = vec![3.0, -1.0, 7.0, 7.0, 0.5];
+        for (values, k) in [(&scrambled, 64), (&rising, 64), (&falling, 1), (&few, 3)] {
+            let mut want = values.clone();
+            want.sort_by(|a, b| b.total_cmp(a));
+            want.truncate(k);
+            let mut got: Vec<f32> = largest(values, k)
+                .into_iter()
+                .map(|i| values[i as usize])
+                .collect();
+            got.sort_by(|a, b| b.total_cmp(a));
+            assert_eq!(got, want);
+        }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod device;
+mod disjoint;
 pub mod generate;
 mod gguf;
 mod hf;

@@ -1,0 +1,530 @@
+//! A frozen matrix in q8_0 times a few vectors: the quantized path of decoding steps.
+//!
+//! Weights and inputs are q8_0 blocks (candle's quantization); two kernels, picked at load
+//! by what the CPU has, multiply them:
+//! - **AVX-512 VNNI** (`vnni`): 16 rows' blocks interleaved four bytes at a time, so one
+//!   `vpdpbusd` multiplies four values of all 16 rows by one broadcast word of the input.
+//!   Each block's integer dot product is exact; its f32 scaling and the sum over blocks
+//!   are those of `panel_row_dot`, which a unit test holds the kernel to bit for bit. A
+//!   panel's weights, once loaded, serve four vectors (and stay in L1 for the next four),
+//!   so memory is read once per decoding step whatever the number of sequences.
+//! - **AVX2** (`avx2`, or without it `group_row_dot`): candle's AVX2 q8_0 × q8_0 arithmetic
+//!   block for block, bit-identical to its `QMatMul` (a unit test holds it to that), in a
+//!   layout of four rows side by side whose weights serve two vectors per pass.
+//!
+//! Either way a sequence's result does not depend on what it is batched with. Against
+//! candle's `QMatMul`, the VNNI kernel differs only in rounding (it sums fewer f32 terms).
+//!
+//! The rows are shared out over candle's spinning pool, as its own matmul does: a step runs
+//! ~200 of these products, too short to wake sleeping threads for.
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod vnni;
+
+use std::ops::Range;
+
+use candle_core::{Result, Tensor};
+use half::f16;
+
+use super::disjoint::DisjointOut;
+
+/// Values per quantization block (q8_0's).
+const BLOCK: usize = 32;
+
+/// Rows of a group in the AVX2 layout.
+const GROUP: usize = 4;
+
+/// Input vectors the AVX2 kernel computes together (four would need more accumulators
+/// than AVX2 has registers).
+const PAIR: usize = 2;
+
+/// Rows of a panel in the VNNI layout: one 512-bit lane of i32 per row.
+const PANEL: usize = 16;
+
+/// Four-value steps of a block: `vpdpbusd` sums four byte products per lane.
+const STEPS: usize = BLOCK / 4;
+
+/// Most input vectors the VNNI kernel computes together: eight were no faster (LLVM then
+/// keeps the accumulators in memory), and a panel's weights stay in L1 for the next four.
+const PANEL_VECTORS: usize = 4;
+
+/// Block `b` of four consecutive rows, side by side, so that a pass over a row group reads
+/// one contiguous stream (the same 34 bytes per block as q8_0's own layout).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct Group {
+    scales: [f16; GROUP],
+    quants: [[i8; BLOCK]; GROUP],
+}
+
+/// 16 rows interleaved: panel `p`'s block `b` holds, for each step `s`, 64 bytes: values
+/// `4s..4s + 4` of the block, of each row in turn, at
+/// `((p * blocks + b) * STEPS + s) * 64 + row * 4`. Values are stored plus 128, as
+/// `vpdpbusd` multiplies unsigned bytes by signed ones. Scales, as f32, at
+/// `(p * blocks + b) * PANEL + row`. Rows past the matrix are zeros.
+#[derive(Debug)]
+struct Panels {
+    quants: Vec<u8>,
+    scales: Vec<f32>,
+}
+
+#[derive(Debug)]
+enum Layout {
+    /// Row group `g`'s block `b` at `g * blocks + b`; rows past the matrix are zeros.
+    Groups(Vec<Group>),
+    Panels(Panels),
+}
+
+/// Which kernel a matrix is laid out for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kernel {
+    Vnni,
+    /// AVX2, or the scalar `group_row_dot` without it.
+    Avx2,
+}
+
+impl Kernel {
+    fn detect() -> Self {
+        if has_vnni() {
+            Self::Vnni
+        } else {
+            Self::Avx2
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Q8Matrix {
+    rows: usize,
+    cols: usize,
+    layout: Layout,
+}
+
+/// One vector quantized to q8_0 blocks (f16-rounded scales held as f32).
+struct Q8Vector {
+    scales: Vec<f32>,
+    quants: Vec<i8>,
+    /// Each block's sum of values: the VNNI kernel's unsigned weights add 128 × this.
+    sums: Vec<i32>,
+}
+
+/// q8_0 quantization of one block, exactly as candle does it: the scale is amax / 127,
+/// values are rounded with the unrounded scale, and the scale is stored as f16.
+#[inline(always)]
+fn quantize_block(xs: &[f32], quants: &mut [i8]) -> f16 {
+    // The largest magnitude, taken on the bits (without the sign, a float's bits order as
+    // its magnitude): unlike an f32 max, this vectorises. (A NaN would win here, where
+    // candle skips it; no finite input differs.)
+    let mut bits = 0;
+    for x in xs {
+        bits = bits.max(x.to_bits() & 0x7fff_ffff);
+    }
+    let amax = f32::from_bits(bits);
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    for (q, &x) in quants.iter_mut().zip(xs) {
+        *q = (x * id).round() as i8;
+    }
+    f16::from_f32(d)
+}
+
+impl Q8Vector {
+    /// Every decoding step quantizes each matrix's input: compiled for AVX2 where the CPU
+    /// has it, the loops vectorise (rounding included), which they cannot for baseline
+    /// x86-64.
+    fn quantize(xs: &[f32]) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { Self::quantize_avx2(xs) };
+        }
+        Self::quantize_any(xs)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn quantize_avx2(xs: &[f32]) -> Self {
+        Self::quantize_any(xs)
+    }
+
+    #[inline(always)]
+    fn quantize_any(xs: &[f32]) -> Self {
+        // Plain loops: a closure handed to `collect` would be compiled outside this
+        // function's target features (and call `roundf` per value).
+        let blocks = xs.len() / BLOCK;
+        let mut quants = vec![0i8; xs.len()];
+        let mut scales = Vec::with_capacity(blocks);
+        let mut sums = Vec::with_capacity(blocks);
+        for (x, q) in xs.chunks_exact(BLOCK).zip(quants.chunks_exact_mut(BLOCK)) {
+            scales.push(quantize_block(x, q).to_f32());
+            let mut sum = 0i32;
+            for &v in q.iter() {
+                sum += v as i32;
+            }
+            sums.push(sum);
+        }
+        Self {
+            scales,
+            quants,
+            sums,
+        }
+    }
+}
+
+impl Q8Matrix {
+    /// `weight`: `[out, in]` f32, `in` a multiple of 32; laid out for the best kernel this
+    /// CPU has.
+    pub fn quantize(weight: &Tensor) -> Result<Self> {
+        Self::quantize_for(weight, Kernel::detect())
+    }
+
+    fn quantize_for(weight: &Tensor, kernel: Kernel) -> Result<Self> {
+        let (rows, cols) = weight.dims2()?;
+        if cols % BLOCK != 0 {
+            candle_core::bail!("q8_0 needs rows of a multiple of {BLOCK} values, not {cols}");
+        }
+        let values = weight
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let blocks = cols / BLOCK;
+        let layout = match kernel {
+            Kernel::Avx2 => {
+                let empty = Group {
+                    scales: [f16::ZERO; GROUP],
+                    quants: [[0; BLOCK]; GROUP],
+                };
+                let mut groups = vec![empty; rows.div_ceil(GROUP) * blocks];
+                for (row, xs) in values.chunks_exact(cols).enumerate() {
+                    for (b, block) in xs.chunks_exact(BLOCK).enumerate() {
+                        let group = &mut groups[row / GROUP * blocks + b];
+                        let r = row % GROUP;
+                        group.scales[r] = quantize_block(block, &mut group.quants[r]);
+                    }
+                }
+                Layout::Groups(groups)
+            }
+            Kernel::Vnni => {
+                let panels = rows.div_ceil(PANEL) * blocks;
+                let mut quants = vec![128u8; panels * BLOCK * PANEL];
+                let mut scales = vec![0f32; panels * PANEL];
+                let mut q = [0i8; BLOCK];
+                for (row, xs) in values.chunks_exact(cols).enumerate() {
+                    let (p, r) = (row / PANEL, row % PANEL);
+                    for (b, block) in xs.chunks_exact(BLOCK).enumerate() {
+                        let at = p * blocks + b;
+                        scales[at * PANEL + r] = quantize_block(block, &mut q).to_f32();
+                        for (s, four) in q.chunks_exact(4).enumerate() {
+                            let to = (at * STEPS + s) * 64 + r * 4;
+                            for (u, &v) in quants[to..to + 4].iter_mut().zip(four) {
+                                *u = (v as u8) ^ 0x80;
+                            }
+                        }
+                    }
+                }
+                Layout::Panels(Panels { quants, scales })
+            }
+        };
+        Ok(Self { rows, cols, layout })
+    }
+
+    /// `x @ W^T` over the last dimension of `x` (any leading dimensions; meant for a few
+    /// rows).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (lead, inner) = dims.split_at(dims.len() - 1);
+        if inner != [self.cols] {
+            candle_core::bail!(
+                "q8_0 matrix: input has {inner:?} features, not {}",
+                self.cols
+            );
+        }
+        let xs = x
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let xs: Vec<Q8Vector> = xs.chunks_exact(self.cols).map(Q8Vector::quantize).collect();
+        let mut out = vec![0f32; xs.len() * self.rows];
+        self.matmul(&xs, &mut out);
+        let mut out_dims = lead.to_vec();
+        out_dims.push(self.rows);
+        Tensor::from_vec(out, out_dims, x.device())
+    }
+
+    /// `out[j * rows + i]` = row `i` · `xs[j]`. The pool's threads share out the row
+    /// groups or panels.
+    fn matmul(&self, xs: &[Q8Vector], out: &mut [f32]) {
+        let out = DisjointOut::new(out);
+        let pool = candle_core::utils::barrier_pool();
+        // SAFETY (both arms): work items cover disjoint rows, so each output element is
+        // written by one thread, and `out` outlives the pool's call (execute_chunked
+        // returns when every item is done); `out` holds `xs.len() * rows` values.
+        match &self.layout {
+            Layout::Groups(groups) => pool.execute_chunked(self.rows.div_ceil(GROUP), |range| {
+                for (pair, first) in xs.chunks(PAIR).zip((0..).step_by(PAIR)) {
+                    unsafe { self.groups_into(groups, pair, range.clone(), out, first) };
+                }
+            }),
+            Layout::Panels(panels) => pool.execute_chunked(self.rows.div_ceil(PANEL), |range| {
+                for p in range {
+                    unsafe { self.panel_into(panels, xs, p, out) };
+                }
+            }),
+        }
+    }
+
+    /// Rows of `range`'s groups times each of `xs`, written at `out[(first + j) * rows + row]`.
+    ///
+    /// # Safety
+    /// `out` holds `(first + xs.len()) * rows` values, and no other thread writes these
+    /// groups'.
+    unsafe fn groups_into(
+        &self,
+        groups: &[Group],
+        xs: &[Q8Vector],
+        range: Range<usize>,
+        out: DisjointOut,
+        first: usize,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            let shape = (self.rows, self.cols);
+            // SAFETY: the CPU has the features the kernel is compiled for; the caller
+            // vouches for `out`.
+            unsafe {
+                if let [a, b] = xs {
+                    avx2::groups_into::<2>(groups, shape, [a, b], range, out, first);
+                } else {
+                    for (j, x) in xs.iter().enumerate() {
+                        avx2::groups_into::<1>(groups, shape, [x], range.clone(), out, first + j);
+                    }
+                }
+            };
+            return;
+        }
+        for (j, x) in xs.iter().enumerate() {
+            for row in range.start * GROUP..(range.end * GROUP).min(self.rows) {
+                let dot = group_row_dot(groups, self.cols, x, row);
+                unsafe { out.write((first + j) * self.rows + row, dot) };
+            }
+        }
+    }
+
+    /// Panel `p` times every one of `xs`, up to four vectors per pass.
+    ///
+    /// # Safety
+    /// `out` holds `xs.len() * rows` values, and no other thread writes this panel's.
+    unsafe fn panel_into(&self, panels: &Panels, xs: &[Q8Vector], p: usize, out: DisjointOut) {
+        #[cfg(target_arch = "x86_64")]
+        if has_vnni() {
+            let shape = (self.rows, self.cols);
+            let (mut rest, mut first) = (xs, 0);
+            // SAFETY (each call): the CPU has AVX-512F and VNNI; the caller vouches for
+            // `out`.
+            while !rest.is_empty() {
+                let done = if let Some((xs, _)) = rest.split_first_chunk::<PANEL_VECTORS>() {
+                    unsafe { vnni::panel_into(panels, shape, xs, p, out, first) };
+                    PANEL_VECTORS
+                } else if let Some((xs, _)) = rest.split_first_chunk::<2>() {
+                    unsafe { vnni::panel_into(panels, shape, xs, p, out, first) };
+                    2
+                } else {
+                    let xs = &rest[..1];
+                    if let Ok(xs) = <&[Q8Vector; 1]>::try_from(xs) {
+                        unsafe { vnni::panel_into(panels, shape, xs, p, out, first) };
+                    }
+                    1
+                };
+                rest = &rest[done..];
+                first += done;
+            }
+            return;
+        }
+        for (j, x) in xs.iter().enumerate() {
+            for row in p * PANEL..((p + 1) * PANEL).min(self.rows) {
+                let dot = panel_row_dot(panels, self.cols, x, row);
+                unsafe { out.write(j * self.rows + row, dot) };
+            }
+        }
+    }
+}
+
+/// One row times one vector in the AVX2 layout without SIMD (other CPUs): the same terms as
+/// the kernel, summed in another order.
+fn group_row_dot(groups: &[Group], cols: usize, x: &Q8Vector, row: usize) -> f32 {
+    let blocks = cols / BLOCK;
+    let (g, r) = (row / GROUP, row % GROUP);
+    (0..blocks)
+        .map(|b| {
+            let group = &groups[g * blocks + b];
+            let v = &x.quants[b * BLOCK..][..BLOCK];
+            let sum: i32 = group.quants[r]
+                .iter()
+                .zip(v)
+                .map(|(&w, &v)| w as i32 * v as i32)
+                .sum();
+            group.scales[r].to_f32() * x.scales[b] * sum as f32
+        })
+        .sum()
+}
+
+/// One row times one vector in the VNNI layout, exactly as the kernel computes it: each
+/// block's exact integer dot product, times (weight scale × input scale), fused-added to
+/// the running sum in block order.
+fn panel_row_dot(panels: &Panels, cols: usize, x: &Q8Vector, row: usize) -> f32 {
+    let blocks = cols / BLOCK;
+    let (p, r) = (row / PANEL, row % PANEL);
+    (0..blocks).fold(0f32, |acc, b| {
+        let at = p * blocks + b;
+        let sum: i32 = (0..BLOCK)
+            .map(|i| {
+                let w = panels.quants[(at * STEPS + i / 4) * 64 + r * 4 + i % 4] as i32 - 128;
+                w * x.quants[b * BLOCK + i] as i32
+            })
+            .sum();
+        (sum as f32).mul_add(panels.scales[at * PANEL + r] * x.scales[b], acc)
+    })
+}
+
+/// AVX2, FMA and F16C: the group kernel's features.
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// AVX-512F and AVX-512 VNNI: the panel kernel's features.
+fn has_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512vnni");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_core::{Device, Module};
+
+    fn random(shape: (usize, usize), seed: u64) -> Tensor {
+        // A small LCG: reproducible values in [-1, 1) with some large ones.
+        let mut s = seed;
+        let values: Vec<f32> = (0..shape.0 * shape.1)
+            .map(|i| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let v = ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+                if i % 97 == 0 {
+                    v * 8.0
+                } else {
+                    v
+                }
+            })
+            .collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn equals_candles_q8_0_matmul_bit_for_bit() {
+        // 4k + 2 rows: a partial row group at the end; 576 columns as in SmolLM2.
+        let weight = random((1538, 576), 1);
+        let ours = Q8Matrix::quantize_for(&weight, Kernel::Avx2).unwrap();
+        let Layout::Groups(groups) = &ours.layout else {
+            panic!("laid out in groups")
+        };
+        let candle =
+            QMatMul::from_qtensor(QTensor::quantize(&weight, GgmlDType::Q8_0).unwrap()).unwrap();
+        // Vectors go through in pairs: 3 and 5 end with a single one.
+        for rows in [1, 2, 3, 5] {
+            let x = random((rows, 576), 7 + rows as u64)
+                .reshape((1, rows, 576))
+                .unwrap();
+            let want = candle.forward(&x).unwrap();
+            let got = ours.forward(&x).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let (got, want) = (
+                got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            if has_avx2() {
+                assert_eq!(got, want, "{rows} rows");
+            }
+            // The fallback for CPUs without AVX2: the same terms in another order.
+            let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for (j, x) in xs.chunks_exact(576).enumerate() {
+                let x = Q8Vector::quantize(x);
+                for row in [0, 1, 777, 1537] {
+                    let (g, w) = (group_row_dot(groups, 576, &x, row), want[j * 1538 + row]);
+                    assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{g} vs {w}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn vnni_kernel_equals_its_scalar_reference_and_is_close_to_candle() {
+        // 16k + 2 rows: a partial panel at the end.
+        let weight = random((1538, 576), 2);
+        let ours = Q8Matrix::quantize_for(&weight, Kernel::Vnni).unwrap();
+        let Layout::Panels(panels) = &ours.layout else {
+            panic!("laid out in panels")
+        };
+        let candle =
+            QMatMul::from_qtensor(QTensor::quantize(&weight, GgmlDType::Q8_0).unwrap()).unwrap();
+        // Passes take 8, 4, 2 and 1 vectors: 16, 15 and 3 use each kind.
+        for rows in [1, 3, 15, 16] {
+            let x = random((rows, 576), 11 + rows as u64);
+            let got = ours.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+            let want = candle.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+            let xs = x.to_vec2::<f32>().unwrap();
+            for (j, (got, want)) in got.iter().zip(&want).enumerate() {
+                let xq = Q8Vector::quantize(&xs[j]);
+                let reference: Vec<f32> = (0..1538)
+                    .map(|row| panel_row_dot(panels, 576, &xq, row))
+                    .collect();
+                if has_vnni() {
+                    assert_eq!(got, &reference, "vector {j} of {rows}");
+                }
+                // The same products as candle's; only the f32 rounding differs.
+                for (r, w) in reference.iter().zip(want) {
+                    assert!((r - w).abs() <= 1e-4 * w.abs().max(1.0), "{r} vs {w}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_vector_gets_the_same_result_alone_and_among_sixteen() {
+        let weight = random((100, 64), 4);
+        let x = random((16, 64), 5);
+        for kernel in [Kernel::Vnni, Kernel::Avx2] {
+            let m = Q8Matrix::quantize_for(&weight, kernel).unwrap();
+            let all = m.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+            for (j, row) in all.iter().enumerate() {
+                let alone = m.forward(&x.narrow(0, j, 1).unwrap()).unwrap();
+                assert_eq!(&alone.to_vec2::<f32>().unwrap()[0], row, "{kernel:?}, {j}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_zero_block_and_a_bad_shape() {
+        let weight = Tensor::zeros((4, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
+        for kernel in [Kernel::Vnni, Kernel::Avx2] {
+            let m = Q8Matrix::quantize_for(&weight, kernel).unwrap();
+            let x = random((1, 64), 3);
+            let out = m.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+            assert_eq!(out, vec![vec![0.0; 4]]);
+            assert!(m.forward(&random((1, 32), 3)).is_err());
+            assert!(Q8Matrix::quantize_for(&random((2, 48), 3), kernel).is_err());
+        }
+    }
+}
