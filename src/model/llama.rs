@@ -10,6 +10,7 @@ use candle_nn::ops;
 use candle_transformers::utils::repeat_kv;
 
 use super::config::LlamaConfig;
+use super::decode_attention::{self, Heads};
 use super::slots::SlotKv;
 use super::weights::{LayerWeights, LlamaWeights};
 
@@ -377,9 +378,11 @@ impl Llama {
             self.cos.index_select(&pos, 0)?.unsqueeze(1)?,
             self.sin.index_select(&pos, 0)?.unsqueeze(1)?,
         );
-        // Slot i attends to its positions 0..=lens[i]; the rest of the view is masked.
-        // Slots all of one length (always so for one) need no mask: one op less a layer.
-        let bias = if lens.iter().all(|&l| l + 1 == t) {
+        // Slot i attends to its positions 0..=lens[i]. On CPU it reads just those; through
+        // candle's matmuls the rest of the view is masked (slots all of one length, always
+        // so for one, need no mask: one op less a layer).
+        let attending: Vec<usize> = lens.iter().map(|l| l + 1).collect();
+        let bias = if self.device.is_cpu() || lens.iter().all(|&l| l + 1 == t) {
             None
         } else {
             let mut bias = vec![MASKED; n * t];
@@ -399,15 +402,29 @@ impl Llama {
             let q = rope(&heads(0, nh)?, &cos, &sin, Mode::Fast)?;
             let k = rope(&heads(nh, nkv)?, &cos, &sin, Mode::Fast)?;
             kv.write(li, &k, &heads(nh + nkv, nkv)?)?;
-            let (keys, values) = kv.view(li, t)?;
-            // [n, nh, 1, hd] as [n, nkv, group, hd]: a group's query heads share a kv head.
-            let q = q.reshape((n, nkv, nh / nkv, hd))?;
-            let mut scores = (q.matmul(&keys.t()?)? * scale)?;
-            if let Some(bias) = &bias {
-                scores = scores.broadcast_add(bias)?;
-            }
-            let attn = softmax(&scores, Mode::Fast)?.matmul(&values)?;
-            let attn = attn.reshape((n, 1, nh * hd))?;
+            let attn = if self.device.is_cpu() {
+                let q = q.flatten_all()?.to_vec1::<f32>()?;
+                let shape = Heads {
+                    heads: nh,
+                    kv_heads: nkv,
+                    head_dim: hd,
+                };
+                let out = kv.with_cpu_layer(li, |cache| {
+                    decode_attention::attend(&q, cache, &attending, shape, scale as f32)
+                })?;
+                Tensor::from_vec(out, (n, 1, nh * hd), &self.device)?
+            } else {
+                let (keys, values) = kv.view(li, t)?;
+                // [n, nh, 1, hd] as [n, nkv, group, hd]: a group's query heads share a kv
+                // head.
+                let q = q.reshape((n, nkv, nh / nkv, hd))?;
+                let mut scores = (q.matmul(&keys.t()?)? * scale)?;
+                if let Some(bias) = &bias {
+                    scores = scores.broadcast_add(bias)?;
+                }
+                let attn = softmax(&scores, Mode::Fast)?.matmul(&values)?;
+                attn.reshape((n, 1, nh * hd))?
+            };
             let x1 = (&x + w.o.forward(&attn)?)?;
             x = self.mlp(w, &x1, Mode::Fast)?;
         }

@@ -2,6 +2,7 @@
 //! embeddings-in forward. Knows nothing of tags, HTTP or training jobs.
 
 pub mod config;
+mod decode_attention;
 pub mod device;
 mod disjoint;
 pub mod generate;

@@ -7,10 +7,11 @@
 //! a leaving sequence's slot is refilled by the last one, so a step needs no gather.
 //! Slots and capacity grow by doubling (one copy each time, amortised).
 
-use anyhow::{ensure, Result};
-use candle_core::{DType, Device, Tensor};
+use anyhow::{bail, ensure, Result};
+use candle_core::{DType, Device, Storage, Tensor};
 
 use super::config::LlamaConfig;
+use super::decode_attention::CachedLayer;
 use super::llama::KvCache;
 
 pub struct SlotKv {
@@ -183,6 +184,31 @@ impl SlotKv {
             k.narrow(0, 0, n)?.narrow(2, 0, t)?,
             v.narrow(0, 0, n)?.narrow(2, 0, t)?,
         ))
+    }
+
+    /// Layer `layer`'s keys and values as slices, for `f` (CPU only; the cache's tensors
+    /// are whole, contiguous allocations).
+    pub(crate) fn with_cpu_layer<R>(
+        &self,
+        layer: usize,
+        f: impl FnOnce(&CachedLayer) -> R,
+    ) -> Result<R> {
+        let (k, v) = &self.layers[layer];
+        let (k_storage, k_layout) = k.storage_and_layout();
+        let (v_storage, v_layout) = v.storage_and_layout();
+        let (Storage::Cpu(keys), Storage::Cpu(values)) = (&*k_storage, &*v_storage) else {
+            bail!("the slot cache is not on the CPU");
+        };
+        ensure!(
+            k_layout.is_contiguous() && v_layout.is_contiguous(),
+            "the slot cache is not contiguous"
+        );
+        let (k_at, v_at) = (k_layout.start_offset(), v_layout.start_offset());
+        Ok(f(&CachedLayer {
+            keys: &keys.as_slice::<f32>()?[k_at..],
+            values: &values.as_slice::<f32>()?[v_at..],
+            capacity: self.capacity,
+        }))
     }
 
     /// Every active slot has one more position.
