@@ -79,7 +79,7 @@ unsafe fn attend_item(step: &Step, item: usize, out: DisjointOut) {
             return unsafe { attend_item_avx2(step, item, out) };
         }
     }
-    unsafe { attend_item_any(step, item, out, dot) }
+    unsafe { attend_item_any(step, item, out, dot, weighted_sum) }
 }
 
 /// `attend_item_any` compiled for AVX-512, with a dot product in one register (LLVM
@@ -88,7 +88,40 @@ unsafe fn attend_item(step: &Step, item: usize, out: DisjointOut) {
 #[target_feature(enable = "avx512f")]
 unsafe fn attend_item_avx512(step: &Step, item: usize, out: DisjointOut) {
     let dot = |a: &[f32], b: &[f32]| dot_avx512(a, b);
-    unsafe { attend_item_any(step, item, out, dot) }
+    let weighted_sum = |w: &[f32], v: &[f32], out: &mut [f32]| weighted_sum_avx512(w, v, out);
+    unsafe { attend_item_any(step, item, out, dot, weighted_sum) }
+}
+
+/// `weighted_sum` with each 16 outputs summed in one AVX-512 register over the positions
+/// (the portable loop re-reads and re-writes the outputs at every position).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn weighted_sum_avx512(weights: &[f32], values: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let hd = out.len();
+    let whole = hd - hd % 16;
+    for (j, out) in out[..whole].chunks_exact_mut(16).enumerate() {
+        let mut acc = _mm512_setzero_ps();
+        for (&w, value) in weights.iter().zip(values.chunks_exact(hd)) {
+            let v = &value[j * 16..j * 16 + 16];
+            // SAFETY: `v` holds 16 values.
+            acc = _mm512_fmadd_ps(
+                _mm512_set1_ps(w),
+                unsafe { _mm512_loadu_ps(v.as_ptr()) },
+                acc,
+            );
+        }
+        // SAFETY: `out` holds 16 values.
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr(), acc) };
+    }
+    for (j, o) in out.iter_mut().enumerate().skip(whole) {
+        *o = weights
+            .iter()
+            .zip(values.chunks_exact(hd))
+            .map(|(w, v)| w * v[j])
+            .sum();
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -114,7 +147,7 @@ fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn attend_item_avx2(step: &Step, item: usize, out: DisjointOut) {
-    unsafe { attend_item_any(step, item, out, dot) }
+    unsafe { attend_item_any(step, item, out, dot, weighted_sum) }
 }
 
 #[inline(always)]
@@ -123,6 +156,7 @@ unsafe fn attend_item_any(
     item: usize,
     out: DisjointOut,
     dot: impl Fn(&[f32], &[f32]) -> f32,
+    weighted_sum: impl Fn(&[f32], &[f32], &mut [f32]),
 ) {
     let Step {
         q,
@@ -156,16 +190,24 @@ unsafe fn attend_item_any(
             *w = (*w - max).exp();
             sum += *w;
         }
-        head.fill(0.0);
-        for (&w, value) in weights.iter().zip(values.chunks_exact(hd)) {
-            let w = w / sum;
-            for (o, &v) in head.iter_mut().zip(value) {
-                *o += w * v;
-            }
+        for w in weights.iter_mut() {
+            *w /= sum;
         }
+        weighted_sum(&weights, values, &mut head);
         for (j, &o) in head.iter().enumerate() {
             // SAFETY: `at + j` is this slot's head `h`, one of this item's.
             unsafe { out.write(at + j, o) };
+        }
+    }
+}
+
+/// `out = Σ_p weights[p] · values[p]` over positions `p` (`values`: `[positions, out.len()]`).
+#[inline(always)]
+fn weighted_sum(weights: &[f32], values: &[f32], out: &mut [f32]) {
+    out.fill(0.0);
+    for (&w, value) in weights.iter().zip(values.chunks_exact(out.len())) {
+        for (o, &v) in out.iter_mut().zip(value) {
+            *o += w * v;
         }
     }
 }

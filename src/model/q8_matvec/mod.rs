@@ -106,8 +106,9 @@ pub struct Q8Matrix {
 struct Q8Vector {
     scales: Vec<f32>,
     quants: Vec<i8>,
-    /// Each block's sum of values: the VNNI kernel's unsigned weights add 128 × this.
-    sums: Vec<i32>,
+    /// Minus 128 × each block's sum of values: the VNNI kernel's unsigned weights (stored
+    /// plus 128) add its opposite.
+    offsets: Vec<i32>,
 }
 
 /// q8_0 quantization of one block, exactly as candle does it: the scale is amax / 127,
@@ -125,7 +126,12 @@ fn quantize_block(xs: &[f32], quants: &mut [i8]) -> f16 {
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     for (q, &x) in quants.iter_mut().zip(xs) {
-        *q = (x * id).round() as i8;
+        // Within ±127 by construction; the clamp (which also maps a NaN into range) lets
+        // the unchecked conversion vectorise, where `as i8`'s saturation kept it scalar.
+        #[allow(clippy::manual_clamp)] // `clamp` would keep a NaN, and the conversion UB
+        let v = (x * id).round().max(-127.0).min(127.0);
+        // SAFETY: `v` is finite and within i32's range.
+        *q = unsafe { v.to_int_unchecked::<i32>() } as i8;
     }
     f16::from_f32(d)
 }
@@ -156,19 +162,19 @@ impl Q8Vector {
         let blocks = xs.len() / BLOCK;
         let mut quants = vec![0i8; xs.len()];
         let mut scales = Vec::with_capacity(blocks);
-        let mut sums = Vec::with_capacity(blocks);
+        let mut offsets = Vec::with_capacity(blocks);
         for (x, q) in xs.chunks_exact(BLOCK).zip(quants.chunks_exact_mut(BLOCK)) {
             scales.push(quantize_block(x, q).to_f32());
             let mut sum = 0i32;
             for &v in q.iter() {
                 sum += v as i32;
             }
-            sums.push(sum);
+            offsets.push(-128 * sum);
         }
         Self {
             scales,
             quants,
-            sums,
+            offsets,
         }
     }
 }
