@@ -23,11 +23,11 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Storage,
 /// 66/97/79/93/99 tokens/s at 1/2/4/8/16 sequences against f32's 24/44/80/122/200).
 const QUANTIZED_MAX_ROWS: usize = 2;
 
-/// Decoding steps of up to this many sequences go through `q8_matvec`, which reads the
-/// weights once per two sequences: on 2026-12-02, q8_0 83-105/131-168/170-231/189-269/
-/// 192-283 tokens/s at 1/2/4/8/16 sequences against f32's 19-27/23-38/51-72/82-107/136-163
-/// (README: Benchmarks). Prefill (several positions per sequence) stays f32, so head tags never see
-/// the quantized weights.
+/// Decoding steps of up to this many sequences go through `q8_matvec` (measured up to
+/// 16): on 2026-12-03, on a host with AVX-512 VNNI, q8_0 162-165/254-277/340-394/467-501/
+/// 532-568 tokens/s at 1/2/4/8/16 sequences against f32's 21-22/37-41/62-69/97-108/160-162
+/// (README: Benchmarks). Prefill (several positions per sequence) stays f32, so head tags
+/// never see the quantized weights.
 const Q8_DECODE_MAX_ROWS: usize = 16;
 
 #[derive(Debug, Clone)]
