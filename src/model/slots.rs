@@ -2,7 +2,8 @@
 //!
 //! One tensor per layer holds every slot's keys (and one its values),
 //! `[slots, kv_heads, capacity, head_dim]`. A decoding step writes each slot's new key and
-//! value in place and attends through views of the filled part, so the batch is never
+//! value in place and attends to the filled part where it lies (through views on a GPU,
+//! as slices on CPU: `decode_attention`), so the batch is never
 //! re-stacked or split between steps. Active sequences occupy the front slots (`0..len()`):
 //! a leaving sequence's slot is refilled by the last one, so a step needs no gather.
 //! Slots and capacity grow by doubling (one copy each time, amortised).
