@@ -7,8 +7,8 @@
 //!
 //! For serving, a copy may also carry the weight re-quantized (`quantized`): a decoding
 //! step without gradient then goes through a quantized matmul, which reads a quarter of
-//! the bytes (such a step is bound by those reads): q8_0 through `q8_matvec` for up to 16
-//! sequences, other types through candle's for one or two.
+//! the bytes (such a step is bound by those reads): q8_0 through `q8_matvec` for up to 64
+//! sequences (16 without AVX-512 VNNI), other types through candle's for one or two.
 
 use std::sync::{Arc, OnceLock};
 
@@ -22,13 +22,6 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Storage,
 /// rows on f32 gemm was as fast or faster (`cargo bench --bench core decode_batch`: q8_0
 /// 66/97/79/93/99 tokens/s at 1/2/4/8/16 sequences against f32's 24/44/80/122/200).
 const QUANTIZED_MAX_ROWS: usize = 2;
-
-/// Decoding steps of up to this many sequences go through `q8_matvec` (measured up to
-/// 16): on 2026-12-03, on a host with AVX-512 VNNI, q8_0 162-165/254-277/340-394/467-501/
-/// 532-568 tokens/s at 1/2/4/8/16 sequences against f32's 21-22/37-41/62-69/97-108/160-162
-/// (README: Benchmarks). Prefill (several positions per sequence) stays f32, so head tags
-/// never see the quantized weights.
-const Q8_DECODE_MAX_ROWS: usize = 16;
 
 #[derive(Debug, Clone)]
 pub struct FrozenLinear {
@@ -157,15 +150,19 @@ impl FrozenLinear {
 
     /// The quantized matmul, when it serves `x`: a quantized copy, no gradient, and at most
     /// `QUANTIZED_MAX_ROWS` rows, or for q8_0 a decoding step (one position per sequence)
-    /// of at most `Q8_DECODE_MAX_ROWS`.
+    /// of at most as many sequences as its kernel serves well (`Q8Matrix::decode_max_rows`).
+    /// Prefill (several positions per sequence) stays f32, so head tags never see the
+    /// quantized weights.
     fn quantized_for(&self, x: &Tensor) -> Option<&Quantized> {
         let dims = x.dims();
         let rows = x.elem_count() / dims.last().copied().unwrap_or(1).max(1);
         let one_position_each = dims.len() < 3 || dims[dims.len() - 2] == 1;
         self.quantized.as_deref().filter(|q| {
-            let decoding = matches!(q, Quantized::Q8(_)) && one_position_each;
-            !x.track_op()
-                && (rows <= QUANTIZED_MAX_ROWS || (decoding && rows <= Q8_DECODE_MAX_ROWS))
+            let decoding = match q {
+                Quantized::Q8(m) => one_position_each && rows <= m.decode_max_rows(),
+                Quantized::Candle(_) => false,
+            };
+            !x.track_op() && (rows <= QUANTIZED_MAX_ROWS || decoding)
         })
     }
 

@@ -186,6 +186,19 @@ impl Q8Matrix {
         Self::quantize_for(weight, Kernel::detect())
     }
 
+    /// The most sequences a decoding step should bring here rather than to f32 gemm.
+    /// - VNNI: 64. It reads the weights once a step; on 2026-12-03, q8_0 decoded 532-568 /
+    ///   618 / 592 tokens/s at 16 / 32 / 64 sequences against f32's 160-162 / 210 / 290
+    ///   (`cargo bench --bench core -- decode_batch`; README: Benchmarks).
+    /// - AVX2: 16, as far as it was measured (it reads the weights once per two
+    ///   sequences): q8_0 192-283 tokens/s at 16 against f32's 136-163 on 2026-12-02.
+    pub fn decode_max_rows(&self) -> usize {
+        match self.layout {
+            Layout::Panels(_) => 64,
+            Layout::Groups(_) => 16,
+        }
+    }
+
     fn quantize_for(weight: &Tensor, kernel: Kernel) -> Result<Self> {
         let (rows, cols) = weight.dims2()?;
         if cols % BLOCK != 0 {
