@@ -535,6 +535,18 @@ mod tests {
     }
 
     #[test]
+    fn non_finite_inputs_quantize_within_range() {
+        // Nothing a broken activation holds may reach the unchecked conversion out of range.
+        let mut xs = vec![0.5f32; 64];
+        xs[3] = f32::NAN;
+        xs[40] = f32::INFINITY;
+        xs[41] = -2.0;
+        let q = Q8Vector::quantize(&xs);
+        assert!(q.quants.iter().all(|v| (-127..=127).contains(v)));
+        assert_eq!(q.quants.len(), 64);
+    }
+
+    #[test]
     fn a_zero_block_and_a_bad_shape() {
         let weight = Tensor::zeros((4, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
         for kernel in [Kernel::Vnni, Kernel::Avx2] {
