@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ErrorBody};
+use super::sse::ServerSentEvent;
 use super::state::AppState;
 use crate::jobs::{
     CurvePoint, DatasetInfo, DatasetRef, Job, JobSpec, JobState, JobStore, TrainRequest,
@@ -284,7 +285,7 @@ pub async fn cancel_job(State(s): Shared, Path(id): Path<String>) -> Result<Json
 
 /// Server-sent events: the job (as in `GET /jobs/{id}`) each time it changes, until it ends.
 #[utoipa::path(get, path = "/jobs/{id}/events", params(("id" = String, Path)),
-    responses((status = 200, description = "Server-sent events: each `progress` event's data is the job as JSON (the `Job` schema), until the job ends", content_type = "text/event-stream", body = String), (status = 404, body = ErrorBody)))]
+    responses((status = 200, description = "Server-sent events: each `progress` event's data is the job as JSON (the `Job` schema), until the job ends", content_type = "text/event-stream", body = ServerSentEvent), (status = 404, body = ErrorBody)))]
 pub async fn job_events(
     State(s): Shared,
     Path(id): Path<String>,

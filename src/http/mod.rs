@@ -5,6 +5,7 @@ pub mod error;
 pub mod jobs_routes;
 pub mod listen;
 pub mod routes;
+pub mod sse;
 pub mod state;
 
 use std::sync::{Arc, OnceLock};

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
+use super::sse::ServerSentEvent;
 use super::state::AppState;
 use crate::infer::{PredictError, PredictRequest, PredictResponse};
 use crate::json_object::Object;
@@ -244,7 +245,7 @@ pub async fn tokenize(
 /// free template composing any registered tags.
 #[utoipa::path(post, path = "/predict", request_body = PredictRequest,
     responses((status = 200, description = "The predictions; with `stream: true`, server-sent events: `token` events ({\"text\": piece}) as the text is decoded, then `done` (the response as without streaming) or `error` (an error body)",
-                content((PredictResponse = "application/json"), (String = "text/event-stream")),
+                content((PredictResponse = "application/json"), (ServerSentEvent = "text/event-stream")),
                 headers(("x-queue-time" = String, description = "ms waiting for the engine (not streamed)"),
                         ("x-inference-time" = String, description = "ms in the engine batch (not streamed)"))),
               (status = 422, body = ErrorBody), (status = 413, body = ErrorBody),
