@@ -9,7 +9,6 @@ use utoipa::ToSchema;
 /// One event of a stream. What `data` holds is JSON text whose shape each route describes
 /// per event name.
 #[derive(ToSchema)]
-#[allow(dead_code)] // Documents the wire format; the events are written by axum's `Event`.
 pub struct ServerSentEvent {
     /// The event's name (`token`, `done`, `error`, `progress`, ...).
     pub event: Option<String>,

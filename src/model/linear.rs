@@ -224,7 +224,11 @@ impl CustomOp1 for FrozenLinear {
 /// the `k`-th best so far), so that after the first few hundred values almost none is kept.
 fn largest(values: &[f32], k: usize) -> Vec<u32> {
     use std::cmp::Ordering::Greater;
-    let by_value_down = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0);
+    // Keeps the best k of `kept`, the k-th last.
+    let keep_best = |kept: &mut Vec<(f32, u32)>| {
+        kept.select_nth_unstable_by(k - 1, |a, b| b.0.total_cmp(&a.0));
+        kept.truncate(k);
+    };
     let room = 8 * k;
     let mut kept: Vec<(f32, u32)> = Vec::with_capacity(room);
     let mut floor: Option<f32> = None;
@@ -233,8 +237,7 @@ fn largest(values: &[f32], k: usize) -> Vec<u32> {
             continue;
         }
         if kept.len() == room {
-            kept.select_nth_unstable_by(k - 1, by_value_down);
-            kept.truncate(k);
+            keep_best(&mut kept);
             floor = Some(kept[k - 1].0);
             if v.total_cmp(&kept[k - 1].0) != Greater {
                 continue;
@@ -243,8 +246,7 @@ fn largest(values: &[f32], k: usize) -> Vec<u32> {
         kept.push((v, i as u32));
     }
     if kept.len() > k {
-        kept.select_nth_unstable_by(k - 1, by_value_down);
-        kept.truncate(k);
+        keep_best(&mut kept);
     }
     kept.into_iter().map(|(_, i)| i).collect()
 }
