@@ -554,6 +554,89 @@ async fn a_generation_streams_its_text_as_server_sent_events() {
     }
 }
 
+/// Validates `body`, the answer of `method path` with `status` and `content_type`, against
+/// the schema that the served OpenAPI document gives for it; panics naming the violation
+/// (or the undocumented status or content type).
+fn assert_documented(
+    spec: &Value,
+    (method, path): (&str, &str),
+    status: StatusCode,
+    content_type: &str,
+    body: &Value,
+) {
+    let response = &spec["paths"][path][method]["responses"][status.as_str()];
+    let schema = &response["content"][content_type]["schema"];
+    assert!(
+        schema.is_object(),
+        "{method} {path}: {status} as {content_type} is undocumented: {response}"
+    );
+    // The schema with the document's components beside it, so its references resolve.
+    let mut root = schema.clone();
+    root["components"] = spec["components"].clone();
+    root["$schema"] = json!("https://json-schema.org/draft/2020-12/schema");
+    let validator = jsonschema::validator_for(&root).unwrap();
+    let errors: Vec<String> = validator.iter_errors(body).map(|e| e.to_string()).collect();
+    assert!(
+        errors.is_empty(),
+        "{method} {path} {status} ({content_type}) violates the document: {errors:?}\n{body}"
+    );
+}
+
+/// Real answers checked against the served OpenAPI document: a generation's JSON, every
+/// event of its stream (a `done` event's data is the JSON answer, so it is checked as
+/// that too), a head's prediction, a validation error, a refused key-less page, and the
+/// read-only pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_validate_against_the_openapi_document() {
+    let s = start(Options::default()).await;
+    install_chem(&s).await;
+    let spec: Value = reqwest::get(format!("{}/openapi.json", s.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let predict = ("post", "/predict");
+    let generation = json!({"template": "<SMILES> {x}", "inputs": ["the cat"], "parameters": {"max_new_tokens": 6}});
+    let (status, body) = post(&s.url, "/predict", generation.clone()).await;
+    assert_documented(&spec, predict, status, "application/json", &body);
+
+    let mut streamed = generation;
+    streamed["stream"] = json!(true);
+    let resp = reqwest::Client::new()
+        .post(format!("{}/predict", s.url))
+        .json(&streamed)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let events = sse_events(resp).await;
+    assert!(events.len() >= 2, "{events:?}");
+    for (name, data) in &events {
+        let event = json!({"event": name, "data": data.to_string()});
+        assert_documented(&spec, predict, status, "text/event-stream", &event);
+    }
+    let (name, done) = events.last().unwrap();
+    assert_eq!(name, "done");
+    assert_documented(&spec, predict, status, "application/json", done);
+
+    for body in [
+        json!({"function": "QED", "inputs": ["CCO", "c1ccccc1"]}),
+        json!({"function": "QED", "inputs": []}),
+        json!({"function": "NoSuchTag", "inputs": ["CCO"]}),
+    ] {
+        let (status, answer) = post(&s.url, "/predict", body).await;
+        assert_documented(&spec, predict, status, "application/json", &answer);
+    }
+    for path in ["/health", "/ready", "/info", "/tags"] {
+        let (status, body) = get(&s.url, path).await;
+        assert_documented(&spec, ("get", path), status, "application/json", &body);
+    }
+    let (status, body) = get(&s.url, "/jobs?limit=abc").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_documented(&spec, ("get", "/jobs"), status, "application/json", &body);
+}
+
 /// The configured input limit (1,024 by default) may exceed the model's context (the tiny
 /// model's 512): the context is the limit then, and a longer prompt is a 422, not a 500.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
