@@ -9,6 +9,7 @@
 //! others.
 
 use super::disjoint::DisjointOut;
+use super::vec_math;
 
 /// The attention heads' shape.
 #[derive(Debug, Clone, Copy)]
@@ -92,28 +93,27 @@ unsafe fn attend_item_avx512(step: &Step, item: usize, out: DisjointOut) {
     unsafe { attend_item_any(step, item, out, dot, weighted_sum) }
 }
 
-/// `weighted_sum` with each 16 outputs summed in one AVX-512 register over the positions
-/// (the portable loop re-reads and re-writes the outputs at every position).
+/// `weighted_sum` with the outputs summed in AVX-512 registers over the positions, four
+/// registers (64 outputs) at a time: four independent chains of FMAs, where one register
+/// at a time waited on its own previous FMA at every position (the portable loop re-reads
+/// and re-writes the outputs at every position).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
 fn weighted_sum_avx512(weights: &[f32], values: &[f32], out: &mut [f32]) {
-    use std::arch::x86_64::*;
+    const LANES: usize = 16;
+    const REGS: usize = 4;
     let hd = out.len();
-    let whole = hd - hd % 16;
-    for (j, out) in out[..whole].chunks_exact_mut(16).enumerate() {
-        let mut acc = _mm512_setzero_ps();
-        for (&w, value) in weights.iter().zip(values.chunks_exact(hd)) {
-            let v = &value[j * 16..j * 16 + 16];
-            // SAFETY: `v` holds 16 values.
-            acc = _mm512_fmadd_ps(
-                _mm512_set1_ps(w),
-                unsafe { _mm512_loadu_ps(v.as_ptr()) },
-                acc,
-            );
+    let at = |from| Span { hd, from };
+    let whole = hd - hd % LANES;
+    for (c, out) in out[..whole].chunks_mut(LANES * REGS).enumerate() {
+        let from = c * LANES * REGS;
+        match out.len() / LANES {
+            4 => weighted_sum_regs_avx512::<4>(weights, values, at(from), out),
+            3 => weighted_sum_regs_avx512::<3>(weights, values, at(from), out),
+            2 => weighted_sum_regs_avx512::<2>(weights, values, at(from), out),
+            _ => weighted_sum_regs_avx512::<1>(weights, values, at(from), out),
         }
-        // SAFETY: `out` holds 16 values.
-        unsafe { _mm512_storeu_ps(out.as_mut_ptr(), acc) };
     }
     for (j, o) in out.iter_mut().enumerate().skip(whole) {
         *o = weights
@@ -121,6 +121,40 @@ fn weighted_sum_avx512(weights: &[f32], values: &[f32], out: &mut [f32]) {
             .zip(values.chunks_exact(hd))
             .map(|(w, v)| w * v[j])
             .sum();
+    }
+}
+
+/// Where a part of the outputs lies in each position's `hd` values.
+#[derive(Clone, Copy)]
+struct Span {
+    hd: usize,
+    from: usize,
+}
+
+/// `out` (`R` × 16 values) = Σ_p weights[p] · values[p][from..], in `R` registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn weighted_sum_regs_avx512<const R: usize>(
+    weights: &[f32],
+    values: &[f32],
+    Span { hd, from }: Span,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_setzero_ps(); R];
+    for (&w, value) in weights.iter().zip(values.chunks_exact(hd)) {
+        let w = _mm512_set1_ps(w);
+        let v = &value[from..from + R * 16];
+        for (r, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: `v` holds R × 16 values.
+            let x = unsafe { _mm512_loadu_ps(v.as_ptr().add(r * 16)) };
+            *acc = _mm512_fmadd_ps(w, x, *acc);
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        // SAFETY: `out` holds R × 16 values.
+        unsafe { _mm512_storeu_ps(out[r * 16..].as_mut_ptr(), *acc) };
     }
 }
 
@@ -185,11 +219,11 @@ unsafe fn attend_item_any(
             *w = dot(query, key) * scale;
         }
         let max = weights.iter().fold(f32::NEG_INFINITY, |m, &w| m.max(w));
-        let mut sum = 0f32;
+        // Exponentials in their own loop, which vectorises (the sum's order would not).
         for w in weights.iter_mut() {
-            *w = (*w - max).exp();
-            sum += *w;
+            *w = vec_math::exp(*w - max);
         }
+        let sum: f32 = weights.iter().sum();
         for w in weights.iter_mut() {
             *w /= sum;
         }

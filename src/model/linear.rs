@@ -148,6 +148,14 @@ impl FrozenLinear {
         Tensor::from_vec(values.concat(), out.shape(), out.device())
     }
 
+    /// The q8_0 matrix of a quantized serving copy on CPU, if this is one.
+    pub(crate) fn q8(&self) -> Option<&Q8Matrix> {
+        match self.quantized.as_deref() {
+            Some(Quantized::Q8(m)) => Some(m),
+            _ => None,
+        }
+    }
+
     /// The quantized matmul, when it serves `x`: a quantized copy, no gradient, and at most
     /// `QUANTIZED_MAX_ROWS` rows, or for q8_0 a decoding step (one position per sequence)
     /// of at most as many sequences as its kernel serves well (`Q8Matrix::decode_max_rows`).

@@ -4,12 +4,15 @@
 //! - `Differentiable` uses composite ops whose backward candle implements, so gradients
 //!   reach the input embeddings (the base weights stay frozen either way).
 
+use std::sync::Arc;
+
 use anyhow::{ensure, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::ops;
 use candle_transformers::utils::repeat_kv;
 
 use super::config::LlamaConfig;
+use super::cpu_decode::CpuDecode;
 use super::decode_attention::{self, Heads};
 use super::slots::SlotKv;
 use super::weights::{LayerWeights, LlamaWeights};
@@ -81,6 +84,8 @@ pub struct Llama {
     cos: Tensor,
     sin: Tensor,
     device: Device,
+    /// For a q8_0 serving copy on CPU: decoding steps on host slices (`cpu_decode`).
+    cpu_decode: Option<Arc<CpuDecode>>,
 }
 
 /// Per-call attention geometry computed on the host from the padding mask.
@@ -142,6 +147,7 @@ impl Llama {
             cfg,
             w,
             device: device.clone(),
+            cpu_decode: None,
         })
     }
 
@@ -155,8 +161,11 @@ impl Llama {
 
     /// The same model whose gradient-free forward reads `dtype`-quantized matrices.
     pub fn quantized(&self, dtype: candle_core::quantized::GgmlDType) -> Result<Self> {
+        let w = self.w.quantized(dtype)?;
+        let cpu_decode = CpuDecode::new(&self.cfg, &w, &self.cos, &self.sin)?.map(Arc::new);
         Ok(Self {
-            w: self.w.quantized(dtype)?,
+            w,
+            cpu_decode,
             ..self.clone()
         })
     }
@@ -353,6 +362,8 @@ impl Llama {
     /// next input embedding. New keys and values are written into the slots in place and
     /// attention reads the slots through views; grouped-query heads share their key/value
     /// head without copies. Returns final-norm hidden states `[n, 1, d]`. (Gradient-free.)
+    /// A q8_0 serving copy on CPU computes the step on host slices (`cpu_decode`) when its
+    /// kernel serves `n` sequences; otherwise candle's ops do.
     pub fn decode_slots(&self, x: &Tensor, kv: &mut SlotKv) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (n, s, d) = x.dims3()?;
@@ -371,6 +382,12 @@ impl Llama {
             cfg.max_position_embeddings
         );
         kv.reserve(n, t)?;
+        if let Some(fast) = (self.cpu_decode.as_deref()).filter(|c| c.serves(&self.w, n)) {
+            let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let hidden = fast.step(cfg, &self.w, xs, kv)?;
+            kv.advance();
+            return Ok(Tensor::from_vec(hidden, (n, 1, d), &self.device)?);
+        }
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let positions: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
         let pos = Tensor::from_vec(positions, n, &self.device)?;

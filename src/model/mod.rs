@@ -2,6 +2,7 @@
 //! embeddings-in forward. Knows nothing of tags, HTTP or training jobs.
 
 pub mod config;
+mod cpu_decode;
 mod decode_attention;
 pub mod device;
 mod disjoint;
@@ -15,6 +16,7 @@ pub mod slots;
 pub mod threads;
 pub mod tiny;
 pub mod tokenizer;
+mod vec_math;
 pub mod weights;
 
 use std::io::Read;

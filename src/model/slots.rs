@@ -9,7 +9,7 @@
 //! Slots and capacity grow by doubling (one copy each time, amortised).
 
 use anyhow::{bail, ensure, Result};
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor};
 
 use super::config::LlamaConfig;
 use super::decode_attention::CachedLayer;
@@ -176,6 +176,34 @@ impl SlotKv {
         Ok(())
     }
 
+    /// Like [`SlotKv::write`], from rows on the host: slot `i`'s new key is
+    /// `rows[i * stride + keys_at..]` and its value `rows[i * stride + values_at..]`,
+    /// `kv_heads * head_dim` values each (CPU only: written in place, with no tensor made).
+    pub(crate) fn write_rows(
+        &self,
+        layer: usize,
+        rows: &[f32],
+        stride: usize,
+        keys_at: usize,
+        values_at: usize,
+    ) -> Result<()> {
+        let width = self.kv_heads * self.head_dim;
+        ensure!(
+            keys_at.max(values_at) + width <= stride && rows.len() >= self.lens.len() * stride,
+            "write_rows: rows of {stride} values cannot hold a key and a value of {width}"
+        );
+        let (k, v) = &self.layers[layer];
+        for (cache, from) in [(k, keys_at), (v, values_at)] {
+            cache.inplace_op1(&WriteRows {
+                kv: self,
+                rows,
+                stride,
+                from,
+            })?;
+        }
+        Ok(())
+    }
+
     /// Views of layer `layer`'s keys and values over the active slots and the first `t`
     /// positions, `[n, kv_heads, t, head_dim]` (no copy).
     pub(crate) fn view(&self, layer: usize, t: usize) -> Result<(Tensor, Tensor)> {
@@ -217,5 +245,38 @@ impl SlotKv {
         for l in &mut self.lens {
             *l += 1;
         }
+    }
+}
+
+/// The in-place write of [`SlotKv::write_rows`] into one cache tensor.
+struct WriteRows<'a> {
+    kv: &'a SlotKv,
+    rows: &'a [f32],
+    stride: usize,
+    from: usize,
+}
+
+impl InplaceOp1 for WriteRows<'_> {
+    fn name(&self) -> &'static str {
+        "slot-kv-write-rows"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let CpuStorage::F32(cache) = storage else {
+            candle_core::bail!("the slot cache is not f32");
+        };
+        if !layout.is_contiguous() {
+            candle_core::bail!("the slot cache is not contiguous");
+        }
+        let cache = &mut cache[layout.start_offset()..];
+        let (heads, hd, capacity) = (self.kv.kv_heads, self.kv.head_dim, self.kv.capacity);
+        for (slot, &at) in self.kv.lens.iter().enumerate() {
+            for h in 0..heads {
+                let src = slot * self.stride + self.from + h * hd;
+                let dst = ((slot * heads + h) * capacity + at) * hd;
+                cache[dst..dst + hd].copy_from_slice(&self.rows[src..src + hd]);
+            }
+        }
+        Ok(())
     }
 }

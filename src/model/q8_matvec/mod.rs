@@ -264,12 +264,18 @@ impl Q8Matrix {
             .to_dtype(candle_core::DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
+        let mut out_dims = lead.to_vec();
+        out_dims.push(self.rows);
+        Tensor::from_vec(self.forward_rows(&xs), out_dims, x.device())
+    }
+
+    /// `xs @ W^T` for rows of `cols` values laid end to end (`xs.len()` a multiple of
+    /// `cols`); the result's rows likewise.
+    pub fn forward_rows(&self, xs: &[f32]) -> Vec<f32> {
         let xs: Vec<Q8Vector> = xs.chunks_exact(self.cols).map(Q8Vector::quantize).collect();
         let mut out = vec![0f32; xs.len() * self.rows];
         self.matmul(&xs, &mut out);
-        let mut out_dims = lead.to_vec();
-        out_dims.push(self.rows);
-        Tensor::from_vec(out, out_dims, x.device())
+        out
     }
 
     /// `out[j * rows + i]` = row `i` · `xs[j]`. The pool's threads share out the row
