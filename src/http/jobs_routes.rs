@@ -123,7 +123,7 @@ async fn parse(text: String, what: &str) -> Result<(String, Dataset), ApiError> 
 /// Queues a training job (stage 1, 2 or 3) after validating it against the model, the
 /// registered tags and the data.
 #[utoipa::path(post, path = "/train", request_body = TrainRequest,
-    responses((status = 202, body = Accepted), (status = 422, body = ErrorBody), (status = 413, body = ErrorBody),
+    responses((status = 202, body = Accepted), (status = 422, description = "Invalid input; the error names the problem", body = ErrorBody), (status = 413, description = "The body is larger than the configured limit", body = ErrorBody),
               (status = 503, body = ErrorBody)), security(("admin" = [])))]
 pub async fn train(
     State(s): Shared,
@@ -209,7 +209,7 @@ pub struct JobList {
 }
 
 /// Jobs, newest first, optionally in one state.
-#[utoipa::path(get, path = "/jobs", params(JobFilter), responses((status = 200, body = JobList), (status = 422, body = ErrorBody)))]
+#[utoipa::path(get, path = "/jobs", params(JobFilter), responses((status = 200, body = JobList), (status = 422, description = "Invalid input; the error names the problem", body = ErrorBody)))]
 pub async fn list_jobs(
     State(s): Shared,
     query: Result<Query<JobFilter>, axum::extract::rejection::QueryRejection>,
@@ -239,7 +239,7 @@ async fn find(s: &AppState, id: &str) -> Result<Job, ApiError> {
 }
 
 /// One job: state, stage, step / total, loss, best loss, eval metrics, ETA, error.
-#[utoipa::path(get, path = "/jobs/{id}", params(("id" = String, Path)), responses((status = 200, body = Job), (status = 404, body = ErrorBody)))]
+#[utoipa::path(get, path = "/jobs/{id}", params(("id" = String, Path)), responses((status = 200, body = Job), (status = 404, description = "No such job", body = ErrorBody)))]
 pub async fn get_job(State(s): Shared, Path(id): Path<String>) -> Result<Json<Job>, ApiError> {
     Ok(Json(find(&s, &id).await?))
 }
@@ -251,7 +251,7 @@ pub struct Curve {
 }
 
 /// A job's training curve: training loss, and held-out loss at evaluation steps.
-#[utoipa::path(get, path = "/jobs/{id}/curve", params(("id" = String, Path)), responses((status = 200, body = Curve), (status = 404, body = ErrorBody)))]
+#[utoipa::path(get, path = "/jobs/{id}/curve", params(("id" = String, Path)), responses((status = 200, body = Curve), (status = 404, description = "No such job", body = ErrorBody)))]
 pub async fn job_curve(State(s): Shared, Path(id): Path<String>) -> Result<Json<Curve>, ApiError> {
     find(&s, &id).await?;
     let points = s
@@ -264,7 +264,7 @@ pub async fn job_curve(State(s): Shared, Path(id): Path<String>) -> Result<Json<
 
 /// Cancels a job: at once when queued, at its next step when running.
 #[utoipa::path(delete, path = "/jobs/{id}", params(("id" = String, Path)),
-    responses((status = 200, body = Job), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)), security(("admin" = [])))]
+    responses((status = 200, body = Job), (status = 404, description = "No such job", body = ErrorBody), (status = 409, description = "The job has already ended", body = ErrorBody)), security(("admin" = [])))]
 pub async fn cancel_job(State(s): Shared, Path(id): Path<String>) -> Result<Json<Job>, ApiError> {
     let job = find(&s, &id).await?;
     if job.state.is_terminal() {
@@ -285,7 +285,7 @@ pub async fn cancel_job(State(s): Shared, Path(id): Path<String>) -> Result<Json
 
 /// Server-sent events: the job (as in `GET /jobs/{id}`) each time it changes, until it ends.
 #[utoipa::path(get, path = "/jobs/{id}/events", params(("id" = String, Path)),
-    responses((status = 200, description = "Server-sent events: each `progress` event's data is the job as JSON (the `Job` schema), until the job ends", content_type = "text/event-stream", body = ServerSentEvent), (status = 404, body = ErrorBody)))]
+    responses((status = 200, description = "Server-sent events: each `progress` event's data is the job as JSON (the `Job` schema), until the job ends", content_type = "text/event-stream", body = ServerSentEvent), (status = 404, description = "No such job", body = ErrorBody)))]
 pub async fn job_events(
     State(s): Shared,
     Path(id): Path<String>,
@@ -333,7 +333,7 @@ pub struct UploadParams {
 
 /// Uploads a JSONL dataset (one JSON object per line); answers its id for `POST /train`.
 #[utoipa::path(post, path = "/datasets", params(UploadParams), request_body(content = String, content_type = "application/x-ndjson"),
-    responses((status = 201, body = DatasetInfo), (status = 422, body = ErrorBody), (status = 413, body = ErrorBody)), security(("admin" = [])))]
+    responses((status = 201, body = DatasetInfo), (status = 422, description = "Invalid input; the error names the problem", body = ErrorBody), (status = 413, description = "The body is larger than the configured limit", body = ErrorBody)), security(("admin" = [])))]
 pub async fn upload_dataset(
     State(s): Shared,
     query: Result<Query<UploadParams>, axum::extract::rejection::QueryRejection>,

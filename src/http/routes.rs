@@ -176,7 +176,7 @@ pub struct TagDetail {
 
 /// One tag's full manifest.
 #[utoipa::path(get, path = "/tags/{name}", params(("name" = String, Path, description = "tag name")),
-    responses((status = 200, body = TagDetail), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = TagDetail), (status = 404, description = "No such tag", body = ErrorBody)))]
 pub async fn get_tag(
     State(s): Shared,
     Path(name): Path<String>,
@@ -216,7 +216,7 @@ pub struct TokenizeResponse {
 
 /// Token ids of a text (special-token strings become their ids; no tags are parsed).
 #[utoipa::path(post, path = "/tokenize", request_body = TokenizeRequest,
-    responses((status = 200, body = TokenizeResponse), (status = 422, body = ErrorBody)))]
+    responses((status = 200, body = TokenizeResponse), (status = 422, description = "Invalid input; the error names the problem", body = ErrorBody)))]
 pub async fn tokenize(
     State(s): Shared,
     body: Result<Json<Object<TokenizeRequest>>, JsonRejection>,
@@ -248,7 +248,7 @@ pub async fn tokenize(
                 content((PredictResponse = "application/json"), (ServerSentEvent = "text/event-stream")),
                 headers(("x-queue-time" = String, description = "ms waiting for the engine (not streamed)"),
                         ("x-inference-time" = String, description = "ms in the engine batch (not streamed)"))),
-              (status = 422, body = ErrorBody), (status = 413, body = ErrorBody),
+              (status = 422, description = "Invalid input; the error names the problem", body = ErrorBody), (status = 413, description = "The body is larger than the configured limit", body = ErrorBody),
               (status = 429, body = ErrorBody, description = "Over capacity: too many requests in flight, or more queued work than the queue's wait budget",
                 headers(("retry-after" = String, description = "seconds, the queue's estimated wait (work admission only)"))),
               (status = 503, body = ErrorBody, description = "Not ready, or queued past its deadline")))]
