@@ -346,9 +346,25 @@ impl Predictor {
         req: PredictRequest,
     ) -> Result<Prepared, PredictError> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.prepare(&req))
-            .await
-            .map_err(|e| PredictError::Backend(format!("request preparation failed: {e}")))?
+        let (tx, prepared) = tokio::sync::oneshot::channel();
+        // Tokenising and composing are compute: they run on the lowered compute pool
+        // (`model::threads`), not at the priority of the threads that answer HTTP. There
+        // they took cycles from the 429s of an overload, and spun waiting on candle's
+        // lowered pool for their tensor ops.
+        rayon::spawn(move || {
+            let prepared =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| this.prepare(&req)));
+            let _ = tx.send(prepared);
+        });
+        match prepared.await {
+            Ok(Ok(prepared)) => prepared,
+            Ok(Err(_)) => Err(PredictError::Backend(
+                "request preparation failed (a panic)".into(),
+            )),
+            Err(_) => Err(PredictError::Backend(
+                "request preparation was dropped".into(),
+            )),
+        }
     }
 
     /// Checks the request and composes every input with every function's template.
