@@ -28,6 +28,13 @@ pub struct HttpMetrics {
 
 impl HttpMetrics {
     pub fn new() -> prometheus::Result<Self> {
+        // Bounds at the service's targets (a 429 or `/health` within 50 or 100 ms, an
+        // admitted request within 2 s), so the histogram tells whether they hold; powers
+        // of two put the nearest bounds at 32 and 64 ms.
+        const LATENCY_BUCKETS: [f64; 19] = [
+            0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+            10.0, 30.0, 60.0, 120.0,
+        ];
         let registry = prometheus::Registry::new();
         let requests = IntCounterVec::new(
             prometheus::Opts::new("tagllm_requests_total", "HTTP requests by route and status"),
@@ -38,7 +45,7 @@ impl HttpMetrics {
                 "tagllm_request_duration_seconds",
                 "HTTP request latency by route and status",
             )
-            .buckets(prometheus::exponential_buckets(0.001, 2.0, 16)?),
+            .buckets(LATENCY_BUCKETS.to_vec()),
             &["route", "status"],
         )?;
         let tags_loaded = IntGauge::new("tagllm_tags_loaded", "Tags currently served")?;
