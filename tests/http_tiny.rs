@@ -486,6 +486,18 @@ async fn sse_events(resp: reqwest::Response) -> Vec<(String, Value)> {
         .collect()
 }
 
+/// `POST /predict` of `body` with `stream: true`.
+async fn predict_streamed(url: &str, body: &Value) -> reqwest::Response {
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    reqwest::Client::new()
+        .post(format!("{url}/predict"))
+        .json(&streamed)
+        .send()
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_generation_streams_its_text_as_server_sent_events() {
     let s = start(Options::default()).await;
@@ -501,14 +513,7 @@ async fn a_generation_streams_its_text_as_server_sent_events() {
         assert_eq!(status, StatusCode::OK, "{whole}");
         let finish = if name == "stop" { "stop" } else { "length" };
         assert_eq!(whole["predictions"][0]["finish_reason"], finish, "{whole}");
-        let mut streamed = body.clone();
-        streamed["stream"] = json!(true);
-        let resp = reqwest::Client::new()
-            .post(format!("{}/predict", s.url))
-            .json(&streamed)
-            .send()
-            .await
-            .unwrap();
+        let resp = predict_streamed(&s.url, &body).await;
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(resp.headers()["content-type"], "text/event-stream");
         let events = sse_events(resp).await;
@@ -601,14 +606,7 @@ async fn answers_validate_against_the_openapi_document() {
     let (status, body) = post(&s.url, "/predict", generation.clone()).await;
     assert_documented(&spec, predict, status, "application/json", &body);
 
-    let mut streamed = generation;
-    streamed["stream"] = json!(true);
-    let resp = reqwest::Client::new()
-        .post(format!("{}/predict", s.url))
-        .json(&streamed)
-        .send()
-        .await
-        .unwrap();
+    let resp = predict_streamed(&s.url, &generation).await;
     let status = resp.status();
     let events = sse_events(resp).await;
     assert!(events.len() >= 2, "{events:?}");

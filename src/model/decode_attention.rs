@@ -104,15 +104,14 @@ fn weighted_sum_avx512(weights: &[f32], values: &[f32], out: &mut [f32]) {
     const LANES: usize = 16;
     const REGS: usize = 4;
     let hd = out.len();
-    let at = |from| Span { hd, from };
     let whole = hd - hd % LANES;
     for (c, out) in out[..whole].chunks_mut(LANES * REGS).enumerate() {
         let from = c * LANES * REGS;
         match out.len() / LANES {
-            4 => weighted_sum_regs_avx512::<4>(weights, values, at(from), out),
-            3 => weighted_sum_regs_avx512::<3>(weights, values, at(from), out),
-            2 => weighted_sum_regs_avx512::<2>(weights, values, at(from), out),
-            _ => weighted_sum_regs_avx512::<1>(weights, values, at(from), out),
+            4 => weighted_sum_regs_avx512::<4>(weights, values, hd, from, out),
+            3 => weighted_sum_regs_avx512::<3>(weights, values, hd, from, out),
+            2 => weighted_sum_regs_avx512::<2>(weights, values, hd, from, out),
+            _ => weighted_sum_regs_avx512::<1>(weights, values, hd, from, out),
         }
     }
     for (j, o) in out.iter_mut().enumerate().skip(whole) {
@@ -124,21 +123,16 @@ fn weighted_sum_avx512(weights: &[f32], values: &[f32], out: &mut [f32]) {
     }
 }
 
-/// Where a part of the outputs lies in each position's `hd` values.
-#[derive(Clone, Copy)]
-struct Span {
-    hd: usize,
-    from: usize,
-}
-
-/// `out` (`R` × 16 values) = Σ_p weights[p] · values[p][from..], in `R` registers.
+/// `out` (`R` × 16 values) = Σ_p weights[p] · values[p][from..] (each position `hd`
+/// values), in `R` registers.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
 fn weighted_sum_regs_avx512<const R: usize>(
     weights: &[f32],
     values: &[f32],
-    Span { hd, from }: Span,
+    hd: usize,
+    from: usize,
     out: &mut [f32],
 ) {
     use std::arch::x86_64::*;

@@ -382,7 +382,7 @@ impl Llama {
             cfg.max_position_embeddings
         );
         kv.reserve(n, t)?;
-        if let Some(fast) = (self.cpu_decode.as_deref()).filter(|c| c.serves(&self.w, n)) {
+        if let Some(fast) = (self.cpu_decode.as_deref()).filter(|c| c.serves(n)) {
             let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             let hidden = fast.step(cfg, &self.w, xs, kv)?;
             kv.advance();
