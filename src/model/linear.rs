@@ -8,7 +8,7 @@
 //! For serving, a copy may also carry the weight re-quantized (`quantized`): a decoding
 //! step without gradient then goes through a quantized matmul, which reads a quarter of
 //! the bytes (such a step is bound by those reads): q8_0 through `q8_matvec` for up to 64
-//! sequences (16 without AVX-512 VNNI), other types through candle's for one or two.
+//! sequences, other types through candle's for one or two.
 
 use std::sync::{Arc, OnceLock};
 

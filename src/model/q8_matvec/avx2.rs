@@ -1,65 +1,116 @@
-//! The AVX2 kernel over row groups: candle's q8_0 × q8_0 arithmetic, block for block.
+//! The AVX2 kernel over row panels: the VNNI kernel's arithmetic without `vpdpbusd`.
 
 use std::arch::x86_64::*;
-use std::ops::Range;
 
-use super::{Group, Q8Vector, BLOCK, GROUP};
+use super::{Panels, Q8Vector, BLOCK, PANEL, STEPS};
 use crate::model::disjoint::DisjointOut;
 
-/// Per block: |w| · sign(x, w) in u8 × i8 pairs, summed to eight i32 lanes, to f32, then
-/// scaled and accumulated; the eight lanes are summed at the end (candle's order). Each
-/// group's weights are loaded once for the `N` vectors.
+/// Rows of a half panel: one 256-bit lane of i32 per row.
+const HALF: usize = PANEL / 2;
+
+/// Vectors per pass over a half panel: their accumulators, the weights and temporaries
+/// fill AVX2's 16 registers.
+const PASS: usize = 4;
+
+/// One panel's 16 rows times each of `xs`, written at `out[j * rows + row]`, in two halves
+/// of eight rows.
+///
+/// Per block, step and vector: the step's four weight bytes of eight rows (stored plus
+/// 128; `xor` 0x80 gives them back signed), multiplied by the vector's four values
+/// broadcast. `vpmaddubsw` takes unsigned bytes times signed ones, so it gets |w| and the
+/// values with w's sign (as candle's AVX2 q8_0 kernel does), and `vpmaddwd` sums pairs to
+/// i32. The block's integer sums are exact, then go to f32, are scaled and accumulated
+/// exactly as in `panel_row_dot` (and the VNNI kernel), which a unit test holds this to
+/// bit for bit. A half panel's weights, once loaded, serve `PASS` vectors, and stay in L1
+/// for the next.
 ///
 /// # Safety
-/// The CPU has AVX2, FMA and F16C; `out` holds `(first + N) * rows` values and no other
-/// thread writes those of these groups' rows.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn groups_into<const N: usize>(
-    weights: &[Group],
-    (rows, cols): (usize, usize),
-    xs: [&Q8Vector; N],
-    groups: Range<usize>,
+/// The CPU has AVX2 and FMA; `panel` is one of `weights`' panels; `out` holds
+/// `xs.len() * rows` values and no other thread writes those of this panel's rows.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn panel_into(
+    weights: &Panels,
+    shape: (usize, usize),
+    xs: &[Q8Vector],
+    panel: usize,
     out: DisjointOut,
-    first: usize,
 ) {
-    let blocks = cols / BLOCK;
-    let ones = _mm256_set1_epi16(1);
-    let block_sum = |w: __m256i, v: __m256i| {
-        let products = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(v, w));
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(ones, products))
-    };
-    for g in groups {
-        let mut acc = [[_mm256_setzero_ps(); GROUP]; N];
-        for (group, b) in weights[g * blocks..][..blocks].iter().zip(0..) {
-            let w_scales = _mm_cvtph_ps(unsafe { _mm_loadl_epi64(group.scales.as_ptr().cast()) });
-            let w: [__m256i; GROUP] = std::array::from_fn(|r| unsafe {
-                _mm256_loadu_si256(group.quants[r].as_ptr().cast())
-            });
-            for (x, acc) in xs.iter().zip(acc.iter_mut()) {
-                // SAFETY: block b of the vector is in bounds.
-                let v = unsafe { _mm256_loadu_si256(x.quants.as_ptr().add(b * BLOCK).cast()) };
-                let mut d = [0f32; GROUP];
-                let scales = _mm_mul_ps(w_scales, _mm_set1_ps(x.scales[b]));
-                unsafe { _mm_storeu_ps(d.as_mut_ptr(), scales) };
-                for r in 0..GROUP {
-                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d[r]), block_sum(w[r], v), acc[r]);
+    for half in 0..2 {
+        let mut first = 0;
+        for pass in xs.chunks(PASS) {
+            // SAFETY (each arm): as this function's; `first + N` vectors are in `out`.
+            unsafe {
+                match pass {
+                    [a, b, c, d] => {
+                        half_into([a, b, c, d], weights, shape, panel, half, out, first)
+                    }
+                    [a, b, c] => half_into([a, b, c], weights, shape, panel, half, out, first),
+                    [a, b] => half_into([a, b], weights, shape, panel, half, out, first),
+                    [a] => half_into([a], weights, shape, panel, half, out, first),
+                    _ => {}
                 }
             }
-        }
-        for (j, acc) in acc.iter().enumerate() {
-            for (r, &acc) in acc.iter().enumerate() {
-                let row = g * GROUP + r;
-                if row < rows {
-                    unsafe { out.write((first + j) * rows + row, hsum(acc)) };
-                }
-            }
+            first += pass.len();
         }
     }
 }
 
+/// Rows `half * 8..half * 8 + 8` of the panel times `N` vectors, written at
+/// `out[(first + j) * rows + row]`.
+///
+/// # Safety
+/// As [`panel_into`]'s, with `(first + N) * rows` values in `out`.
 #[target_feature(enable = "avx2,fma")]
-fn hsum(x: __m256) -> f32 {
-    let halves = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
-    let pairs = _mm_add_ps(halves, _mm_movehl_ps(halves, halves));
-    _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)))
+#[inline]
+unsafe fn half_into<const N: usize>(
+    xs: [&Q8Vector; N],
+    weights: &Panels,
+    (rows, cols): (usize, usize),
+    panel: usize,
+    half: usize,
+    out: DisjointOut,
+    first: usize,
+) {
+    let blocks = cols / BLOCK;
+    let (ones, flip) = (_mm256_set1_epi16(1), _mm256_set1_epi8(-128));
+    let mut acc = [_mm256_setzero_ps(); N];
+    for b in 0..blocks {
+        let at = panel * blocks + b;
+        // SAFETY (all loads): `at` is a block of this panel, inside both arrays; block b
+        // of each vector is in bounds.
+        let quants = unsafe { weights.quants.as_ptr().add(at * STEPS * 64 + half * 32) };
+        let mut sums = [_mm256_setzero_si256(); N];
+        for s in 0..STEPS {
+            let w = unsafe { _mm256_loadu_si256(quants.add(s * 64).cast()) };
+            let w = _mm256_xor_si256(w, flip);
+            let magnitude = _mm256_abs_epi8(w);
+            for (x, sum) in xs.iter().zip(sums.iter_mut()) {
+                let word = unsafe { x.quants.as_ptr().add(b * BLOCK + 4 * s) };
+                let v = _mm256_set1_epi32(unsafe { word.cast::<i32>().read_unaligned() });
+                let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(v, w));
+                *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, ones));
+            }
+        }
+        let w_scales =
+            unsafe { _mm256_loadu_ps(weights.scales.as_ptr().add(at * PANEL + half * HALF)) };
+        for ((x, sum), acc) in xs.iter().zip(sums).zip(acc.iter_mut()) {
+            let x_scale = _mm256_set1_ps(unsafe { *x.scales.as_ptr().add(b) });
+            *acc = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(sum),
+                _mm256_mul_ps(w_scales, x_scale),
+                *acc,
+            );
+        }
+    }
+    let start = panel * PANEL + half * HALF;
+    let valid = rows.saturating_sub(start).min(HALF);
+    for (j, acc) in acc.iter().enumerate() {
+        let mut lanes = [0f32; HALF];
+        // SAFETY: `lanes` holds eight values.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *acc) };
+        for (r, &v) in lanes[..valid].iter().enumerate() {
+            // SAFETY: the row exists; the caller vouches for `out`.
+            unsafe { out.write((first + j) * rows + start + r, v) };
+        }
+    }
 }

@@ -1,19 +1,20 @@
 //! A frozen matrix in q8_0 times a few vectors: the quantized path of decoding steps.
 //!
-//! Weights and inputs are q8_0 blocks (candle's quantization); two kernels, picked at load
-//! by what the CPU has, multiply them:
-//! - **AVX-512 VNNI** (`vnni`): 16 rows' blocks interleaved four bytes at a time, so one
-//!   `vpdpbusd` multiplies four values of all 16 rows by one broadcast word of the input.
-//!   Each block's integer dot product is exact; its f32 scaling and the sum over blocks
-//!   are those of `panel_row_dot`, which a unit test holds the kernel to bit for bit. A
-//!   panel's weights, once loaded, serve four vectors (and stay in L1 for the next four),
-//!   so memory is read once per decoding step whatever the number of sequences.
-//! - **AVX2** (`avx2`, or without it `group_row_dot`): candle's AVX2 q8_0 × q8_0 arithmetic
-//!   block for block, bit-identical to its `QMatMul` (a unit test holds it to that), in a
-//!   layout of four rows side by side whose weights serve two vectors per pass.
+//! Weights and inputs are q8_0 blocks (candle's quantization). The weights are laid out in
+//! panels of 16 rows, interleaved four bytes at a time, so that one instruction multiplies
+//! four values of many rows by one broadcast word of the input. Two kernels, picked at
+//! load by what the CPU has, compute the same arithmetic, that of `panel_row_dot`, which
+//! unit tests hold both to bit for bit: each block's integer dot product exactly, then
+//! (as f32) times the two scales, fused-added in block order. So a sequence's result
+//! depends neither on what it is batched with nor on the CPU.
+//! - **AVX-512 VNNI** (`vnni`): one `vpdpbusd` per four values of all 16 rows.
+//! - **AVX2** (`avx2`): `vpmaddubsw` and `vpmaddwd` per four values of eight rows.
+//! - Otherwise `panel_row_dot` itself.
 //!
-//! Either way a sequence's result does not depend on what it is batched with. Against
-//! candle's `QMatMul`, the VNNI kernel differs only in rounding (it sums fewer f32 terms).
+//! A panel's weights, once loaded, serve every vector of a step (a few per pass, the rest
+//! from L1), so memory is read once per decoding step whatever the number of sequences.
+//! Against candle's `QMatMul`, the result differs only in rounding (it sums fewer f32
+//! terms: candle's AVX2 kernel converts eight partial sums a block to f32).
 //!
 //! The rows are shared out over candle's spinning pool, as its own matmul does: a step runs
 //! ~200 of these products, too short to wake sleeping threads for.
@@ -23,8 +24,6 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod vnni;
 
-use std::ops::Range;
-
 use candle_core::{Result, Tensor};
 use half::f16;
 
@@ -33,14 +32,7 @@ use super::disjoint::DisjointOut;
 /// Values per quantization block (q8_0's).
 const BLOCK: usize = 32;
 
-/// Rows of a group in the AVX2 layout.
-const GROUP: usize = 4;
-
-/// Input vectors the AVX2 kernel computes together (four would need more accumulators
-/// than AVX2 has registers).
-const PAIR: usize = 2;
-
-/// Rows of a panel in the VNNI layout: one 512-bit lane of i32 per row.
+/// Rows of a panel: one 512-bit lane of i32 per row for VNNI, two 256-bit halves for AVX2.
 const PANEL: usize = 16;
 
 /// Four-value steps of a block: `vpdpbusd` sums four byte products per lane.
@@ -49,15 +41,6 @@ const STEPS: usize = BLOCK / 4;
 /// Most input vectors the VNNI kernel computes together: eight were no faster (LLVM then
 /// keeps the accumulators in memory), and a panel's weights stay in L1 for the next four.
 const PANEL_VECTORS: usize = 4;
-
-/// Block `b` of four consecutive rows, side by side, so that a pass over a row group reads
-/// one contiguous stream (the same 34 bytes per block as q8_0's own layout).
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-struct Group {
-    scales: [f16; GROUP],
-    quants: [[i8; BLOCK]; GROUP],
-}
 
 /// 16 rows interleaved: panel `p`'s block `b` holds, for each step `s`, 64 bytes: values
 /// `4s..4s + 4` of the block, of each row in turn, at
@@ -70,27 +53,23 @@ struct Panels {
     scales: Vec<f32>,
 }
 
-#[derive(Debug)]
-enum Layout {
-    /// Row group `g`'s block `b` at `g * blocks + b`; rows past the matrix are zeros.
-    Groups(Vec<Group>),
-    Panels(Panels),
-}
-
-/// Which kernel a matrix is laid out for.
+/// Which kernel multiplies a matrix (all read the same layout).
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Kernel {
     Vnni,
-    /// AVX2, or the scalar `group_row_dot` without it.
     Avx2,
+    /// `panel_row_dot`, row by row.
+    Scalar,
 }
 
 impl Kernel {
     fn detect() -> Self {
         if has_vnni() {
             Self::Vnni
-        } else {
+        } else if has_avx2() {
             Self::Avx2
+        } else {
+            Self::Scalar
         }
     }
 }
@@ -99,7 +78,8 @@ impl Kernel {
 pub struct Q8Matrix {
     rows: usize,
     cols: usize,
-    layout: Layout,
+    panels: Panels,
+    kernel: Kernel,
 }
 
 /// One vector quantized to q8_0 blocks (f16-rounded scales held as f32).
@@ -186,17 +166,13 @@ impl Q8Matrix {
         Self::quantize_for(weight, Kernel::detect())
     }
 
-    /// The most sequences a decoding step should bring here rather than to f32 gemm.
-    /// - VNNI: 64. It reads the weights once a step; on 2026-12-03, q8_0 decoded 532-568 /
-    ///   618 / 592 tokens/s at 16 / 32 / 64 sequences against f32's 160-162 / 210 / 290
-    ///   (`cargo bench --bench core -- decode_batch`; README: Benchmarks).
-    /// - AVX2: 16, as far as it was measured (it reads the weights once per two
-    ///   sequences): q8_0 192-283 tokens/s at 16 against f32's 136-163 on 2026-12-02.
+    /// The most sequences a decoding step should bring here rather than to f32 gemm
+    /// (both kernels read the weights once a step). `cargo bench --bench core --
+    /// decode_batch` on 2026-12-03, at 16 / 32 / 64 sequences: with VNNI, q8_0 532-568 /
+    /// 618 / 592 tokens/s against f32's 160-162 / 210 / 290; with AVX2 only, 264 / 289 /
+    /// 288 against 85 / 103 / 129 (README: Benchmarks).
     pub fn decode_max_rows(&self) -> usize {
-        match self.layout {
-            Layout::Panels(_) => 64,
-            Layout::Groups(_) => 16,
-        }
+        64
     }
 
     fn quantize_for(weight: &Tensor, kernel: Kernel) -> Result<Self> {
@@ -209,44 +185,29 @@ impl Q8Matrix {
             .flatten_all()?
             .to_vec1::<f32>()?;
         let blocks = cols / BLOCK;
-        let layout = match kernel {
-            Kernel::Avx2 => {
-                let empty = Group {
-                    scales: [f16::ZERO; GROUP],
-                    quants: [[0; BLOCK]; GROUP],
-                };
-                let mut groups = vec![empty; rows.div_ceil(GROUP) * blocks];
-                for (row, xs) in values.chunks_exact(cols).enumerate() {
-                    for (b, block) in xs.chunks_exact(BLOCK).enumerate() {
-                        let group = &mut groups[row / GROUP * blocks + b];
-                        let r = row % GROUP;
-                        group.scales[r] = quantize_block(block, &mut group.quants[r]);
+        let panels = rows.div_ceil(PANEL) * blocks;
+        let mut quants = vec![128u8; panels * BLOCK * PANEL];
+        let mut scales = vec![0f32; panels * PANEL];
+        let mut q = [0i8; BLOCK];
+        for (row, xs) in values.chunks_exact(cols).enumerate() {
+            let (p, r) = (row / PANEL, row % PANEL);
+            for (b, block) in xs.chunks_exact(BLOCK).enumerate() {
+                let at = p * blocks + b;
+                scales[at * PANEL + r] = quantize_block(block, &mut q).to_f32();
+                for (s, four) in q.chunks_exact(4).enumerate() {
+                    let to = (at * STEPS + s) * 64 + r * 4;
+                    for (u, &v) in quants[to..to + 4].iter_mut().zip(four) {
+                        *u = (v as u8) ^ 0x80;
                     }
                 }
-                Layout::Groups(groups)
             }
-            Kernel::Vnni => {
-                let panels = rows.div_ceil(PANEL) * blocks;
-                let mut quants = vec![128u8; panels * BLOCK * PANEL];
-                let mut scales = vec![0f32; panels * PANEL];
-                let mut q = [0i8; BLOCK];
-                for (row, xs) in values.chunks_exact(cols).enumerate() {
-                    let (p, r) = (row / PANEL, row % PANEL);
-                    for (b, block) in xs.chunks_exact(BLOCK).enumerate() {
-                        let at = p * blocks + b;
-                        scales[at * PANEL + r] = quantize_block(block, &mut q).to_f32();
-                        for (s, four) in q.chunks_exact(4).enumerate() {
-                            let to = (at * STEPS + s) * 64 + r * 4;
-                            for (u, &v) in quants[to..to + 4].iter_mut().zip(four) {
-                                *u = (v as u8) ^ 0x80;
-                            }
-                        }
-                    }
-                }
-                Layout::Panels(Panels { quants, scales })
-            }
-        };
-        Ok(Self { rows, cols, layout })
+        }
+        Ok(Self {
+            rows,
+            cols,
+            panels: Panels { quants, scales },
+            kernel,
+        })
     }
 
     /// `x @ W^T` over the last dimension of `x` (any leading dimensions; meant for a few
@@ -278,123 +239,63 @@ impl Q8Matrix {
         out
     }
 
-    /// `out[j * rows + i]` = row `i` · `xs[j]`. The pool's threads share out the row
-    /// groups or panels.
+    /// `out[j * rows + i]` = row `i` · `xs[j]`. The pool's threads share out the panels.
     fn matmul(&self, xs: &[Q8Vector], out: &mut [f32]) {
         let out = DisjointOut::new(out);
-        let pool = candle_core::utils::barrier_pool();
-        // SAFETY (both arms): work items cover disjoint rows, so each output element is
-        // written by one thread, and `out` outlives the pool's call (execute_chunked
-        // returns when every item is done); `out` holds `xs.len() * rows` values.
-        match &self.layout {
-            Layout::Groups(groups) => pool.execute_chunked(self.rows.div_ceil(GROUP), |range| {
-                for (pair, first) in xs.chunks(PAIR).zip((0..).step_by(PAIR)) {
-                    unsafe { self.groups_into(groups, pair, range.clone(), out, first) };
-                }
-            }),
-            Layout::Panels(panels) => pool.execute_chunked(self.rows.div_ceil(PANEL), |range| {
-                for p in range {
-                    unsafe { self.panel_into(panels, xs, p, out) };
-                }
-            }),
-        }
-    }
-
-    /// Rows of `range`'s groups times each of `xs`, written at `out[(first + j) * rows + row]`.
-    ///
-    /// # Safety
-    /// `out` holds `(first + xs.len()) * rows` values, and no other thread writes these
-    /// groups'.
-    unsafe fn groups_into(
-        &self,
-        groups: &[Group],
-        xs: &[Q8Vector],
-        range: Range<usize>,
-        out: DisjointOut,
-        first: usize,
-    ) {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2() {
-            let shape = (self.rows, self.cols);
-            // SAFETY: the CPU has the features the kernel is compiled for; the caller
-            // vouches for `out`.
-            unsafe {
-                if let [a, b] = xs {
-                    avx2::groups_into::<2>(groups, shape, [a, b], range, out, first);
-                } else {
-                    for (j, x) in xs.iter().enumerate() {
-                        avx2::groups_into::<1>(groups, shape, [x], range.clone(), out, first + j);
-                    }
-                }
-            };
-            return;
-        }
-        for (j, x) in xs.iter().enumerate() {
-            for row in range.start * GROUP..(range.end * GROUP).min(self.rows) {
-                let dot = group_row_dot(groups, self.cols, x, row);
-                unsafe { out.write((first + j) * self.rows + row, dot) };
+        // SAFETY: work items are disjoint panels, so each output element is written by one
+        // thread, and `out` outlives the pool's call (execute_chunked returns when every
+        // item is done); `out` holds `xs.len() * rows` values.
+        candle_core::utils::barrier_pool().execute_chunked(self.rows.div_ceil(PANEL), |range| {
+            for p in range {
+                unsafe { self.panel_into(xs, p, out) };
             }
-        }
+        })
     }
 
-    /// Panel `p` times every one of `xs`, up to four vectors per pass.
+    /// Panel `p` times every one of `xs`, by this matrix's kernel.
     ///
     /// # Safety
     /// `out` holds `xs.len() * rows` values, and no other thread writes this panel's.
-    unsafe fn panel_into(&self, panels: &Panels, xs: &[Q8Vector], p: usize, out: DisjointOut) {
-        #[cfg(target_arch = "x86_64")]
-        if has_vnni() {
-            let shape = (self.rows, self.cols);
-            let (mut rest, mut first) = (xs, 0);
-            // SAFETY (each call): the CPU has AVX-512F and VNNI; the caller vouches for
-            // `out`.
-            while !rest.is_empty() {
-                let done = if let Some((xs, _)) = rest.split_first_chunk::<PANEL_VECTORS>() {
-                    unsafe { vnni::panel_into(panels, shape, xs, p, out, first) };
-                    PANEL_VECTORS
-                } else if let Some((xs, _)) = rest.split_first_chunk::<2>() {
-                    unsafe { vnni::panel_into(panels, shape, xs, p, out, first) };
-                    2
-                } else if let Some((xs, _)) = rest.split_first_chunk::<1>() {
-                    unsafe { vnni::panel_into(panels, shape, xs, p, out, first) };
-                    1
-                } else {
-                    break;
-                };
-                rest = &rest[done..];
-                first += done;
+    unsafe fn panel_into(&self, xs: &[Q8Vector], p: usize, out: DisjointOut) {
+        let (panels, shape) = (&self.panels, (self.rows, self.cols));
+        match self.kernel {
+            // SAFETY (each call): the kernel was picked for what the CPU has; the caller
+            // vouches for `out`.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Vnni => {
+                let (mut rest, mut first) = (xs, 0);
+                while !rest.is_empty() {
+                    let done = if let Some((xs, _)) = rest.split_first_chunk::<PANEL_VECTORS>() {
+                        unsafe { vnni::panel_into(panels, shape, xs, p, out, first) };
+                        PANEL_VECTORS
+                    } else if let Some((xs, _)) = rest.split_first_chunk::<2>() {
+                        unsafe { vnni::panel_into(panels, shape, xs, p, out, first) };
+                        2
+                    } else if let Some((xs, _)) = rest.split_first_chunk::<1>() {
+                        unsafe { vnni::panel_into(panels, shape, xs, p, out, first) };
+                        1
+                    } else {
+                        break;
+                    };
+                    rest = &rest[done..];
+                    first += done;
+                }
             }
-            return;
-        }
-        for (j, x) in xs.iter().enumerate() {
-            for row in p * PANEL..((p + 1) * PANEL).min(self.rows) {
-                let dot = panel_row_dot(panels, self.cols, x, row);
-                unsafe { out.write(j * self.rows + row, dot) };
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { avx2::panel_into(panels, shape, xs, p, out) },
+            _ => {
+                for (j, x) in xs.iter().enumerate() {
+                    for row in p * PANEL..((p + 1) * PANEL).min(self.rows) {
+                        let dot = panel_row_dot(panels, self.cols, x, row);
+                        unsafe { out.write(j * self.rows + row, dot) };
+                    }
+                }
             }
         }
     }
 }
 
-/// One row times one vector in the AVX2 layout without SIMD (other CPUs): the same terms as
-/// the kernel, summed in another order.
-fn group_row_dot(groups: &[Group], cols: usize, x: &Q8Vector, row: usize) -> f32 {
-    let blocks = cols / BLOCK;
-    let (g, r) = (row / GROUP, row % GROUP);
-    (0..blocks)
-        .map(|b| {
-            let group = &groups[g * blocks + b];
-            let v = &x.quants[b * BLOCK..][..BLOCK];
-            let sum: i32 = group.quants[r]
-                .iter()
-                .zip(v)
-                .map(|(&w, &v)| w as i32 * v as i32)
-                .sum();
-            group.scales[r].to_f32() * x.scales[b] * sum as f32
-        })
-        .sum()
-}
-
-/// One row times one vector in the VNNI layout, exactly as the kernel computes it: each
+/// One row times one vector, exactly as the kernels compute it: each
 /// block's exact integer dot product, times (weight scale × input scale), fused-added to
 /// the running sum in block order.
 fn panel_row_dot(panels: &Panels, cols: usize, x: &Q8Vector, row: usize) -> f32 {
@@ -412,17 +313,16 @@ fn panel_row_dot(panels: &Panels, cols: usize, x: &Q8Vector, row: usize) -> f32 
     })
 }
 
-/// AVX2, FMA and F16C: the group kernel's features.
+/// AVX2 and FMA: the AVX2 kernel's features.
 fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     return std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
-        && std::arch::is_x86_feature_detected!("f16c");
+        && std::arch::is_x86_feature_detected!("fma");
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
 
-/// AVX-512F and AVX-512 VNNI: the panel kernel's features.
+/// AVX-512F and AVX-512 VNNI: the VNNI kernel's features.
 fn has_vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
     return std::arch::is_x86_feature_detected!("avx512f")
@@ -461,68 +361,42 @@ mod tests {
         QMatMul::from_qtensor(QTensor::quantize(weight, GgmlDType::Q8_0).unwrap()).unwrap()
     }
 
-    #[test]
-    fn equals_candles_q8_0_matmul_bit_for_bit() {
-        // 4k + 2 rows: a partial row group at the end; 576 columns as in SmolLM2.
-        let weight = random((1538, 576), 1);
-        let ours = Q8Matrix::quantize_for(&weight, Kernel::Avx2).unwrap();
-        let Layout::Groups(groups) = &ours.layout else {
-            panic!("laid out in groups")
-        };
-        let candle = candle_q8_0(&weight);
-        // Vectors go through in pairs: 3 and 5 end with a single one.
-        for rows in [1, 2, 3, 5] {
-            let x = random((rows, 576), 7 + rows as u64)
-                .reshape((1, rows, 576))
-                .unwrap();
-            let want = candle.forward(&x).unwrap();
-            let got = ours.forward(&x).unwrap();
-            assert_eq!(got.dims(), want.dims());
-            let (got, want) = (
-                got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            );
-            if has_avx2() {
-                assert_eq!(got, want, "{rows} rows");
-            }
-            // The fallback for CPUs without AVX2: the same terms in another order.
-            let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            for (j, x) in xs.chunks_exact(576).enumerate() {
-                let x = Q8Vector::quantize(x);
-                for row in [0, 1, 777, 1537] {
-                    let (g, w) = (group_row_dot(groups, 576, &x, row), want[j * 1538 + row]);
-                    assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{g} vs {w}");
-                }
-            }
+    /// The kernels this CPU can run.
+    fn kernels() -> Vec<Kernel> {
+        let mut kernels = vec![Kernel::Scalar];
+        if has_avx2() {
+            kernels.push(Kernel::Avx2);
         }
+        if has_vnni() {
+            kernels.push(Kernel::Vnni);
+        }
+        kernels
     }
 
     #[test]
-    fn vnni_kernel_equals_its_scalar_reference_and_is_close_to_candle() {
-        // 16k + 2 rows: a partial panel at the end.
+    fn kernels_equal_their_scalar_reference_and_are_close_to_candle() {
+        // 16k + 2 rows: a partial panel (and a partial half panel) at the end; 576 columns
+        // as in SmolLM2.
         let weight = random((1538, 576), 2);
-        let ours = Q8Matrix::quantize_for(&weight, Kernel::Vnni).unwrap();
-        let Layout::Panels(panels) = &ours.layout else {
-            panic!("laid out in panels")
-        };
         let candle = candle_q8_0(&weight);
-        // Passes take 4, 2 and 1 vectors: 15 and 3 use each kind, 16 only the first.
-        for rows in [1, 3, 15, 16] {
-            let x = random((rows, 576), 11 + rows as u64);
-            let got = ours.forward(&x).unwrap().to_vec2::<f32>().unwrap();
-            let want = candle.forward(&x).unwrap().to_vec2::<f32>().unwrap();
-            let xs = x.to_vec2::<f32>().unwrap();
-            for (j, (got, want)) in got.iter().zip(&want).enumerate() {
-                let xq = Q8Vector::quantize(&xs[j]);
-                let reference: Vec<f32> = (0..1538)
-                    .map(|row| panel_row_dot(panels, 576, &xq, row))
-                    .collect();
-                if has_vnni() {
-                    assert_eq!(got, &reference, "vector {j} of {rows}");
-                }
-                // The same products as candle's; only the f32 rounding differs.
-                for (r, w) in reference.iter().zip(want) {
-                    assert!((r - w).abs() <= 1e-4 * w.abs().max(1.0), "{r} vs {w}");
+        // VNNI passes take 4, 2 and 1 vectors, AVX2's 4 to 1: 15, 6 and 3 use each kind.
+        for kernel in kernels() {
+            let ours = Q8Matrix::quantize_for(&weight, kernel).unwrap();
+            for rows in [1, 3, 6, 15, 16] {
+                let x = random((rows, 576), 11 + rows as u64);
+                let got = ours.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+                let want = candle.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+                let xs = x.to_vec2::<f32>().unwrap();
+                for (j, (got, want)) in got.iter().zip(&want).enumerate() {
+                    let xq = Q8Vector::quantize(&xs[j]);
+                    let reference: Vec<f32> = (0..1538)
+                        .map(|row| panel_row_dot(&ours.panels, 576, &xq, row))
+                        .collect();
+                    assert_eq!(got, &reference, "{kernel:?}: vector {j} of {rows}");
+                    // The same products as candle's; only the f32 rounding differs.
+                    for (r, w) in reference.iter().zip(want) {
+                        assert!((r - w).abs() <= 1e-4 * w.abs().max(1.0), "{r} vs {w}");
+                    }
                 }
             }
         }
@@ -532,7 +406,7 @@ mod tests {
     fn a_vector_gets_the_same_result_alone_and_among_sixteen() {
         let weight = random((100, 64), 4);
         let x = random((16, 64), 5);
-        for kernel in [Kernel::Vnni, Kernel::Avx2] {
+        for kernel in kernels() {
             let m = Q8Matrix::quantize_for(&weight, kernel).unwrap();
             let all = m.forward(&x).unwrap().to_vec2::<f32>().unwrap();
             for (j, row) in all.iter().enumerate() {
@@ -557,7 +431,7 @@ mod tests {
     #[test]
     fn a_zero_block_and_a_bad_shape() {
         let weight = Tensor::zeros((4, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
-        for kernel in [Kernel::Vnni, Kernel::Avx2] {
+        for kernel in kernels() {
             let m = Q8Matrix::quantize_for(&weight, kernel).unwrap();
             let x = random((1, 64), 3);
             let out = m.forward(&x).unwrap().to_vec2::<f32>().unwrap();
