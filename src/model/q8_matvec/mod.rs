@@ -160,7 +160,7 @@ impl Q8Vector {
 }
 
 impl Q8Matrix {
-    /// `weight`: `[out, in]` f32, `in` a multiple of 32; laid out for the best kernel this
+    /// `weight`: `[out, in]` f32, `in` a multiple of 32; multiplied by the best kernel this
     /// CPU has.
     pub fn quantize(weight: &Tensor) -> Result<Self> {
         Self::quantize_for(weight, Kernel::detect())
