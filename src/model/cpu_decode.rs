@@ -24,8 +24,6 @@ pub(crate) struct CpuDecode {
     /// Per layer: the attention and feed-forward norms' weights.
     norms: Vec<(Vec<f32>, Vec<f32>)>,
     final_norm: Vec<f32>,
-    /// The most sequences every matrix's kernel serves (`Q8Matrix::decode_max_rows`).
-    max_rows: usize,
     /// `[max_positions, head_dim / 2]`.
     cos: Vec<f32>,
     sin: Vec<f32>,
@@ -47,14 +45,9 @@ impl CpuDecode {
         cos: &candle_core::Tensor,
         sin: &candle_core::Tensor,
     ) -> Result<Option<Self>> {
-        let Some(layers) = layer_matrices(w).filter(|_| cos.device().is_cpu()) else {
+        if !cos.device().is_cpu() || layer_matrices(w).is_none() {
             return Ok(None);
-        };
-        let max_rows = (layers.iter())
-            .flat_map(|l| [l.qkv, l.o, l.gate_up, l.down])
-            .map(Q8Matrix::decode_max_rows)
-            .min()
-            .unwrap_or(0);
+        }
         let host = |t: &candle_core::Tensor| -> Result<Vec<f32>> {
             Ok(t.flatten_all()?.to_vec1::<f32>()?)
         };
@@ -64,7 +57,6 @@ impl CpuDecode {
         let this = Self {
             norms,
             final_norm: host(&w.norm)?,
-            max_rows,
             cos: host(cos)?,
             sin: host(sin)?,
         };
@@ -79,7 +71,7 @@ impl CpuDecode {
 
     /// Whether a step of `n` sequences is served here: the q8_0 kernel serves that many.
     pub(crate) fn serves(&self, n: usize) -> bool {
-        n <= self.max_rows
+        n <= Q8Matrix::DECODE_MAX_ROWS
     }
 
     /// One decoding step: `x` holds each active slot's input embedding (`[n, d]`, end to

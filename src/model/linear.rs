@@ -158,7 +158,7 @@ impl FrozenLinear {
 
     /// The quantized matmul, when it serves `x`: a quantized copy, no gradient, and at most
     /// `QUANTIZED_MAX_ROWS` rows, or for q8_0 a decoding step (one position per sequence)
-    /// of at most as many sequences as its kernel serves well (`Q8Matrix::decode_max_rows`).
+    /// of at most as many sequences as its kernel serves well (`Q8Matrix::DECODE_MAX_ROWS`).
     /// Prefill (several positions per sequence) stays f32, so head tags never see the
     /// quantized weights.
     fn quantized_for(&self, x: &Tensor) -> Option<&Quantized> {
@@ -167,7 +167,7 @@ impl FrozenLinear {
         let one_position_each = dims.len() < 3 || dims[dims.len() - 2] == 1;
         self.quantized.as_deref().filter(|q| {
             let decoding = match q {
-                Quantized::Q8(m) => one_position_each && rows <= m.decode_max_rows(),
+                Quantized::Q8(_) => one_position_each && rows <= Q8Matrix::DECODE_MAX_ROWS,
                 Quantized::Candle(_) => false,
             };
             !x.track_op() && (rows <= QUANTIZED_MAX_ROWS || decoding)

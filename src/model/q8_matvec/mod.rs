@@ -171,9 +171,7 @@ impl Q8Matrix {
     /// decode_batch` on 2026-12-03, at 16 / 32 / 64 sequences: with VNNI, q8_0 532-568 /
     /// 618 / 592 tokens/s against f32's 160-162 / 210 / 290; with AVX2 only, 264 / 289 /
     /// 288 against 85 / 103 / 129 (README: Benchmarks).
-    pub fn decode_max_rows(&self) -> usize {
-        64
-    }
+    pub const DECODE_MAX_ROWS: usize = 64;
 
     fn quantize_for(weight: &Tensor, kernel: Kernel) -> Result<Self> {
         let (rows, cols) = weight.dims2()?;
