@@ -38,10 +38,6 @@ const PANEL: usize = 16;
 /// Four-value steps of a block: `vpdpbusd` sums four byte products per lane.
 const STEPS: usize = BLOCK / 4;
 
-/// Most input vectors the VNNI kernel computes together: eight were no faster (LLVM then
-/// keeps the accumulators in memory), and a panel's weights stay in L1 for the next four.
-const PANEL_VECTORS: usize = 4;
-
 /// 16 rows interleaved: panel `p`'s block `b` holds, for each step `s`, 64 bytes: values
 /// `4s..4s + 4` of the block, of each row in turn, at
 /// `((p * blocks + b) * STEPS + s) * 64 + row * 4`. Values are stored plus 128, as
@@ -260,25 +256,7 @@ impl Q8Matrix {
             // SAFETY (each call): the kernel was picked for what the CPU has; the caller
             // vouches for `out`.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Vnni => {
-                let (mut rest, mut first) = (xs, 0);
-                while !rest.is_empty() {
-                    let done = if let Some((xs, _)) = rest.split_first_chunk::<PANEL_VECTORS>() {
-                        unsafe { vnni::panel_into(panels, shape, xs, p, out, first) };
-                        PANEL_VECTORS
-                    } else if let Some((xs, _)) = rest.split_first_chunk::<2>() {
-                        unsafe { vnni::panel_into(panels, shape, xs, p, out, first) };
-                        2
-                    } else if let Some((xs, _)) = rest.split_first_chunk::<1>() {
-                        unsafe { vnni::panel_into(panels, shape, xs, p, out, first) };
-                        1
-                    } else {
-                        break;
-                    };
-                    rest = &rest[done..];
-                    first += done;
-                }
-            }
+            Kernel::Vnni => unsafe { vnni::panel_into(panels, shape, xs, p, out) },
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => unsafe { avx2::panel_into(panels, shape, xs, p, out) },
             _ => {

@@ -5,7 +5,41 @@ use std::arch::x86_64::*;
 use super::{Panels, Q8Vector, BLOCK, PANEL, STEPS};
 use crate::model::disjoint::DisjointOut;
 
-/// One panel's 16 rows times each of `xs`, written at `out[(first + j) * rows + row]`.
+/// Vectors per pass over a panel: eight were no faster (LLVM then keeps the accumulators
+/// in memory), and a panel's weights stay in L1 for the next pass.
+const PASS: usize = 4;
+
+/// One panel's 16 rows times each of `xs`, written at `out[j * rows + row]`, `PASS`
+/// vectors at a time.
+///
+/// # Safety
+/// The CPU has AVX-512F and AVX-512 VNNI; `panel` is one of `weights`' panels; `out` holds
+/// `xs.len() * rows` values and no other thread writes those of this panel's rows.
+#[target_feature(enable = "avx512f,avx512vnni")]
+pub(super) unsafe fn panel_into(
+    weights: &Panels,
+    shape: (usize, usize),
+    xs: &[Q8Vector],
+    panel: usize,
+    out: DisjointOut,
+) {
+    let mut first = 0;
+    for pass in xs.chunks(PASS) {
+        // SAFETY (each arm): as this function's; `first + N` vectors are in `out`.
+        unsafe {
+            match pass {
+                [a, b, c, d] => pass_into([a, b, c, d], weights, shape, panel, out, first),
+                [a, b, c] => pass_into([a, b, c], weights, shape, panel, out, first),
+                [a, b] => pass_into([a, b], weights, shape, panel, out, first),
+                [a] => pass_into([a], weights, shape, panel, out, first),
+                _ => {}
+            }
+        }
+        first += pass.len();
+    }
+}
+
+/// The panel's 16 rows times `N` vectors, written at `out[(first + j) * rows + row]`.
 ///
 /// Per block and vector: eight `vpdpbusd` (a step's four weight bytes of all 16 rows, times
 /// the vector's four values broadcast), starting from minus the offset of the unsigned
@@ -13,13 +47,13 @@ use crate::model::disjoint::DisjointOut;
 /// and accumulated, one lane per row. Each block's weights are loaded once for the `N` vectors.
 ///
 /// # Safety
-/// The CPU has AVX-512F and AVX-512 VNNI; `panel` is one of `weights`' panels; `out` holds
-/// `(first + N) * rows` values and no other thread writes those of this panel's rows.
+/// As [`panel_into`]'s, with `(first + N) * rows` values in `out`.
 #[target_feature(enable = "avx512f,avx512vnni")]
-pub(super) unsafe fn panel_into<const N: usize>(
+#[inline]
+unsafe fn pass_into<const N: usize>(
+    xs: [&Q8Vector; N],
     weights: &Panels,
     (rows, cols): (usize, usize),
-    xs: &[Q8Vector; N],
     panel: usize,
     out: DisjointOut,
     first: usize,
