@@ -34,6 +34,12 @@ async fn get(url: &str, path: &str) -> (StatusCode, Value) {
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
+/// The Prometheus text exposition at `/metrics`.
+async fn metrics(url: &str) -> String {
+    let r = reqwest::get(format!("{url}/metrics")).await.unwrap();
+    r.text().await.unwrap()
+}
+
 fn assert_error(status: StatusCode, body: &Value, want: StatusCode, kind: &str, mentions: &str) {
     assert_eq!(status, want, "{body}");
     assert_eq!(body["error_type"], kind, "{body}");
@@ -1051,16 +1057,8 @@ async fn an_engine_fault_fails_its_requests_then_the_engine_comes_back() {
     assert_eq!(status, StatusCode::OK, "{body}");
     let want = by_hand(&s, QED_TPL, Input::Text("CCO".into()));
     assert!((body["predictions"][0]["value"].as_f64().unwrap() - want).abs() < 1e-3);
-    let metrics = reqwest::get(format!("{}/metrics", s.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains("tagllm_engine_restarts_total 1"),
-        "{metrics}"
-    );
+    let text = metrics(&s.url).await;
+    assert!(text.contains("tagllm_engine_restarts_total 1"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1136,12 +1134,7 @@ async fn info_tokenize_metrics_and_openapi() {
         json!({"function": "QED", "inputs": ["CCO"]}),
     )
     .await;
-    let text = reqwest::get(format!("{}/metrics", s.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics(&s.url).await;
     for metric in [
         "tagllm_requests_total{route=\"/predict\",status=\"200\"}",
         "tagllm_request_duration_seconds_bucket",
@@ -1189,15 +1182,22 @@ async fn admission_refuses_work_beyond_the_queue_budget_at_once() {
     })
     .await;
     install_chem(&s).await;
+    let generation =
+        json!({"template": "{x}", "inputs": ["the cat"], "parameters": {"max_new_tokens": 64}});
+    // Alone, it is served (an empty queue takes any request), and admission learns the
+    // size of such a request.
+    let (status, body) = post(&s.url, "/predict", generation.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
     let client = reqwest::Client::new();
     let burst: Vec<_> = (0..24)
         .map(|_| {
-            let req = client.post(format!("{}/predict", s.url)).json(
-                &json!({"template": "{x}", "inputs": ["the cat"], "parameters": {"max_new_tokens": 64}}),
-            );
+            let req = client.post(format!("{}/predict", s.url)).json(&generation);
             tokio::spawn(async move {
                 let r = req.send().await.unwrap();
-                let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+                let retry = r
+                    .headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap().to_string());
                 (r.status(), retry, r.json::<Value>().await.unwrap())
             })
         })
@@ -1225,6 +1225,17 @@ async fn admission_refuses_work_beyond_the_queue_budget_at_once() {
         served + expired >= 1 && refused >= 1,
         "served {served}, expired {expired}, refused {refused}"
     );
+    // Requests being prepared hold their estimated size in the queue, so every refusal
+    // came before tokenising (checked on the smallest size, most came after).
+    let text = metrics(&s.url).await;
+    let refusals = |stage: &str| {
+        let line = format!("tagllm_admission_refusals_total{{stage=\"{stage}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(line.as_str()))
+            .map_or(0, |n| n.parse::<u64>().unwrap())
+    };
+    assert_eq!(refusals("before_preparation"), refused, "{text}");
+    assert_eq!(refusals("after_preparation"), 0, "{text}");
     // The budget frees as work finishes: the server takes new work again.
     let (status, body) = post(
         &s.url,

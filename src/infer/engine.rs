@@ -17,7 +17,7 @@ use anyhow::Result;
 use candle_core::DType;
 use tokio::sync::{mpsc, oneshot};
 
-use super::admission::{Admission, Refused};
+use super::admission::{Admission, Refused, Ticket};
 use super::executor::{self, Generations};
 use super::heads::Prediction;
 use super::scheduler::{work_units, Flights, Queue, Work};
@@ -82,7 +82,7 @@ pub type TextPieces = mpsc::UnboundedSender<String>;
 #[derive(Clone)]
 pub struct Engine {
     tx: mpsc::UnboundedSender<Work>,
-    metrics: Arc<crate::infer::EngineMetrics>,
+    pub(super) metrics: Arc<crate::infer::EngineMetrics>,
     /// Bounds what the (otherwise unbounded) channel can hold, in work.
     pub admission: Admission,
     /// Cleared while the engine is down (restarting after a panic, or gone): `/ready`
@@ -218,22 +218,38 @@ impl Engine {
 
     /// Queues the groups and waits for one list of predictions per group.
     /// Refused at once (429) when the queue's work would take longer than its budget.
-    pub async fn predict(&self, groups: Vec<Group>, params: GenerationParams) -> Reply {
-        self.submit(groups, params, None)?.wait().await
+    pub async fn predict(
+        &self,
+        groups: Vec<Group>,
+        params: GenerationParams,
+        reservation: Ticket,
+    ) -> Reply {
+        self.submit(groups, params, None, reservation)?.wait().await
     }
 
-    /// Queues the groups (or refuses them at once, 429); `stream` receives a generation's
-    /// text as it is decoded. Dropping the returned handle abandons the work.
+    /// Queues the groups, settling the `reservation` they were admitted on while they were
+    /// prepared (or refuses them at once, 429, if they turned out too large for it);
+    /// `stream` receives a generation's text as it is decoded. Dropping the returned
+    /// handle abandons the work.
     pub fn submit(
         &self,
         groups: Vec<Group>,
         params: GenerationParams,
         stream: Option<TextPieces>,
+        reservation: Ticket,
     ) -> Result<Submitted, EngineError> {
+        let sequences = groups.iter().map(|g| g.seqs.len()).sum::<usize>() as u64;
         let ticket = self
             .admission
-            .admit(work_units(&groups, &params))
-            .map_err(EngineError::Overloaded)?;
+            .settle(reservation, work_units(&groups, &params), sequences)
+            .map_err(|refused| {
+                let stage = self
+                    .metrics
+                    .refusals
+                    .with_label_values(&["after_preparation"]);
+                stage.inc();
+                EngineError::Overloaded(refused)
+            })?;
         let (reply, rx) = oneshot::channel();
         self.metrics.queue_depth.inc();
         let now = Instant::now();
@@ -260,7 +276,7 @@ impl Engine {
 
 /// Work in the engine: its answer, once it comes. Holds the work's admission ticket.
 pub struct Submitted {
-    _ticket: super::admission::Ticket,
+    _ticket: Ticket,
     reply: oneshot::Receiver<Reply>,
 }
 

@@ -10,7 +10,7 @@ pub mod scheduler;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -29,6 +29,10 @@ pub struct EngineMetrics {
     /// Generations decoding, and the bytes their slot cache holds.
     pub decoding: IntGauge,
     pub decode_cache_bytes: IntGauge,
+    /// 429s of admission by `stage`: `before_preparation` (on the request's estimate) or
+    /// `after_preparation` (it outgrew its estimate). Under overload nearly all should be
+    /// the first: a refusal after preparation cost the compute of tokenising.
+    pub refusals: IntCounterVec,
 }
 
 impl EngineMetrics {
@@ -55,12 +59,21 @@ impl EngineMetrics {
         registry.register(Box::new(restarts.clone()))?;
         registry.register(Box::new(decoding.clone()))?;
         registry.register(Box::new(decode_cache_bytes.clone()))?;
+        let refusals = IntCounterVec::new(
+            Opts::new(
+                "tagllm_admission_refusals_total",
+                "Requests refused by admission (429), before or after their preparation",
+            ),
+            &["stage"],
+        )?;
+        registry.register(Box::new(refusals.clone()))?;
         Ok(Self {
             queue_depth,
             batch_size,
             restarts,
             decoding,
             decode_cache_bytes,
+            refusals,
         })
     }
 }
@@ -304,9 +317,9 @@ impl Predictor {
         self: &Arc<Self>,
         req: PredictRequest,
     ) -> Result<(PredictResponse, Timings), PredictError> {
-        self.shed_early(&req)?;
+        let reservation = self.reserve(&req)?;
         let p = self.prepare_off_thread(req).await?;
-        let (preds, timings) = self.engine.predict(p.groups, p.params).await?;
+        let (preds, timings) = self.engine.predict(p.groups, p.params, reservation).await?;
         Ok((p.answer.respond(preds), timings))
     }
 
@@ -316,10 +329,12 @@ impl Predictor {
         self: &Arc<Self>,
         req: PredictRequest,
     ) -> Result<Streaming, PredictError> {
-        self.shed_early(&req)?;
+        let reservation = self.reserve(&req)?;
         let p = self.prepare_off_thread(req).await?;
         let (tx, pieces) = tokio::sync::mpsc::unbounded_channel();
-        let submitted = self.engine.submit(p.groups, p.params, Some(tx))?;
+        let submitted = self
+            .engine
+            .submit(p.groups, p.params, Some(tx), reservation)?;
         Ok(Streaming {
             pieces,
             answer: PendingAnswer {
@@ -329,16 +344,30 @@ impl Predictor {
         })
     }
 
-    /// Refuses at once (429) when the queue is too long already for the smallest work
-    /// this request could be (a token per input and function): under overload, turning a
-    /// request away must cost less than preparing it.
-    fn shed_early(&self, req: &PredictRequest) -> Result<(), PredictError> {
+    /// Admits the request on an estimate of its work (`admission`), held while it is
+    /// prepared, or refuses it at once (429): under overload, turning a request away must
+    /// cost less than preparing it.
+    fn reserve(&self, req: &PredictRequest) -> Result<admission::Ticket, PredictError> {
         let functions = req.functions.as_ref().map_or(1, |f| f.len().max(1));
-        let smallest = req.inputs.len().max(1).saturating_mul(functions) as u64;
+        let sequences = req.inputs.len().max(1).saturating_mul(functions) as u64;
+        // Its kind, whose requests are alike in size: its functions, or a raw template.
+        let kind = match (&req.function, &req.functions) {
+            (Some(f), _) => f.clone(),
+            (None, Some(fs)) => fs.join(","),
+            (None, None) => String::new(),
+        };
         self.engine
             .admission
-            .check(smallest)
-            .map_err(PredictError::Overloaded)
+            .reserve(&kind, sequences)
+            .map_err(|refused| {
+                let stage = self
+                    .engine
+                    .metrics
+                    .refusals
+                    .with_label_values(&["before_preparation"]);
+                stage.inc();
+                PredictError::Overloaded(refused)
+            })
     }
 
     async fn prepare_off_thread(
