@@ -11,10 +11,10 @@
 //! A request's units are known only once it is tokenised, and tokenising is compute. So a
 //! request is first admitted on an estimate (its sequences times the typical units of a
 //! sequence lately, for its kind: its functions, or a raw template), which it holds while
-//! it is prepared, then settled at its measured size. Work in preparation thus counts in the queue: a burst is refused before its
-//! requests are tokenised, not after. (Checked on the smallest size instead, 1,000 of a
-//! 256-client burst's 1,024 requests were tokenised, then refused; their 429s waited on
-//! the lowered compute threads.)
+//! it is prepared, then settled at its measured size. Work in preparation thus counts in
+//! the queue: a burst is refused before its requests are tokenised, not after. (Checked
+//! on the smallest size instead, 1,000 of a 256-client burst's 1,024 requests were
+//! tokenised, then refused; their 429s waited on the lowered compute threads.)
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -45,6 +45,11 @@ struct State {
 }
 
 impl State {
+    /// Measured units per second of engine time.
+    fn pace(&self) -> f64 {
+        self.done_units / self.busy_seconds.max(1e-9)
+    }
+
     /// Moves the typical units of a sequence of `kind`, and of any, towards `measured`.
     fn learn(&mut self, kind: &str, measured: f64) {
         let towards = |t: f64| t + TYPICAL_WEIGHT * (measured - t);
@@ -54,13 +59,6 @@ impl State {
         } else if self.typical_by_kind.len() < MAX_KINDS {
             self.typical_by_kind.insert(kind.to_string(), measured);
         }
-    }
-}
-
-impl State {
-    /// Measured units per second of engine time.
-    fn pace(&self) -> f64 {
-        self.done_units / self.busy_seconds.max(1e-9)
     }
 }
 

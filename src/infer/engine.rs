@@ -243,11 +243,8 @@ impl Engine {
             .admission
             .settle(reservation, work_units(&groups, &params), sequences)
             .map_err(|refused| {
-                let stage = self
-                    .metrics
-                    .refusals
-                    .with_label_values(&["after_preparation"]);
-                stage.inc();
+                let after = ["after_preparation"];
+                self.metrics.refusals.with_label_values(&after).inc();
                 EngineError::Overloaded(refused)
             })?;
         let (reply, rx) = oneshot::channel();

@@ -360,12 +360,12 @@ impl Predictor {
             .admission
             .reserve(&kind, sequences)
             .map_err(|refused| {
-                let stage = self
-                    .engine
+                let before = ["before_preparation"];
+                self.engine
                     .metrics
                     .refusals
-                    .with_label_values(&["before_preparation"]);
-                stage.inc();
+                    .with_label_values(&before)
+                    .inc();
                 PredictError::Overloaded(refused)
             })
     }
