@@ -346,10 +346,20 @@ impl Predictor {
 
     /// Admits the request on an estimate of its work (`admission`), held while it is
     /// prepared, or refuses it at once (429): under overload, turning a request away must
-    /// cost less than preparing it.
+    /// cost less than preparing it. Its inputs are counted first: too many is the client's
+    /// to fix (422), not an overload.
     fn reserve(&self, req: &PredictRequest) -> Result<admission::Ticket, PredictError> {
+        if req.inputs.is_empty() {
+            return Err(invalid("inputs must not be empty"));
+        }
+        if req.inputs.len() > self.limits.max_batch_inputs {
+            return Err(invalid(format!(
+                "at most {} inputs per request",
+                self.limits.max_batch_inputs
+            )));
+        }
         let functions = req.functions.as_ref().map_or(1, |f| f.len().max(1));
-        let sequences = req.inputs.len().max(1).saturating_mul(functions) as u64;
+        let sequences = req.inputs.len().saturating_mul(functions) as u64;
         // Its kind, whose requests are alike in size: its functions, or a raw template.
         let kind = match (&req.function, &req.functions) {
             (Some(f), _) => f.clone(),
@@ -401,15 +411,6 @@ impl Predictor {
         let params = self.generation_params(&req.parameters)?;
         if let Some(t) = &req.template {
             crate::tags::template::check_size(t).map_err(invalid)?;
-        }
-        if req.inputs.is_empty() {
-            return Err(invalid("inputs must not be empty"));
-        }
-        if req.inputs.len() > self.limits.max_batch_inputs {
-            return Err(invalid(format!(
-                "at most {} inputs per request",
-                self.limits.max_batch_inputs
-            )));
         }
         let tags = self.registry.snapshot();
         // Positions past the model's context have no rotary embedding: a longer sequence
