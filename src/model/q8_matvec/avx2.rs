@@ -8,10 +8,6 @@ use crate::model::disjoint::DisjointOut;
 /// Rows of a half panel: one 256-bit lane of i32 per row.
 const HALF: usize = PANEL / 2;
 
-/// Vectors per pass over a half panel: their accumulators, the weights and temporaries
-/// fill AVX2's 16 registers.
-const PASS: usize = 4;
-
 /// One panel's 16 rows times each of `xs`, written at `out[j * rows + row]`, in two halves
 /// of eight rows.
 ///
@@ -21,8 +17,8 @@ const PASS: usize = 4;
 /// values with w's sign (as candle's AVX2 q8_0 kernel does), and `vpmaddwd` sums pairs to
 /// i32. The block's integer sums are exact, then go to f32, are scaled and accumulated
 /// exactly as in `panel_row_dot` (and the VNNI kernel), which a unit test holds this to
-/// bit for bit. A half panel's weights, once loaded, serve `PASS` vectors, and stay in L1
-/// for the next.
+/// bit for bit. A half panel's weights, once loaded, serve a pass of up to four vectors
+/// (`for_each_pass`), and stay in L1 for the next.
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; `panel` is one of `weights`' panels; `out` holds
@@ -36,22 +32,10 @@ pub(super) unsafe fn panel_into(
     out: DisjointOut,
 ) {
     for half in 0..2 {
-        let mut first = 0;
-        for pass in xs.chunks(PASS) {
-            // SAFETY (each arm): as this function's; `first + N` vectors are in `out`.
-            unsafe {
-                match pass {
-                    [a, b, c, d] => {
-                        half_into([a, b, c, d], weights, shape, panel, half, out, first)
-                    }
-                    [a, b, c] => half_into([a, b, c], weights, shape, panel, half, out, first),
-                    [a, b] => half_into([a, b], weights, shape, panel, half, out, first),
-                    [a] => half_into([a], weights, shape, panel, half, out, first),
-                    _ => {}
-                }
-            }
-            first += pass.len();
-        }
+        for_each_pass!(xs, |pass, first| {
+            // SAFETY: as this function's; the pass's vectors are in `out` from `first` on.
+            unsafe { half_into(pass, weights, shape, panel, half, out, first) }
+        });
     }
 }
 

@@ -19,6 +19,41 @@
 //! The rows are shared out over candle's spinning pool, as its own matmul does: a step runs
 //! ~200 of these products, too short to wake sleeping threads for.
 
+/// Runs `$body` for each pass of up to four of the vectors `$xs`, with `$pass` bound to
+/// the pass as an array of references (each size compiles to a kernel of its own, its
+/// accumulators in registers) and `$first` to the index of its first vector. Four: the
+/// accumulators, weights and temporaries then fill AVX2's 16 registers, eight were no
+/// faster with VNNI (LLVM kept the accumulators in memory), and a panel's weights stay in
+/// L1 for the next pass.
+#[cfg(target_arch = "x86_64")]
+macro_rules! for_each_pass {
+    ($xs:expr, |$pass:ident, $first:ident| $body:expr) => {{
+        let mut $first = 0;
+        for chunk in $xs.chunks(4) {
+            match chunk {
+                [a, b, c, d] => {
+                    let $pass = [a, b, c, d];
+                    $body
+                }
+                [a, b, c] => {
+                    let $pass = [a, b, c];
+                    $body
+                }
+                [a, b] => {
+                    let $pass = [a, b];
+                    $body
+                }
+                [a] => {
+                    let $pass = [a];
+                    $body
+                }
+                _ => {}
+            }
+            $first += chunk.len();
+        }
+    }};
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]

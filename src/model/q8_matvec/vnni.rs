@@ -5,12 +5,8 @@ use std::arch::x86_64::*;
 use super::{Panels, Q8Vector, BLOCK, PANEL, STEPS};
 use crate::model::disjoint::DisjointOut;
 
-/// Vectors per pass over a panel: eight were no faster (LLVM then keeps the accumulators
-/// in memory), and a panel's weights stay in L1 for the next pass.
-const PASS: usize = 4;
-
-/// One panel's 16 rows times each of `xs`, written at `out[j * rows + row]`, `PASS`
-/// vectors at a time.
+/// One panel's 16 rows times each of `xs`, written at `out[j * rows + row]`, a few
+/// vectors at a time (`for_each_pass`).
 ///
 /// # Safety
 /// The CPU has AVX-512F and AVX-512 VNNI; `panel` is one of `weights`' panels; `out` holds
@@ -23,20 +19,10 @@ pub(super) unsafe fn panel_into(
     panel: usize,
     out: DisjointOut,
 ) {
-    let mut first = 0;
-    for pass in xs.chunks(PASS) {
-        // SAFETY (each arm): as this function's; `first + N` vectors are in `out`.
-        unsafe {
-            match pass {
-                [a, b, c, d] => pass_into([a, b, c, d], weights, shape, panel, out, first),
-                [a, b, c] => pass_into([a, b, c], weights, shape, panel, out, first),
-                [a, b] => pass_into([a, b], weights, shape, panel, out, first),
-                [a] => pass_into([a], weights, shape, panel, out, first),
-                _ => {}
-            }
-        }
-        first += pass.len();
-    }
+    for_each_pass!(xs, |pass, first| {
+        // SAFETY: as this function's; the pass's vectors are in `out` from `first` on.
+        unsafe { pass_into(pass, weights, shape, panel, out, first) }
+    });
 }
 
 /// The panel's 16 rows times `N` vectors, written at `out[(first + j) * rows + row]`.
