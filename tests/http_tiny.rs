@@ -49,6 +49,18 @@ fn assert_error(status: StatusCode, body: &Value, want: StatusCode, kind: &str, 
     );
 }
 
+/// `POST /predict` of `body` must answer 422 `validation`, its error mentioning `mentions`.
+async fn assert_invalid_predict(url: &str, body: Value, mentions: &str) {
+    let (status, resp) = post(url, "/predict", body).await;
+    assert_error(
+        status,
+        &resp,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation",
+        mentions,
+    );
+}
+
 /// What the model computes for one input, by hand: compose, one forward, the head.
 fn by_hand(server: &common::server::TestServer, template: &str, input: Input) -> f64 {
     let p = server.predictor();
@@ -397,19 +409,12 @@ async fn hot_add_replace_invalid_and_remove() {
     // Removal.
     std::fs::remove_dir_all(s.tags_dir.join("LogP")).unwrap();
     wait_for(&s, |set| set.get("LogP").is_none()).await;
-    let (status, body) = post(
+    assert_invalid_predict(
         &s.url,
-        "/predict",
         json!({"function": "LogP", "inputs": ["CCO"]}),
+        "unknown tag <LogP>",
     )
     .await;
-    assert_error(
-        status,
-        &body,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "validation",
-        "unknown tag <LogP>",
-    );
 
     // GET /tags/{name} gives the manifest.
     let (status, qed) = get(&s.url, "/tags/QED").await;
@@ -554,14 +559,7 @@ async fn a_generation_streams_its_text_as_server_sent_events() {
             "one input",
         ),
     ] {
-        let (status, resp) = post(&s.url, "/predict", body).await;
-        assert_error(
-            status,
-            &resp,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "validation",
-            mentions,
-        );
+        assert_invalid_predict(&s.url, body, mentions).await;
     }
 }
 
@@ -659,19 +657,12 @@ async fn prompts_are_capped_at_the_models_context() {
         long.push_str(&format!("{i} "));
         i += 1;
     }
-    let (status, resp) = post(
+    assert_invalid_predict(
         &s.url,
-        "/predict",
         json!({"function": "QED", "inputs": [long]}),
+        "limit is 512",
     )
     .await;
-    assert_error(
-        status,
-        &resp,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "validation",
-        "limit is 512",
-    );
     // Up to the context, a head still answers.
     let (status, resp) = post(
         &s.url,
@@ -778,14 +769,7 @@ async fn bad_requests_get_clear_json_errors() {
         ),
     ];
     for (body, mentions) in cases {
-        let (status, resp) = post(u, "/predict", body.clone()).await;
-        assert_error(
-            status,
-            &resp,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "validation",
-            mentions,
-        );
+        assert_invalid_predict(u, body, mentions).await;
     }
     // Found by an outside probe as 500s: an empty sequence is a 422 (or, where the model
     // has a BOS to run on, a prediction); vanishing temperatures or nuclei decode greedily.
@@ -1262,18 +1246,11 @@ async fn admission_refuses_work_beyond_the_queue_budget_at_once() {
         "a generation is in flight"
     );
     let too_many = vec!["CCO"; tagllm::infer::Limits::default().max_batch_inputs + 1];
-    let (status, body) = post(
+    assert_invalid_predict(
         &s.url,
-        "/predict",
         json!({"function": "QED", "inputs": too_many}),
+        "inputs per request",
     )
     .await;
-    assert_error(
-        status,
-        &body,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "validation",
-        "inputs per request",
-    );
     drop(streaming);
 }
