@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::admission::{Admission, Refused, Ticket};
 use super::executor::{self, Generations};
 use super::heads::Prediction;
-use super::scheduler::{work_units, Flights, Queue, Work};
+use super::scheduler::{sequence_count, work_units, Flights, Queue, Work};
 use crate::model::{BaseModel, GenerationParams, Mode};
 use crate::tags::compose::Composed;
 
@@ -238,10 +238,10 @@ impl Engine {
         stream: Option<TextPieces>,
         reservation: Ticket,
     ) -> Result<Submitted, EngineError> {
-        let sequences = groups.iter().map(|g| g.seqs.len()).sum::<usize>() as u64;
+        let (units, sequences) = (work_units(&groups, &params), sequence_count(&groups));
         let ticket = self
             .admission
-            .settle(reservation, work_units(&groups, &params), sequences)
+            .settle(reservation, units, sequences as u64)
             .map_err(|refused| {
                 let after = ["after_preparation"];
                 self.metrics.refusals.with_label_values(&after).inc();

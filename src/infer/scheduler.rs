@@ -44,6 +44,11 @@ pub fn work_units(groups: &[Group], params: &GenerationParams) -> u64 {
         .sum::<usize>() as u64
 }
 
+/// Sequences of a request: one per input and function.
+pub fn sequence_count(groups: &[Group]) -> usize {
+    groups.iter().map(|g| g.seqs.len()).sum()
+}
+
 impl Work {
     /// Its sequences padded to the longest: what it adds to a forward pass.
     fn padded_tokens(&self) -> usize {
@@ -57,7 +62,7 @@ impl Work {
     }
 
     pub fn sequences(&self) -> usize {
-        self.groups.iter().map(|g| g.seqs.len()).sum()
+        sequence_count(&self.groups)
     }
 
     /// Prompt tokens of all its sequences.
