@@ -7,7 +7,16 @@
 //! tokens/s of one client alone and of 16 concurrent clients, and head-request latency
 //! idle vs. while 16 generations decode, with f32 and with q8_0 serving weights.
 //!
-//! Run: `cargo bench --bench serve` (after scripts/setup-model.sh). The server runs
+//! Then the serving mix (`mix`, the default engine settings): N clients of 64-token
+//! generations (N = 1, 16, 64) next to `DecodeBatch` decoding the same prompts in-process at
+//! the same N (the core bench's `decode_batch`), in the same run; a one-input head request
+//! while one request of 8 x ~1,000-token prompts generates; a single head request on an
+//! idle server next to the bare forward of the same sequence; 64 clients sending one-input
+//! head requests for 30 s (retrying at once, and honouring `Retry-After`) against one
+//! 64-input request; 256 and 1,000 clients at once (only 200s and 429s, RSS before/after).
+//!
+//! Run: `cargo bench --bench serve` (after scripts/setup-model.sh); `cargo bench --bench
+//! serve -- mix` runs one section. The server runs
 //! in-process on a loopback port; the tag is synthetic (seeded vectors and head), which
 //! costs exactly what a trained one costs. Prints one JSON line per measurement.
 
@@ -19,7 +28,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 use tagllm::http::ServerConfig;
 use tagllm::infer::{EngineConfig, Input, Limits, PredictRequest, Predictor};
-use tagllm::model::Precision;
+use tagllm::model::{BaseModel, DecodeBatch, Decoder, GenerationParams, Mode, Precision};
 use tagllm::service::{Service, ServiceConfig};
 use tagllm::tags::{Head, HeadSpec, TagBundle, TagKind, TagManifest};
 
@@ -379,6 +388,297 @@ async fn generation_bench(url: &str, smiles: &[String], precision: &str) {
     );
 }
 
+/// This process's resident memory, in MB.
+fn rss_mb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.split("VmRSS:")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(0, |kb| kb / 1024)
+}
+
+const CHAT: &str =
+    "<|im_start|>user\nTell a long story about {x}.<|im_end|>\n<|im_start|>assistant\n";
+
+/// `DecodeBatch` on the served model, in-process, over the prompts the HTTP clients send:
+/// decoding tokens/s (steps only) and with the batched prefill.
+fn decode_batch_reference(served: &BaseModel, n: usize, steps: usize) -> (f64, f64) {
+    let params = GenerationParams {
+        max_new_tokens: steps,
+        ..Default::default()
+    };
+    let prompts: Vec<candle_core::Tensor> = (0..n)
+        .map(|i| {
+            served
+                .embed_text(&CHAT.replace("{x}", &format!("molecule number {i}")))
+                .unwrap()
+        })
+        .collect();
+    let run = || {
+        let t = Instant::now();
+        let mut b = DecodeBatch::new(served);
+        let joining = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i as u64, Decoder::new(served, p, &params).unwrap()))
+            .collect();
+        let mut tokens = 0;
+        for (_, r) in b.join(served, joining, 4096) {
+            if let Some(d) = r.unwrap() {
+                tokens += d.ids().len();
+            }
+        }
+        let decoding = Instant::now();
+        while !b.is_empty() {
+            for (h, finished) in b.step(served).unwrap() {
+                if finished {
+                    tokens += b.leave(h).unwrap().unwrap().ids().len();
+                }
+            }
+        }
+        let d = decoding.elapsed().as_secs_f64();
+        (tokens, d, t.elapsed().as_secs_f64())
+    };
+    run(); // warm-up
+    let (tokens, decode, total) = run();
+    // The first token of each comes with the prefill, not from a step.
+    ((tokens - n) as f64 / decode, tokens as f64 / total)
+}
+
+/// `n` clients at once, each one 64-token generation: statuses and aggregate tokens/s.
+async fn concurrent_generations(
+    url: &str,
+    n: usize,
+) -> (std::collections::BTreeMap<u16, usize>, f64) {
+    let client = reqwest::Client::new();
+    let t = Instant::now();
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let (client, url) = (client.clone(), url.to_string());
+            tokio::spawn(async move {
+                let body = json!({"template": CHAT, "inputs": [format!("molecule number {i}")],
+                                  "parameters": {"max_new_tokens": 64}});
+                let r = client
+                    .post(format!("{url}/predict"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
+                let v: serde_json::Value = r.json().await.unwrap();
+                (
+                    status,
+                    v["predictions"][0]["ids"].as_array().map_or(0, Vec::len),
+                )
+            })
+        })
+        .collect();
+    let (mut statuses, mut tokens) = (std::collections::BTreeMap::new(), 0);
+    for t in tasks {
+        let (status, n) = t.await.unwrap();
+        *statuses.entry(status).or_insert(0) += 1;
+        tokens += n;
+    }
+    (statuses, tokens as f64 / t.elapsed().as_secs_f64())
+}
+
+async fn info_pace(url: &str) -> f64 {
+    let v: serde_json::Value = reqwest::get(format!("{url}/info"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["limits"]["pace_units_per_second"]
+        .as_f64()
+        .unwrap_or(f64::NAN)
+}
+
+/// `clients` clients sending one-input head requests for `secs` over kept connections,
+/// retrying a 429 at once or after its `Retry-After`: served inputs/s, refusals.
+async fn storm(
+    url: &str,
+    clients: usize,
+    secs: f64,
+    smiles: &[String],
+    polite: bool,
+) -> (f64, usize, usize) {
+    let addr = url.trim_start_matches("http://").to_string();
+    let stop = Instant::now() + Duration::from_secs_f64(secs);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let request = predict_request(&addr, &smiles[c % smiles.len()]);
+            let addr = addr.clone();
+            tokio::spawn(async move {
+                let mut conn = RawConnection::open(&addr).await;
+                let (mut ok, mut refused) = (0, 0);
+                while Instant::now() < stop {
+                    match conn.exchange(&request).await {
+                        200 => ok += 1,
+                        429 => {
+                            refused += 1;
+                            if polite {
+                                // Retry-After is whole seconds, at least one.
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                            }
+                        }
+                        other => panic!("status {other}"),
+                    }
+                }
+                (ok, refused)
+            })
+        })
+        .collect();
+    let (mut ok, mut refused) = (0, 0);
+    for t in tasks {
+        let (o, r) = t.await.unwrap();
+        ok += o;
+        refused += r;
+    }
+    (ok as f64 / started.elapsed().as_secs_f64(), ok, refused)
+}
+
+/// The serving mix on the default engine settings (see the module doc).
+async fn mix_bench(url: &str, p: &Predictor, smiles: &[String]) {
+    let served = p.model.at_precision(p.engine_config.precision).unwrap();
+    for n in [1usize, 16, 64] {
+        let (decode_only, with_prefill) = decode_batch_reference(&served, n, 64);
+        concurrent_generations(url, n.min(4)).await; // warm-up
+        let (statuses, http) = concurrent_generations(url, n).await;
+        println!(
+            "{}",
+            json!({"bench": "mix_generations", "clients": n, "precision": p.engine_config.precision.name(),
+                   "statuses": statuses, "http_tokens_per_s": (http * 10.0).round() / 10.0,
+                   "decode_batch_tokens_per_s": (decode_only * 10.0).round() / 10.0,
+                   "decode_batch_with_prefill_tokens_per_s": (with_prefill * 10.0).round() / 10.0,
+                   "http_over_decode_batch": (http / decode_only * 1000.0).round() / 1000.0,
+                   "http_over_decode_batch_with_prefill": (http / with_prefill * 1000.0).round() / 1000.0})
+        );
+    }
+
+    // A single head request, idle, next to the bare forward of its sequence.
+    let tags = p.registry.snapshot();
+    let tpl = tagllm::tags::Template::parse(TEMPLATE);
+    let composed = tagllm::infer::compose(
+        &p.model,
+        &tags,
+        &tpl,
+        &Input::Text("CCO".into()),
+        Some("QED"),
+        1024,
+    )
+    .unwrap();
+    let x = composed.embed(&p.model, 0).unwrap().unsqueeze(0).unwrap();
+    let mut bare = Vec::new();
+    for _ in 0..21 {
+        let t = Instant::now();
+        let h = p.model.llama.forward(&x, None, None, Mode::Fast).unwrap();
+        h.narrow(1, composed.len() - 1, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        bare.push(t.elapsed().as_secs_f64());
+    }
+    bare.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let one = vec!["CCO".to_string()];
+    load(url, 1, 3, &one).await;
+    let (_, http) = load(url, 1, 21, &one).await;
+    println!(
+        "{}",
+        json!({"bench": "mix_single_head", "tokens": composed.len(),
+               "http_p50_ms": (percentile(&http, 0.5) * 1e4).round() / 10.0,
+               "forward_p50_ms": (percentile(&bare, 0.5) * 1e4).round() / 10.0,
+               "ratio": (percentile(&http, 0.5) / percentile(&bare, 0.5) * 100.0).round() / 100.0})
+    );
+
+    // A head request while 8 x ~1,000-token prompts are prefilled and decoded.
+    let long = "the quick brown fox jumps over the lazy dog and ".repeat(100);
+    let long: String = long.split(' ').take(900).collect::<Vec<_>>().join(" ");
+    let body =
+        json!({"template": "{x}", "inputs": vec![long; 8], "parameters": {"max_new_tokens": 32}});
+    let (client, u) = (reqwest::Client::new(), url.to_string());
+    let big = tokio::spawn(async move {
+        let t = Instant::now();
+        let r = client
+            .post(format!("{u}/predict"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), t.elapsed().as_secs_f64())
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut during = Vec::new();
+    for _ in 0..5 {
+        let (_, lat) = load(url, 1, 1, &one).await;
+        during.push(lat[0]);
+    }
+    let (big_status, big_secs) = big.await.unwrap();
+    during.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!(
+        "{}",
+        json!({"bench": "mix_head_during_long_generation", "head_statuses": "200 (asserted)",
+               "head_p50_s": (percentile(&during, 0.5) * 1e3).round() / 1e3,
+               "head_max_s": (percentile(&during, 1.0) * 1e3).round() / 1e3,
+               "generation_status": big_status, "generation_s": (big_secs * 10.0).round() / 10.0})
+    );
+
+    // 64 clients of one-input requests for 30 s against one 64-input request.
+    let inputs: Vec<String> = (0..64).map(|i| smiles[i % smiles.len()].clone()).collect();
+    let t = Instant::now();
+    let r = reqwest::Client::new()
+        .post(format!("{url}/predict"))
+        .json(&json!({"function": "QED", "inputs": inputs}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    r.bytes().await.unwrap();
+    let one_request = 64.0 / t.elapsed().as_secs_f64();
+    for polite in [false, true] {
+        let before = info_pace(url).await;
+        let (u, s) = (url.to_string(), smiles.to_vec());
+        let (served_per_s, ok, refused) =
+            on_client_runtime(async move { storm(&u, 64, 30.0, &s, polite).await }).await;
+        println!(
+            "{}",
+            json!({"bench": "mix_storm", "clients": 64, "seconds": 30, "retry": if polite { "after Retry-After" } else { "at once" },
+                   "served": ok, "refused": refused, "served_inputs_per_s": (served_per_s * 100.0).round() / 100.0,
+                   "one_64_input_request_inputs_per_s": (one_request * 100.0).round() / 100.0,
+                   "ratio": (served_per_s / one_request * 1000.0).round() / 1000.0,
+                   "pace_before": before.round(), "pace_after": info_pace(url).await.round()})
+        );
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+
+    // Overload: every client at once, four requests each.
+    for clients in [256usize, 1000] {
+        let rss_before = rss_mb();
+        let before = metrics(url).await;
+        let (u, s) = (url.to_string(), smiles.to_vec());
+        let (_, ok, refused) =
+            on_client_runtime(async move { burst(&u, clients, 4, &s, true).await }).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        println!(
+            "{}",
+            json!({"bench": "mix_overload", "clients": clients, "admitted": ok.len(), "refused_429": refused.len(),
+                   "statuses": "200/429 only (asserted)",
+                   "admitted_p99_ms": (percentile(&ok, 0.99) * 1e3).round(),
+                   "refused_p99_ms_server_side_at_most": histogram_quantile_ms(&before, &metrics(url).await, "route=\"/predict\",status=\"429\"", 0.99),
+                   "rss_mb_before": rss_before, "rss_mb_after": rss_mb()})
+        );
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let model =
@@ -389,6 +689,7 @@ async fn main() {
     // at each serving precision.
     let only = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
     for (batching, admission, generation) in [
+        (true, true, Some(Precision::Auto)),
         (true, false, None),
         (false, false, None),
         (true, true, None),
@@ -396,6 +697,7 @@ async fn main() {
         (true, false, Some(Precision::Q8_0)),
     ] {
         let section = match (batching, admission, generation) {
+            (_, true, Some(_)) => "mix",
             (_, _, Some(_)) => "generation",
             (_, true, _) => "admission",
             _ => "predict",
@@ -418,7 +720,7 @@ async fn main() {
         // The service as `tagllm serve` assembles it (no training worker).
         let mut service = Service::start(ServiceConfig {
             server: ServerConfig {
-                max_concurrent_requests: 256,
+                max_concurrent_requests: if section == "mix" { 512 } else { 256 },
                 max_body_bytes: 1 << 20,
                 ..Default::default()
             },
@@ -460,6 +762,10 @@ async fn main() {
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(service.serve(listener));
 
+        if section == "mix" {
+            mix_bench(&url, &p, &smiles).await;
+            continue;
+        }
         if let Some(precision) = generation {
             generation_bench(&url, &smiles, precision.name()).await;
             continue;

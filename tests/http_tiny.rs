@@ -1160,6 +1160,7 @@ async fn admission_refuses_work_beyond_the_queue_budget_at_once() {
     let s = start(Options {
         engine: tagllm::infer::EngineConfig {
             max_queue_wait: Duration::from_millis(1),
+            max_first_token_wait: Duration::from_millis(1),
             ..Default::default()
         },
         ..Default::default()

@@ -77,11 +77,22 @@ pub struct LimitsInfo {
     pub max_batch_tokens: usize,
     pub max_concurrent_requests: usize,
     pub max_body_bytes: usize,
-    /// Admission: the longest estimated queue wait a new /predict may face (else 429).
+    /// Admission: the longest estimated wait before a new head request (regression,
+    /// classification) is answered (else 429).
     pub max_queue_wait_ms: u64,
-    /// The engine's measured pace, in token units (prompt tokens + decoded tokens) per
-    /// second, from which the queue's wait is estimated.
+    /// Admission: the longest estimated wait for a new generation's first token (else 429).
+    pub max_first_token_wait_ms: u64,
+    /// Generations decoded together at most (the decoding batch's slots).
+    pub max_generations: usize,
+    /// The engine's measured prefill pace at the margin: prompt tokens per second that one
+    /// more token in a forward costs. Waits are estimated from it.
     pub pace_units_per_second: f64,
+    /// The measured time every prefill forward takes whatever its size (reading the
+    /// weights), in ms.
+    pub prefill_fixed_ms: f64,
+    /// The measured (or interpolated) time of one decoding step of 1, 16 and 64
+    /// generations, in ms: a step of 16 is not 16 steps of 1.
+    pub decode_step_ms: BTreeMap<String, f64>,
     /// How serving reads the frozen matrices: `f32` or `q8_0`.
     pub precision: String,
 }
@@ -111,7 +122,14 @@ pub async fn info(State(s): Shared) -> Result<Json<InfoResponse>, ApiError> {
             max_concurrent_requests: s.config.max_concurrent_requests,
             max_body_bytes: s.config.max_body_bytes,
             max_queue_wait_ms: p.engine_config.max_queue_wait.as_millis() as u64,
+            max_first_token_wait_ms: p.engine_config.max_first_token_wait.as_millis() as u64,
+            max_generations: p.engine_config.max_generations,
             pace_units_per_second: p.engine.admission.pace(),
+            prefill_fixed_ms: p.engine.admission.prefill_fixed_seconds() * 1e3,
+            decode_step_ms: [1usize, 16, 64]
+                .into_iter()
+                .map(|n| (n.to_string(), p.engine.admission.step_seconds(n) * 1e3))
+                .collect(),
             precision: p.engine_config.precision.name().into(),
         },
     }))

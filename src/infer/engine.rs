@@ -1,8 +1,10 @@
 //! The prediction engine: a queue drained by one inference thread that batches work across
 //! requests. Tags are just embeddings, so sequences with different tags share one padded
-//! forward pass. Generations advance one token per iteration, all of them in one batched
-//! forward, interleaved with new work, so a long generation never holds up a regression
-//! request. Work whose client went away is dropped, before it runs or between tokens.
+//! forward pass. Each iteration computes the head sequences that came in, then one slice
+//! of generation prompts (chunks of long ones), then one decoding step for every
+//! generation, in one batched forward: a long prompt or generation never holds up a
+//! regression request for more than a slice and a step. Work whose client went away is
+//! dropped, before it runs or between tokens.
 //!
 //! This file is the engine's handle (admission, submission) and its thread (a supervisor
 //! that restarts it after a panic, and the loop); `scheduler` holds what waits and what is
@@ -17,11 +19,11 @@ use anyhow::Result;
 use candle_core::DType;
 use tokio::sync::{mpsc, oneshot};
 
-use super::admission::{Admission, Refused, Ticket};
+use super::admission::{Admission, AdmissionConfig, Refused, Ticket};
 use super::executor::{self, Generations};
 use super::heads::Prediction;
-use super::scheduler::{sequence_count, work_units, Flights, Queue, Work};
-use crate::model::{BaseModel, GenerationParams, Mode};
+use super::scheduler::{sequence_count, work_load, Flights, Queue, Work};
+use crate::model::{BaseModel, DecodeBatch, Decoder, GenerationParams, Mode, Precision};
 use crate::tags::compose::Composed;
 
 #[derive(Debug, Clone)]
@@ -30,11 +32,27 @@ pub struct EngineConfig {
     pub max_batch_tokens: usize,
     /// A shared prefix at least this long is computed once for several functions.
     pub min_shared_prefix: usize,
-    /// Admission: the longest estimated wait in the queue a new request may face (more
-    /// answers 429 at once); work still queued after twice this fails with 503.
+    /// Admission: the longest estimated wait a new head request may face before it is
+    /// answered; more answers 429 at once. Work not started after twice this fails with 503.
     pub max_queue_wait: Duration,
-    /// How the engine's forward reads the frozen matrices (training keeps f32).
-    pub precision: crate::model::Precision,
+    /// Admission: the longest estimated wait for a new generation's first token (its slot,
+    /// and the prompts ahead of it); more answers 429 at once. Longer than a head
+    /// request's: prefilling 64 chat prompts takes seconds on two cores, and a generation
+    /// that streams its answer for seconds anyway is better served late than refused.
+    pub max_first_token_wait: Duration,
+    /// How the engine's forward reads the frozen matrices (training keeps f32); `auto`:
+    /// q8_0 on CPU, f32 on a GPU.
+    pub precision: Precision,
+    /// Generations decoding together at most (the decoding batch's slots); more wait for
+    /// a slot, within the queue budget, or are refused.
+    pub max_generations: usize,
+    /// Bytes the decoding batch's keys and values may take: bounds how many long
+    /// generations decode together.
+    pub kv_cache_bytes: usize,
+    /// The time one slice of generation prompts' prefill aims at, between two decoding
+    /// steps (its tokens follow the measured pace): what a head request waits at most
+    /// behind someone else's prompt.
+    pub prefill_slice: Duration,
 }
 
 impl Default for EngineConfig {
@@ -42,8 +60,12 @@ impl Default for EngineConfig {
         Self {
             max_batch_tokens: 4096,
             min_shared_prefix: 8,
-            max_queue_wait: Duration::from_millis(700),
-            precision: crate::model::Precision::F32,
+            max_queue_wait: Duration::from_millis(1500),
+            max_first_token_wait: Duration::from_secs(10),
+            precision: Precision::Auto,
+            max_generations: 64,
+            kv_cache_bytes: 2 << 30,
+            prefill_slice: Duration::from_millis(500),
         }
     }
 }
@@ -105,32 +127,37 @@ impl Drop for AliveGuard {
     }
 }
 
-/// Token units per second of a padded head batch (4 sequences of 64 tokens), timed on its
-/// second run (the first pays one-time costs: allocation, kernel loading).
-fn measure_pace(model: &BaseModel) -> Result<(u64, Duration)> {
-    let (batch, len) = (4usize, 64usize);
+/// Prefill times of padded head batches of 1 x 16 and 4 x 64 tokens (what admission fits
+/// its model of a forward's time to), each timed on its second run (the first pays
+/// one-time costs: allocation, kernel loading).
+fn measure_prefill(model: &BaseModel) -> Result<Vec<(u64, Duration)>> {
     let vocab = model.config().vocab_size as u32;
-    let ids: Vec<u32> = (0..(batch * len) as u32)
-        .map(|i| (i * 7919 + 13) % vocab)
-        .collect();
-    let rows = model
-        .llama
-        .embed_ids(&ids)?
-        .reshape((batch, len, model.config().hidden_size))?;
-    let mut busy = Duration::ZERO;
-    for _ in 0..2 {
-        let started = Instant::now();
-        let hidden = model.llama.forward(&rows, None, None, Mode::Fast)?;
-        // Waits for the device (a GPU runs asynchronously) by reading one value back.
-        hidden
-            .narrow(1, len - 1, 1)?
-            .flatten_all()?
-            .get(0)?
-            .to_dtype(DType::F32)?
-            .to_scalar::<f32>()?;
-        busy = started.elapsed();
+    let mut times = Vec::new();
+    for (batch, len) in [(1usize, 16usize), (4, 64)] {
+        let ids: Vec<u32> = (0..(batch * len) as u32)
+            .map(|i| (i * 7919 + 13) % vocab)
+            .collect();
+        let rows =
+            model
+                .llama
+                .embed_ids(&ids)?
+                .reshape((batch, len, model.config().hidden_size))?;
+        let mut busy = Duration::ZERO;
+        for _ in 0..2 {
+            let started = Instant::now();
+            let hidden = model.llama.forward(&rows, None, None, Mode::Fast)?;
+            // Waits for the device (a GPU runs asynchronously) by reading one value back.
+            hidden
+                .narrow(1, len - 1, 1)?
+                .flatten_all()?
+                .get(0)?
+                .to_dtype(DType::F32)?
+                .to_scalar::<f32>()?;
+            busy = started.elapsed();
+        }
+        times.push(((batch * len) as u64, busy));
     }
-    Ok(((batch * len) as u64, busy))
+    Ok(times)
 }
 
 /// Marks the engine down when dropped by a panic's unwinding.
@@ -142,6 +169,36 @@ impl Drop for DownOnPanic<'_> {
             self.0.store(false, Ordering::SeqCst);
         }
     }
+}
+
+/// The time of a decoding step of `n` sequences (8-token prompts; fewer if some ended at
+/// their first token), timed on its third step: what admission starts from before it has
+/// measured real ones. Returns the sequences stepped and the time.
+fn measure_step(model: &BaseModel, n: usize) -> Result<(usize, Duration)> {
+    let params = GenerationParams {
+        max_new_tokens: 8,
+        ..Default::default()
+    };
+    let ids: Vec<u32> = (0..8u32).map(|i| 100 + i).collect();
+    let prompt = model.llama.embed_ids(&ids)?;
+    let joining = (0..n as u64)
+        .map(|h| Ok((h, Decoder::new(model, &prompt, &params)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let mut batch = DecodeBatch::new(model);
+    for (_, joined) in batch.join(model, joining, 4096) {
+        joined?;
+    }
+    let mut took = (0, Duration::ZERO);
+    for _ in 0..3 {
+        let (members, started) = (batch.len(), Instant::now());
+        for (h, finished) in batch.step(model)? {
+            if finished {
+                batch.leave(h)?;
+            }
+        }
+        took = (members, started.elapsed());
+    }
+    Ok(took)
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
@@ -161,17 +218,33 @@ impl Engine {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut queue = Queue::new(rx);
         let m = metrics.clone();
-        let admission = Admission::new(cfg.max_queue_wait);
+        let c = model.config();
+        let admission = Admission::new(AdmissionConfig {
+            max_wait: cfg.max_queue_wait,
+            max_first_token_wait: cfg.max_first_token_wait,
+            max_generations: cfg.max_generations.max(1),
+            kv_cache_bytes: cfg.kv_cache_bytes,
+            kv_bytes_per_token: c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4,
+            prefill_slice: cfg.prefill_slice,
+            max_batch_tokens: cfg.max_batch_tokens,
+        });
         let pace = admission.clone();
         let alive = Arc::new(AtomicBool::new(true));
         let fault = Arc::new(AtomicBool::new(false));
         let (up, armed) = (alive.clone(), fault.clone());
         let guard = AliveGuard(alive.clone());
-        // The pace admission starts from is this machine's, measured before the first request.
-        let (units, busy) = measure_pace(&model)?;
-        pace.calibrate(units, busy);
+        // The pace admission starts from is this machine's, measured before the first
+        // request: prefill, and decoding steps of one and of eight sequences.
+        pace.calibrate_prefill(&measure_prefill(&model)?);
+        for n in [1, 8] {
+            let (stepped, took) = measure_step(&model, n)?;
+            pace.record_step(stepped, took);
+        }
         tracing::info!(
-            units_per_second = units as f64 / busy.as_secs_f64().max(1e-9),
+            prefill_tokens_per_second = pace.pace(),
+            prefill_fixed_ms = pace.prefill_fixed_seconds() * 1e3,
+            step_1_ms = pace.step_seconds(1) * 1e3,
+            step_8_ms = pace.step_seconds(8) * 1e3,
             "engine pace measured"
         );
         // The supervisor: runs the engine, and after a panic (its requests in flight have
@@ -238,10 +311,10 @@ impl Engine {
         stream: Option<TextPieces>,
         reservation: Ticket,
     ) -> Result<Submitted, EngineError> {
-        let (units, sequences) = (work_units(&groups, &params), sequence_count(&groups));
+        let (load, sequences) = (work_load(&groups, &params), sequence_count(&groups));
         let ticket = self
             .admission
-            .settle(reservation, units, sequences as u64)
+            .settle(reservation, load, sequences as u64)
             .map_err(|refused| {
                 let after = ["after_preparation"];
                 self.metrics.refusals.with_label_values(&after).inc();
@@ -257,6 +330,7 @@ impl Engine {
             stream,
             enqueued: now,
             deadline: now + 2 * self.admission.max_wait(),
+            ticket,
         };
         if self.tx.send(work).is_err() {
             self.metrics.queue_depth.dec();
@@ -264,16 +338,12 @@ impl Engine {
                 "the inference thread has stopped".into(),
             ));
         }
-        Ok(Submitted {
-            _ticket: ticket,
-            reply: rx,
-        })
+        Ok(Submitted { reply: rx })
     }
 }
 
-/// Work in the engine: its answer, once it comes. Holds the work's admission ticket.
+/// Work in the engine: its answer, once it comes (the work holds its admission ticket).
 pub struct Submitted {
-    _ticket: Ticket,
     reply: oneshot::Receiver<Reply>,
 }
 
@@ -302,25 +372,60 @@ fn run(
     // Declared after the work it guards, so it drops first when a panic unwinds: /ready
     // says the engine is down before any failed reply goes out.
     let _down = DownOnPanic(alive);
-    loop {
-        // 1. Intake: wait only when there is nothing else to do.
-        let Some(intake) = queue.take(flights.is_empty(), cfg.max_batch_tokens, metrics) else {
-            return;
-        };
-        let iteration = Instant::now();
-        let mut units = intake.iter().map(Work::prompt_tokens).sum::<usize>() as u64;
+    let mut engine = Iteration {
+        model,
+        cfg,
+        metrics,
+        pace,
+        fault,
+    };
+    while engine.run_once(queue, &mut flights, &mut generations) {}
+}
 
-        // 2. Every head sequence of the intake in shared forwards; generations start.
+/// What one engine iteration works with.
+struct Iteration<'a> {
+    model: &'a BaseModel,
+    cfg: &'a EngineConfig,
+    metrics: &'a crate::infer::EngineMetrics,
+    pace: &'a Admission,
+    fault: &'a AtomicBool,
+}
+
+impl Iteration<'_> {
+    /// One iteration: the head sequences that came in, one slice of generation prompts,
+    /// one decoding step, then the answers. Waits for work only when there is nothing
+    /// else to do; `false` once every sender is gone.
+    fn run_once(
+        &mut self,
+        queue: &mut Queue,
+        flights: &mut Flights,
+        generations: &mut Generations,
+    ) -> bool {
+        let (model, cfg, metrics, pace) = (self.model, self.cfg, self.metrics, self.pace);
+        // 1. Intake: wait only when there is nothing else to do.
+        let idle = flights.is_empty() && generations.is_empty();
+        let Some(intake) = queue.take(idle, cfg.max_batch_tokens, metrics, || pace.preparing())
+        else {
+            return false;
+        };
+
+        // 2. Every head sequence of the intake in shared forwards; generations queue for
+        //    their prefill.
         if !intake.is_empty() {
             let started = Instant::now();
             let n_seqs: usize = intake.iter().map(Work::sequences).sum();
+            let head_tokens: usize = intake.iter().map(Work::head_tokens).sum();
             metrics.batch_size.observe(n_seqs as f64);
             let predictions = executor::heads(model, cfg, &intake);
+            if head_tokens > 0 {
+                pace.record_prefill(head_tokens as u64, started.elapsed());
+            }
             for (work, outcome) in intake.into_iter().zip(predictions) {
                 let id = flights.insert(work, outcome, started, n_seqs);
                 let Some(f) = flights.get_mut(id).filter(|f| f.failure.is_none()) else {
                     continue;
                 };
+                f.work.ticket.heads_done();
                 match generations.start(model, id, &mut f.work) {
                     Ok(open) => f.open_generations = open,
                     Err(e) => f.failure = Some(e),
@@ -328,16 +433,25 @@ fn run(
             }
         }
 
-        // 3. New generations join the decoding batch (their first token); then one token
-        //    for every generation in one batched forward.
-        generations.join(model, cfg.max_batch_tokens, &mut flights);
-        if !generations.is_empty() && fault.swap(false, Ordering::SeqCst) {
+        // 3. One slice of generation prompts; those done join the decoding batch with
+        //    their first token. Then one token for every generation in one forward.
+        generations.drop_unwanted(flights);
+        let started = Instant::now();
+        let budget = pace.prefill_budget();
+        let prefilled = generations.prefill(model, budget, cfg.max_generations.max(1), flights);
+        if prefilled > 0 {
+            pace.record_prefill(prefilled as u64, started.elapsed());
+        }
+        if generations.len() > 0 && self.fault.swap(false, Ordering::SeqCst) {
             panic!("a fault injected through Engine::inject_fault");
         }
-        generations.drop_unwanted(&mut flights);
-        units += generations.len() as u64;
-        generations.step(model, &mut flights);
-        pace.record(units, iteration.elapsed());
+        generations.drop_unwanted(flights);
+        let (decoding, started) = (generations.len(), Instant::now());
+        generations.step(model, flights);
+        if decoding > 0 {
+            pace.record_step(decoding, started.elapsed());
+        }
+        pace.observe_decoding(generations.steps_left());
         metrics.decoding.set(generations.len() as i64);
         metrics
             .decode_cache_bytes
@@ -347,5 +461,112 @@ fn run(
         for id in flights.finish() {
             generations.forget(id);
         }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::GgmlDType;
+    use candle_core::Device;
+
+    use super::*;
+    use crate::infer::admission::Load;
+    use crate::infer::EngineMetrics;
+    use crate::tags::compose::Composed;
+
+    /// A long prompt is prefilled in slices of the 32-token minimum, one per iteration,
+    /// and a head request that comes in meanwhile is answered in the next iteration, while
+    /// the prompt is still part-way: it never waits for all of someone else's prefill.
+    #[test]
+    fn a_head_request_is_answered_between_two_chunks_of_a_long_prompt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        crate::model::tiny::write_tiny_gguf(&path, GgmlDType::Q8_0, 42, true).unwrap();
+        let model = BaseModel::load(&path, &Device::Cpu).unwrap();
+        // A zero slice: each iteration prefills the smallest budget, 32 tokens.
+        let cfg = EngineConfig {
+            prefill_slice: Duration::ZERO,
+            ..Default::default()
+        };
+        let admission = Admission::new(AdmissionConfig {
+            max_wait: Duration::from_secs(3600),
+            max_first_token_wait: Duration::from_secs(3600),
+            max_generations: 64,
+            kv_cache_bytes: 1 << 30,
+            kv_bytes_per_token: 1,
+            prefill_slice: cfg.prefill_slice,
+            max_batch_tokens: cfg.max_batch_tokens,
+        });
+        assert_eq!(admission.prefill_budget(), 32);
+        let metrics = EngineMetrics::new(&prometheus::Registry::new()).unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut queue = Queue::new(rx);
+        let fault = AtomicBool::new(false);
+        let mut engine = Iteration {
+            model: &model,
+            cfg: &cfg,
+            metrics: &metrics,
+            pace: &admission,
+            fault: &fault,
+        };
+        let (mut flights, mut generations) = (Flights::default(), Generations::new(&model));
+        let send = |seq: Composed| {
+            let (reply, rx) = oneshot::channel();
+            let groups = vec![Group { seqs: vec![seq] }];
+            let params = GenerationParams {
+                max_new_tokens: 3,
+                ..Default::default()
+            };
+            let load = work_load(&groups, &params);
+            let now = Instant::now();
+            tx.send(Work {
+                groups,
+                params,
+                reply,
+                stream: None,
+                enqueued: now,
+                deadline: now + Duration::from_secs(3600),
+                ticket: admission.admit(load).unwrap(),
+            })
+            .map_err(|_| ())
+            .unwrap();
+            rx
+        };
+
+        let prompt: Vec<u32> = (0..300).map(|i| 3 + i % 50).collect();
+        let mut generation = send(Composed::of_tokens(&prompt));
+        assert!(engine.run_once(&mut queue, &mut flights, &mut generations));
+        assert_eq!(generations.len(), 0, "the prompt is part-way, not decoding");
+        assert_eq!(
+            admission.queued().prompt_tokens,
+            300,
+            "released once prefilled"
+        );
+
+        let d = model.config().hidden_size;
+        let mut head = send(Composed::of_head_tokens(&[7; 12], d));
+        assert!(engine.run_once(&mut queue, &mut flights, &mut generations));
+        let (predictions, _) = head.try_recv().expect("answered").unwrap();
+        assert!(matches!(predictions[0][0], Prediction::Value { .. }));
+        assert!(generation.try_recv().is_err(), "the generation is not done");
+        assert_eq!(generations.len(), 0, "its prompt is still part-way");
+
+        // The rest of the prompt, a slice an iteration, then its tokens.
+        let mut iterations = 2;
+        let answer = loop {
+            match generation.try_recv() {
+                Ok(answer) => break answer,
+                Err(oneshot::error::TryRecvError::Empty) => {}
+                Err(e) => panic!("{e}"),
+            }
+            assert!(iterations < 100, "the generation never finished");
+            assert!(engine.run_once(&mut queue, &mut flights, &mut generations));
+            iterations += 1;
+        };
+        assert!(iterations >= 300 / 32, "{iterations} iterations");
+        let (predictions, _) = answer.unwrap();
+        assert!(matches!(&predictions[0][0], Prediction::Text { ids, .. } if !ids.is_empty()));
+        assert_eq!(admission.queued(), Load::default(), "every ticket released");
     }
 }

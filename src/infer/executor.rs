@@ -1,6 +1,7 @@
 //! The engine's executor: the forward passes. Head sequences of a batch of requests share
-//! padded forwards (or one computed prefix); generations join one `DecodeBatch` and
-//! advance a token per step, all of them in one forward over the slot cache.
+//! padded forwards (or one computed prefix); generations queue in one `DecodeBatch`, are
+//! prefilled a slice at a time, and advance a token per step, all of them in one forward
+//! over the slot cache.
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -22,16 +23,17 @@ struct ActiveGeneration {
     flight: u64,
     group: usize,
     seq: usize,
+    /// Its prompt's tokens, released from admission once prefilled.
+    prompt_tokens: u64,
     /// A streamed generation: its decoded text so far, and where its pieces go (taken
     /// from the work, so the stream ends when the generation does).
     stream: Option<(TextStream, TextPieces)>,
 }
 
-/// Every generation being decoded, and those about to join.
+/// Every generation being prefilled or decoded.
 pub(super) struct Generations {
     batch: DecodeBatch,
     active: HashMap<u64, ActiveGeneration>,
-    joining: Vec<(u64, Decoder)>,
     next_handle: u64,
 }
 
@@ -40,7 +42,6 @@ impl Generations {
         Self {
             batch: DecodeBatch::new(model),
             active: HashMap::new(),
-            joining: Vec::new(),
             next_handle: 0,
         }
     }
@@ -50,16 +51,22 @@ impl Generations {
         self.batch.len()
     }
 
+    /// Nothing decoding and nothing waiting for its prefill.
     pub fn is_empty(&self) -> bool {
         self.batch.is_empty()
+    }
+
+    /// Steps each decoding generation may still take.
+    pub fn steps_left(&self) -> Vec<usize> {
+        self.batch.steps_left()
     }
 
     pub fn cache_bytes(&self) -> usize {
         self.batch.cache_bytes()
     }
 
-    /// Sets up a decoder for every generation of `work` (request `flight`), to join at the
-    /// next `join`. Returns how many, or the error that fails the request.
+    /// Sets up a decoder for every generation of `work` (request `flight`) and queues it to
+    /// be prefilled. Returns how many, or the error that fails the request.
     pub fn start(
         &mut self,
         model: &BaseModel,
@@ -85,38 +92,55 @@ impl Generations {
                         flight,
                         group: gi,
                         seq: si,
+                        prompt_tokens: decoder.prompt_len() as u64,
                         stream,
                     },
                 );
-                self.joining.push((handle, decoder));
+                self.batch.enqueue(vec![(handle, decoder)]);
                 open += 1;
             }
         }
         Ok(open)
     }
 
-    /// The started generations join the decoding batch, in batched prefills within
-    /// `max_batch_tokens` (which also give their first token).
-    pub fn join(&mut self, model: &BaseModel, max_batch_tokens: usize, flights: &mut Flights) {
-        let joining = std::mem::take(&mut self.joining);
-        let handles: Vec<u64> = joining.iter().map(|(h, _)| *h).collect();
+    /// One slice of prefill (at most `budget` padded tokens, while fewer than
+    /// `max_members` decode): generations whose prompt is done join the decoding batch
+    /// (with their first token), and their prompt is released from admission. Returns the
+    /// padded tokens prefilled.
+    pub fn prefill(
+        &mut self,
+        model: &BaseModel,
+        budget: usize,
+        max_members: usize,
+        flights: &mut Flights,
+    ) -> usize {
         let batch = &mut self.batch;
-        let joined = catch_unwind(AssertUnwindSafe(|| {
-            batch.join(model, joining, max_batch_tokens)
+        let waiting = batch.prefilling();
+        let (joined, tokens) = catch_unwind(AssertUnwindSafe(|| {
+            batch.prefill(model, budget, max_members)
         }))
         .unwrap_or_else(|_| {
-            handles
+            // A panic part-way leaves the queue suspect: everything in it fails.
+            let failed: Vec<u64> = batch.clear();
+            let joined = failed
                 .into_iter()
                 .map(|h| (h, Err(anyhow::anyhow!(INTERNAL))))
-                .collect()
+                .collect();
+            (joined, waiting)
         });
         for (handle, result) in joined {
+            if let Some(g) = self.active.get(&handle) {
+                if let Some(f) = flights.get_mut(g.flight) {
+                    f.work.ticket.prompt_done(g.prompt_tokens);
+                }
+            }
             match result {
                 Ok(None) => {}
                 Ok(Some(done)) => self.answer(model, flights, handle, done),
                 Err(e) => self.fail(flights, handle, format!("{e:#}")),
             }
         }
+        tokens
     }
 
     /// Generations whose request failed or whose client left stop here.

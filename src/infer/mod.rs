@@ -263,6 +263,10 @@ impl Predictor {
         let identity = crate::tags::BaseModelIdentity::of(&model);
         let registry = Registry::open(tags_dir, identity, device.clone())?;
         let watcher = if watch { Some(registry.watch()?) } else { None };
+        let engine_config = EngineConfig {
+            precision: engine_config.precision.on(device),
+            ..engine_config
+        };
         let engine = Engine::start(
             model.at_precision(engine_config.precision)?,
             engine_config.clone(),

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::admission::{Load, Ticket};
 use super::engine::{EngineError, Group, Reply, TextPieces, Timings};
 use super::heads::Prediction;
 use super::EngineMetrics;
@@ -22,6 +23,8 @@ pub(super) struct Work {
     pub stream: Option<TextPieces>,
     pub enqueued: Instant,
     pub deadline: Instant,
+    /// What admission let in for it; the engine releases its parts as they are done.
+    pub ticket: Ticket,
 }
 
 /// Tokens one sequence takes: its prompt, plus, for a generation, every token it may
@@ -35,13 +38,20 @@ pub fn sequence_tokens(c: &Composed, params: &GenerationParams) -> usize {
         }
 }
 
-/// Token units of a request (see `admission`): its sequences' tokens.
-pub fn work_units(groups: &[Group], params: &GenerationParams) -> u64 {
-    groups
-        .iter()
-        .flat_map(|g| &g.seqs)
-        .map(|c| sequence_tokens(c, params))
-        .sum::<usize>() as u64
+/// What a request asks of the engine (see `admission`): its head sequences' tokens, its
+/// generations' prompts, and how many generations and how long the longest may grow.
+pub fn work_load(groups: &[Group], params: &GenerationParams) -> Load {
+    let mut load = Load::default();
+    for c in groups.iter().flat_map(|g| &g.seqs) {
+        if c.head.is_some() {
+            load.head_tokens += c.len() as u64;
+        } else {
+            load.prompt_tokens += c.len() as u64;
+            load.generations += 1;
+            load.longest = load.longest.max(sequence_tokens(c, params) as u64);
+        }
+    }
+    load
 }
 
 /// Sequences of a request: one per input and function.
@@ -50,30 +60,37 @@ pub fn sequence_count(groups: &[Group]) -> usize {
 }
 
 impl Work {
-    /// Its sequences padded to the longest: what it adds to a forward pass.
+    /// Its head sequences padded to the longest: what it adds to the iteration's head
+    /// forwards (generations are prefilled in slices of their own).
     fn padded_tokens(&self) -> usize {
-        self.groups
-            .iter()
-            .flat_map(|g| &g.seqs)
-            .map(Composed::len)
-            .max()
-            .unwrap_or(0)
-            * self.sequences()
+        let heads = || {
+            self.groups
+                .iter()
+                .flat_map(|g| &g.seqs)
+                .filter(|c| c.head.is_some())
+        };
+        heads().map(Composed::len).max().unwrap_or(0) * heads().count()
     }
 
     pub fn sequences(&self) -> usize {
         sequence_count(&self.groups)
     }
 
-    /// Prompt tokens of all its sequences.
-    pub fn prompt_tokens(&self) -> usize {
+    /// Prompt tokens of its head sequences.
+    pub fn head_tokens(&self) -> usize {
         self.groups
             .iter()
             .flat_map(|g| &g.seqs)
+            .filter(|c| c.head.is_some())
             .map(Composed::len)
             .sum()
     }
 }
+
+/// How long an engine woken from idle waits for requests still being prepared, and how
+/// often it looks.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(20);
+const GATHER_POLL: std::time::Duration = std::time::Duration::from_micros(250);
 
 /// The engine's end of the request channel. Work taken from the channel but left for the
 /// next batch (it did not fit the budget) waits in `pending`.
@@ -88,14 +105,21 @@ impl Queue {
     }
 
     /// The work to start now: waits for some only when the engine is `idle`, then takes
-    /// whatever is already queued up to `max_batch_tokens` padded tokens. Work whose
+    /// whatever is already queued up to `max_batch_tokens` padded head tokens (generations
+    /// are taken whatever their size: they queue for their prefill slices). Work whose
     /// client went away is dropped; work past its deadline is answered at once (its client
     /// would rather retry than wait on). `None` once every sender is gone.
+    ///
+    /// Woken from idle, it also waits (at most `GATHER`) for the requests admitted and
+    /// still being prepared (`preparing`): they arrive within a millisecond or two, and
+    /// starting without them would run a batch of one and leave them for the next. (Under
+    /// a storm of one-input requests, batches of one or two halved the engine's pace.)
     pub fn take(
         &mut self,
         idle: bool,
         max_batch_tokens: usize,
         metrics: &EngineMetrics,
+        preparing: impl Fn() -> u64,
     ) -> Option<Vec<Work>> {
         let mut intake = Vec::new();
         if let Some(w) = self.pending.take() {
@@ -103,14 +127,23 @@ impl Queue {
         } else if idle {
             intake.push(self.rx.blocking_recv()?);
         }
+        let woken = Instant::now();
         let mut tokens: usize = intake.iter().map(Work::padded_tokens).sum();
-        while let Ok(w) = self.rx.try_recv() {
-            if !intake.is_empty() && tokens + w.padded_tokens() > max_batch_tokens {
-                self.pending = Some(w);
-                break;
+        loop {
+            match self.rx.try_recv() {
+                Ok(w) => {
+                    if !intake.is_empty() && tokens + w.padded_tokens() > max_batch_tokens {
+                        self.pending = Some(w);
+                        break;
+                    }
+                    tokens += w.padded_tokens();
+                    intake.push(w);
+                }
+                Err(_) if idle && preparing() > 0 && woken.elapsed() < GATHER => {
+                    std::thread::sleep(GATHER_POLL);
+                }
+                Err(_) => break,
             }
-            tokens += w.padded_tokens();
-            intake.push(w);
         }
         metrics.queue_depth.sub(intake.len() as i64);
         let now = Instant::now();
@@ -249,10 +282,24 @@ mod tests {
 
     use super::*;
 
+    /// A head request of `tokens`.
     fn work(tokens: usize, deadline_in: Duration) -> (Work, oneshot::Receiver<Reply>) {
+        work_of(Composed::of_head_tokens(&vec![1; tokens], 1), deadline_in)
+    }
+
+    fn work_of(seq: Composed, deadline_in: Duration) -> (Work, oneshot::Receiver<Reply>) {
         let (reply, rx) = oneshot::channel();
         let now = Instant::now();
-        let seq = Composed::of_tokens(&vec![1; tokens]);
+        let admission =
+            super::super::admission::Admission::new(super::super::admission::AdmissionConfig {
+                max_wait: Duration::from_secs(1),
+                max_first_token_wait: Duration::from_secs(1),
+                max_generations: 64,
+                kv_cache_bytes: 1 << 30,
+                kv_bytes_per_token: 1,
+                prefill_slice: Duration::from_millis(100),
+                max_batch_tokens: 4096,
+            });
         let w = Work {
             groups: vec![Group { seqs: vec![seq] }],
             params: GenerationParams::default(),
@@ -260,6 +307,7 @@ mod tests {
             stream: None,
             enqueued: now,
             deadline: now + deadline_in,
+            ticket: admission.admit(Load::default()).unwrap(),
         };
         (w, rx)
     }
@@ -279,17 +327,28 @@ mod tests {
             waiting.push(r);
         }
         let m = metrics();
-        let first = queue.take(true, 25, &m).unwrap();
+        let first = queue.take(true, 25, &m, || 0).unwrap();
         assert_eq!(first.len(), 2, "two of 10 tokens fit 25");
-        let second = queue.take(false, 25, &m).unwrap();
+        let second = queue.take(false, 25, &m, || 0).unwrap();
         assert_eq!(second.len(), 1, "the third waited for the next batch");
-        assert!(queue.take(false, 25, &m).unwrap().is_empty());
+        assert!(queue.take(false, 25, &m, || 0).unwrap().is_empty());
         // One request larger than the whole budget still goes through, alone.
         let (big, _r) = work(100, Duration::from_secs(60));
         tx.send(big).unwrap();
-        assert_eq!(queue.take(false, 25, &m).unwrap().len(), 1);
+        assert_eq!(queue.take(false, 25, &m, || 0).unwrap().len(), 1);
+        // Generations are taken whatever their prompts: they are prefilled in slices.
+        let mut generations = Vec::new();
+        for _ in 0..3 {
+            let (w, r) = work_of(Composed::of_tokens(&[1; 100]), Duration::from_secs(60));
+            tx.send(w).unwrap();
+            generations.push(r);
+        }
+        assert_eq!(queue.take(false, 25, &m, || 0).unwrap().len(), 3);
         drop(tx);
-        assert!(queue.take(true, 25, &m).is_none(), "every sender gone");
+        assert!(
+            queue.take(true, 25, &m, || 0).is_none(),
+            "every sender gone"
+        );
     }
 
     #[test]
@@ -304,7 +363,7 @@ mod tests {
             tx.send(w).unwrap();
         }
         std::thread::sleep(Duration::from_millis(2));
-        let taken = queue.take(true, 100, &metrics()).unwrap();
+        let taken = queue.take(true, 100, &metrics(), || 0).unwrap();
         assert_eq!(taken.len(), 1, "only the live request is started");
         assert!(matches!(
             late_reply.try_recv(),

@@ -3,6 +3,8 @@
 //! advances one token per `step` over its own KV cache (`generate` runs one to the end);
 //! a server decodes many together in a `DecodeBatch`, over one persistent slot cache.
 
+use std::collections::VecDeque;
+
 use anyhow::{ensure, Result};
 use candle_core::{DType, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
@@ -79,6 +81,8 @@ pub struct Decoder {
     ids: Vec<u32>,
     /// The prompt, until a step (or a batch's prefill) has run it.
     prompt: Option<Tensor>,
+    /// Prompt positions already in `cache` (a prompt prefilled in chunks).
+    prefilled: usize,
     text: String,
     finish: Option<FinishReason>,
     /// Ids to re-decode when looking for a stop string that the newest id may complete:
@@ -97,6 +101,7 @@ impl Decoder {
             sampler: sampler(params),
             ids: Vec::new(),
             prompt: Some(prompt.unsqueeze(0)?),
+            prefilled: 0,
             text: String::new(),
             finish: (params.max_new_tokens == 0).then_some(FinishReason::Length),
             stop_window: params.stop.iter().map(String::len).max().unwrap_or(0) + 4,
@@ -110,6 +115,47 @@ impl Decoder {
     /// The ids generated so far.
     pub fn ids(&self) -> &[u32] {
         &self.ids
+    }
+
+    /// Prompt positions not yet prefilled.
+    pub fn prompt_left(&self) -> usize {
+        self.prompt
+            .as_ref()
+            .map_or(0, |p| p.dim(1).unwrap_or(0).saturating_sub(self.prefilled))
+    }
+
+    /// The prompt's length (positions).
+    pub fn prompt_len(&self) -> usize {
+        self.prompt.as_ref().map_or(0, |p| p.dim(1).unwrap_or(0))
+    }
+
+    /// Steps it may still take (new tokens left).
+    pub fn steps_left(&self) -> usize {
+        if self.finish.is_some() {
+            0
+        } else {
+            self.params.max_new_tokens.saturating_sub(self.ids.len())
+        }
+    }
+
+    /// Runs the next `n` positions of the prompt into its own cache; once the prompt is
+    /// done, returns the logits `[vocab]` of its last position.
+    fn prefill_part(&mut self, model: &BaseModel, n: usize) -> Result<Option<Tensor>> {
+        let prompt = self
+            .prompt
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("a decoder without a prompt to prefill"))?;
+        let part = prompt.narrow(1, self.prefilled, n)?;
+        let hidden = model
+            .llama
+            .forward(&part, None, Some(&mut self.cache), Mode::Fast)?;
+        self.prefilled += n;
+        if self.prompt_left() > 0 {
+            return Ok(None);
+        }
+        self.prompt = None;
+        let last = hidden.narrow(1, n - 1, 1)?;
+        Ok(Some(model.llama.logits(&last)?.flatten_all()?))
     }
 
     /// Runs the model once (the prompt, then one token at a time) and samples one token.
@@ -192,21 +238,36 @@ impl Decoder {
     }
 }
 
-/// Generations decoded together over a persistent slot cache ([`SlotKv`]): they join in
-/// batched prefills, every step runs one forward for all of them (keys and values written
-/// in place, never re-stacked), and each leaves when it finishes or is dropped. Members
-/// are known by the caller's handles.
+/// Generations decoded together over a persistent slot cache ([`SlotKv`]): they queue to
+/// be prefilled, in slices of a token budget (short prompts together in padded forwards,
+/// long ones in chunks over their own cache), so that a long prompt never holds up the
+/// decoding of the others or a server's small requests for long; then every step runs one
+/// forward for all of them (keys and values written in place, never re-stacked), and each
+/// leaves when it finishes or is dropped. Members are known by the caller's handles.
 pub struct DecodeBatch {
     kv: SlotKv,
     /// Slot `i`'s member (packed at the front like the slots): handle and decoder.
     members: Vec<(u64, Decoder)>,
+    /// Generations waiting for their prompt to be prefilled, oldest first; the front one
+    /// may be part-way through (its own cache holds what is done).
+    prefilling: VecDeque<(u64, Decoder)>,
 }
+
+/// Per handle: `Ok(None)` it decodes now, `Ok(Some(decoder))` it finished at its first
+/// token (it comes back), `Err` its prefill failed.
+pub type Joined = Vec<(u64, Result<Option<Decoder>>)>;
+
+/// A chunk of a prompt this short would go through the quantized path meant for decoding
+/// (`FrozenLinear`: two rows or fewer), and a prompt would then be computed differently in
+/// chunks than whole: chunks are never cut this short.
+const MIN_CHUNK: usize = 3;
 
 impl DecodeBatch {
     pub fn new(model: &BaseModel) -> Self {
         Self {
             kv: SlotKv::new(model.config(), model.device()),
             members: Vec::new(),
+            prefilling: VecDeque::new(),
         }
     }
 
@@ -215,8 +276,14 @@ impl DecodeBatch {
         self.members.len()
     }
 
+    /// Nothing decoding and nothing to prefill.
     pub fn is_empty(&self) -> bool {
-        self.members.is_empty()
+        self.members.is_empty() && self.prefilling.is_empty()
+    }
+
+    /// Generations waiting for (or part-way through) their prefill.
+    pub fn prefilling(&self) -> usize {
+        self.prefilling.len()
     }
 
     /// Bytes held by the slot cache.
@@ -231,58 +298,126 @@ impl DecodeBatch {
             .map(|(_, d)| d)
     }
 
-    /// Prefills the decoders' prompts in padded forwards of at most `max_tokens` padded
-    /// tokens (longer prompts alone), samples each one's first token and keeps those not
-    /// yet finished. Returns, per handle, whether it finished (then it is not kept: its
-    /// decoder comes back) or why its prefill failed.
-    #[allow(clippy::type_complexity)]
+    /// Steps each decoding member may still take.
+    pub fn steps_left(&self) -> Vec<usize> {
+        self.members.iter().map(|(_, d)| d.steps_left()).collect()
+    }
+
+    /// Queues generations to be prefilled by [`DecodeBatch::prefill`].
+    pub fn enqueue(&mut self, joining: Vec<(u64, Decoder)>) {
+        self.prefilling.extend(joining);
+    }
+
+    /// Prefills everything queued (in slices of `max_tokens`) and returns what joined.
     pub fn join(
         &mut self,
         model: &BaseModel,
         joining: Vec<(u64, Decoder)>,
         max_tokens: usize,
-    ) -> Vec<(u64, Result<Option<Decoder>>)> {
+    ) -> Joined {
+        self.enqueue(joining);
         let mut out = Vec::new();
-        let mut joining = joining;
-        // Similar lengths together: little padding.
-        joining.sort_by_key(|(_, d)| d.prompt.as_ref().map_or(0, |p| p.dim(1).unwrap_or(0)));
-        let mut chunk: Vec<(u64, Decoder)> = Vec::new();
-        let flush = |chunk: &mut Vec<(u64, Decoder)>, this: &mut Self, out: &mut Vec<_>| {
-            if chunk.is_empty() {
-                return;
-            }
-            let taken = std::mem::take(chunk);
-            let handles: Vec<u64> = taken.iter().map(|(h, _)| *h).collect();
-            match this.prefill(model, taken) {
-                Ok(results) => out.extend(results),
-                Err(e) => {
-                    let msg = format!("{e:#}");
-                    out.extend(
-                        handles
-                            .into_iter()
-                            .map(|h| (h, Err(anyhow::anyhow!(msg.clone())))),
-                    );
-                }
-            }
-        };
-        for (h, d) in joining {
-            let len = d.prompt.as_ref().map_or(0, |p| p.dim(1).unwrap_or(0));
-            if !chunk.is_empty() && (chunk.len() + 1) * len > max_tokens {
-                flush(&mut chunk, self, &mut out);
-            }
-            chunk.push((h, d));
+        while !self.prefilling.is_empty() {
+            out.extend(self.prefill(model, max_tokens, usize::MAX).0);
         }
-        flush(&mut chunk, self, &mut out);
         out
     }
 
-    /// One padded forward over the prompts of `chunk`; the unfinished join the slots.
-    #[allow(clippy::type_complexity)]
-    fn prefill(
+    /// One slice of prefill: at most `budget` padded prompt tokens, oldest first, while
+    /// fewer than `max_members` decode. Whole prompts that fit go together in padded
+    /// forwards; the first that does not is prefilled in chunks, one per slice. Each
+    /// finished prompt's first token is sampled and it joins the slots. Returns what
+    /// joined, and the padded tokens the slice's forwards took.
+    pub fn prefill(
         &mut self,
         model: &BaseModel,
-        chunk: Vec<(u64, Decoder)>,
-    ) -> Result<Vec<(u64, Result<Option<Decoder>>)>> {
+        budget: usize,
+        max_members: usize,
+    ) -> (Joined, usize) {
+        let mut out = Vec::new();
+        let mut left = budget.max(MIN_CHUNK);
+        let mut done = 0;
+        while left > 0 && self.members.len() < max_members {
+            let Some((_, front)) = self.prefilling.front() else {
+                break;
+            };
+            let remaining = front.prompt_left();
+            if front.prefilled == 0 && remaining <= left {
+                // A run of whole prompts from the front that fits the budget padded.
+                let room = max_members - self.members.len();
+                let (mut k, mut longest) = (0, 0);
+                for (_, d) in self.prefilling.iter().take(room) {
+                    let l = longest.max(d.prompt_left());
+                    if d.prefilled != 0 || (k + 1) * l > left {
+                        break;
+                    }
+                    (k, longest) = (k + 1, l);
+                }
+                let chunk: Vec<(u64, Decoder)> = self.prefilling.drain(..k).collect();
+                left -= k * longest;
+                done += k * longest;
+                let handles: Vec<u64> = chunk.iter().map(|(h, _)| *h).collect();
+                match self.prefill_whole(model, chunk) {
+                    Ok(results) => out.extend(results),
+                    Err(e) => {
+                        let msg = format!("{e:#}");
+                        out.extend(
+                            handles
+                                .into_iter()
+                                .map(|h| (h, Err(anyhow::anyhow!(msg.clone())))),
+                        );
+                    }
+                }
+                continue;
+            }
+            // A chunk of the front prompt. A tail too short is taken now (a few tokens over
+            // the budget); a chunk too short waits for the next slice.
+            let mut n = remaining.min(left);
+            if remaining - n < MIN_CHUNK {
+                n = remaining;
+            } else if n < MIN_CHUNK {
+                if done > 0 {
+                    break;
+                }
+                n = MIN_CHUNK;
+            }
+            left = left.saturating_sub(n);
+            done += n;
+            let Some((h, mut d)) = self.prefilling.pop_front() else {
+                break;
+            };
+            match d.prefill_part(model, n) {
+                Ok(None) => self.prefilling.push_front((h, d)),
+                Ok(Some(logits)) => {
+                    let joined = self.admit_prefilled(model, h, d, &logits);
+                    out.push((h, joined));
+                }
+                Err(e) => out.push((h, Err(e))),
+            }
+        }
+        (out, done)
+    }
+
+    /// A decoder whose prompt is in its own cache: samples its first token from `logits`
+    /// and, unless that finished it, moves its cache into a slot.
+    fn admit_prefilled(
+        &mut self,
+        model: &BaseModel,
+        h: u64,
+        mut dec: Decoder,
+        logits: &Tensor,
+    ) -> Result<Option<Decoder>> {
+        if dec.advance(model, logits)? {
+            return Ok(Some(dec));
+        }
+        let cache = std::mem::replace(&mut dec.cache, model.llama.new_cache());
+        self.kv.push(&cache)?;
+        self.members.push((h, dec));
+        Ok(None)
+    }
+
+    /// One padded forward over the whole prompts of `chunk`; the unfinished join the slots.
+    fn prefill_whole(&mut self, model: &BaseModel, chunk: Vec<(u64, Decoder)>) -> Result<Joined> {
         let llama = &model.llama;
         let prompts: Vec<Tensor> = chunk
             .iter()
@@ -306,15 +441,11 @@ impl DecodeBatch {
         let mut out = Vec::with_capacity(chunk.len());
         for ((i, (h, mut dec)), c) in chunk.into_iter().enumerate().zip(caches) {
             dec.prompt = None;
-            let joined = dec.advance(model, &logits.get(i)?).and_then(|finished| {
-                if finished {
-                    Ok(Some(dec))
-                } else {
-                    self.kv.push(&c)?;
-                    self.members.push((h, dec));
-                    Ok(None)
-                }
-            });
+            dec.cache = c;
+            let joined = logits
+                .get(i)
+                .map_err(anyhow::Error::from)
+                .and_then(|l| self.admit_prefilled(model, h, dec, &l));
             out.push((h, joined));
         }
         Ok(out)
@@ -348,8 +479,12 @@ impl DecodeBatch {
         Ok(out)
     }
 
-    /// Removes a member (finished, failed or abandoned) and returns its decoder.
+    /// Removes a member (finished, failed or abandoned), or a generation still waiting
+    /// for its prefill, and returns its decoder.
     pub fn leave(&mut self, handle: u64) -> Result<Option<Decoder>> {
+        if let Some(i) = self.prefilling.iter().position(|(h, _)| *h == handle) {
+            return Ok(self.prefilling.remove(i).map(|(_, d)| d));
+        }
         let Some(i) = self.members.iter().position(|(h, _)| *h == handle) else {
             return Ok(None);
         };
@@ -362,10 +497,16 @@ impl DecodeBatch {
         Ok(Some(decoder))
     }
 
-    /// Removes every member (after a failed step: their caches are suspect).
+    /// Removes every member and every generation waiting for its prefill (after a failed
+    /// step: their caches are suspect).
     pub fn clear(&mut self) -> Vec<u64> {
         self.kv.clear();
-        self.members.drain(..).map(|(h, _)| h).collect()
+        let waiting = self.prefilling.drain(..).map(|(h, _)| h);
+        self.members
+            .drain(..)
+            .map(|(h, _)| h)
+            .chain(waiting)
+            .collect()
     }
 }
 

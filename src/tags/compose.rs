@@ -75,6 +75,47 @@ impl Composed {
         }
     }
 
+    /// Plain tokens read by a (zero) regression head of width `d` at the last one, as a
+    /// head request's sequence is.
+    #[cfg(test)]
+    pub(crate) fn of_head_tokens(ids: &[u32], d: usize) -> Self {
+        use candle_core::{DType, Device};
+        let spec = super::HeadSpec::Regression {
+            target_mean: 0.0,
+            target_std: 1.0,
+        };
+        let zeros = |shape: (usize, usize)| Tensor::zeros(shape, DType::F32, &Device::Cpu);
+        let bundle = TagBundle {
+            manifest: super::TagManifest {
+                name: "Head".into(),
+                kind: super::TagKind::Function,
+                version: 1,
+                num_vectors: 1,
+                hidden_size: d,
+                base_model: String::new(),
+                head: Some(spec.clone()),
+                head_positions: 1,
+                template: None,
+                domain_tags: vec![],
+                tensors_sha256: None,
+                provenance: serde_json::Value::Null,
+                metrics: serde_json::Value::Null,
+            },
+            vectors: zeros((1, d)).unwrap(),
+            head: Some(Head {
+                spec,
+                positions: 1,
+                weight: zeros((1, d)).unwrap(),
+                bias: Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap(),
+            }),
+            source: "bundle",
+        };
+        Self {
+            head: Some((Arc::new(bundle), ids.len().saturating_sub(1))),
+            ..Self::of_tokens(ids)
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.pieces.len()
     }

@@ -95,9 +95,12 @@ impl Default for Options {
             },
             limits: Limits::default(),
             // Tests fire bursts on purpose: a queue budget no test reaches, unless it
-            // tests admission itself.
+            // tests admission itself. f32 decoding, so that answers equal the model's own
+            // `generate` exactly (q8_0's drift is measured in reference_model.rs).
             engine: EngineConfig {
+                precision: tagllm::model::Precision::F32,
                 max_queue_wait: std::time::Duration::from_secs(600),
+                max_first_token_wait: std::time::Duration::from_secs(600),
                 ..Default::default()
             },
             load: true,

@@ -1,6 +1,7 @@
 //! `tagllm serve` and `tagllm worker`: flags mapped onto the library's service and worker.
 
 use std::path::PathBuf;
+use tagllm::infer::EngineConfig;
 
 use anyhow::Result;
 use tagllm::model::{device, BaseModel};
@@ -38,13 +39,27 @@ pub(crate) struct ServeArgs {
     /// Requests in flight at once; more get 429.
     #[arg(long, env = "TAGLLM_MAX_CONCURRENT_REQUESTS", default_value_t = 512)]
     pub(crate) max_concurrent_requests: usize,
-    /// Admission by work: a /predict whose estimated wait behind the queued work (at the
-    /// engine's measured pace) exceeds this gets 429 at once; queued twice as long, 503.
-    #[arg(long, env = "TAGLLM_MAX_QUEUE_MS", default_value_t = 700)]
+    /// Admission: a head request (regression, classification) whose estimated wait before
+    /// it is answered, behind the head work admitted before it and one slice of the
+    /// engine's iteration, exceeds this gets 429 at once; not started in twice this, 503.
+    #[arg(long, env = "TAGLLM_MAX_QUEUE_MS", default_value_t = EngineConfig::default().max_queue_wait.as_millis() as u64)]
     pub(crate) max_queue_ms: u64,
-    /// How serving reads the frozen matrices: f32, or re-quantized at load to q8_0
-    /// (faster decoding, a small drift; training always uses f32).
-    #[arg(long, env = "TAGLLM_PRECISION", default_value = "f32")]
+    /// Admission: a generation whose estimated wait for its first token (a decoding slot,
+    /// the prompts ahead of it) exceeds this gets 429 at once.
+    #[arg(long, env = "TAGLLM_MAX_FIRST_TOKEN_MS", default_value_t = EngineConfig::default().max_first_token_wait.as_millis() as u64)]
+    pub(crate) max_first_token_ms: u64,
+    /// Generations decoded together at most (the decoding batch's slots).
+    #[arg(long, env = "TAGLLM_MAX_GENERATIONS", default_value_t = EngineConfig::default().max_generations)]
+    pub(crate) max_generations: usize,
+    /// Memory the decoding batch's keys and values may take, in MiB: bounds how many long
+    /// generations decode together.
+    #[arg(long, env = "TAGLLM_KV_CACHE_MIB", default_value_t = EngineConfig::default().kv_cache_bytes >> 20)]
+    pub(crate) kv_cache_mib: usize,
+    /// How serving reads the frozen matrices for decoding steps: auto (q8_0 on CPU, f32 on
+    /// a GPU), f32, or q8_0 (re-quantized at load: 3-5x faster decoding on CPU, a small
+    /// drift). Prompts, and so every head, are computed in f32 either way; training
+    /// always uses f32.
+    #[arg(long, env = "TAGLLM_PRECISION", default_value = "auto")]
     pub(crate) precision: tagllm::model::Precision,
     /// Request body size limit in bytes; larger bodies get 413.
     #[arg(long, env = "TAGLLM_MAX_BODY_BYTES", default_value_t = 2 * 1024 * 1024)]
@@ -149,6 +164,9 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         engine: tagllm::infer::EngineConfig {
             max_batch_tokens: args.max_batch_tokens,
             max_queue_wait: std::time::Duration::from_millis(args.max_queue_ms),
+            max_first_token_wait: std::time::Duration::from_millis(args.max_first_token_ms),
+            max_generations: args.max_generations,
+            kv_cache_bytes: args.kv_cache_mib << 20,
             precision: args.precision,
             ..Default::default()
         },
