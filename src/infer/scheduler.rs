@@ -60,6 +60,16 @@ pub fn sequence_count(groups: &[Group]) -> usize {
 }
 
 impl Work {
+    /// Answers it, its admission released first: a client that gets its answer and sends
+    /// the next request at once must find the engine's capacity already free.
+    fn respond(self, reply: Reply) {
+        let Work {
+            reply: to, ticket, ..
+        } = self;
+        drop(ticket);
+        let _ = to.send(reply);
+    }
+
     /// Its head sequences padded to the longest: what it adds to the iteration's head
     /// forwards (generations are prefilled in slices of their own).
     fn padded_tokens(&self) -> usize {
@@ -151,7 +161,8 @@ impl Queue {
         let (late, intake): (Vec<Work>, Vec<Work>) =
             intake.into_iter().partition(|w| now > w.deadline);
         for w in late {
-            let _ = w.reply.send(Err(EngineError::Expired(now - w.enqueued)));
+            let waited = now - w.enqueued;
+            w.respond(Err(EngineError::Expired(waited)));
         }
         Some(intake)
     }
@@ -272,7 +283,7 @@ impl InFlight {
                     )
                 }),
         };
-        let _ = self.work.reply.send(result);
+        self.work.respond(result);
     }
 }
 
