@@ -37,6 +37,8 @@ const PREFILL_KEEP: f64 = 0.98;
 /// typical load of a sequence.
 const STEP_WEIGHT: f64 = 0.2;
 const TYPICAL_WEIGHT: f64 = 0.1;
+/// Weight of each slice's pace in the pace slices are sized by.
+const SLICE_WEIGHT: f64 = 0.3;
 /// Kinds of request whose typical load is kept (kinds are served functions, so this only
 /// bounds memory); a kind past it is estimated by the typical load of any.
 const MAX_KINDS: usize = 4096;
@@ -255,6 +257,9 @@ struct State {
     /// as the longest of them.
     lengths: BTreeMap<u64, u64>,
     prefill: PrefillTimes,
+    /// Tokens per second of the prefill slices lately: chunks deep into a long prompt
+    /// attend over all of it, so they run slower than the fitted line says.
+    slice_pace: Option<f64>,
     steps: StepTimes,
     /// Per generation decoding now: the steps it may still take, ascending.
     remaining: Vec<usize>,
@@ -403,6 +408,7 @@ impl Admission {
                 generations: 0,
                 lengths: BTreeMap::new(),
                 prefill: PrefillTimes::new(),
+                slice_pace: None,
                 steps: StepTimes::default(),
                 remaining: Vec::new(),
                 preparing: 0,
@@ -460,7 +466,10 @@ impl Admission {
     }
 
     fn slice_tokens(&self, s: &State) -> usize {
-        let tokens = s.prefill.tokens_in(self.config.prefill_slice.as_secs_f64());
+        let secs = self.config.prefill_slice.as_secs_f64();
+        let tokens = s
+            .slice_pace
+            .map_or_else(|| s.prefill.tokens_in(secs), |pace| pace * secs);
         (tokens as usize).clamp(MIN_PREFILL_BUDGET, self.config.max_batch_tokens.max(1))
     }
 
@@ -483,14 +492,24 @@ impl Admission {
     }
 
     /// Lets a request of `kind` with `sequences` in on an estimate of its load (the typical
-    /// load of a sequence of its kind lately, else of any kind, else one head token), to
+    /// load of a sequence of its kind lately, else head work of any kind's typical size,
+    /// else one head token), to
     /// hold while it is prepared, or says how long it would wait.
     pub fn reserve(&self, kind: &str, sequences: u64) -> Result<Ticket, Refused> {
         let estimate = {
             let s = self.lock();
-            match s.typical_by_kind.get(kind).copied().or(s.typical) {
-                Some(t) => t.times(sequences),
-                None => Load {
+            match (s.typical_by_kind.get(kind), s.typical) {
+                (Some(t), _) => t.times(sequences),
+                // A kind not seen yet is estimated as head work of any kind's typical
+                // size: as a generation, one unknown head request sent while generations
+                // run would be judged on their first-token wait (it is checked as one at
+                // settlement if it is one).
+                (None, Some(t)) => Load {
+                    head_tokens: ((t.head_tokens + t.prompt_tokens) * sequences as f64).ceil()
+                        as u64,
+                    ..Load::default()
+                },
+                (None, None) => Load {
                     head_tokens: sequences,
                     ..Load::default()
                 },
@@ -634,6 +653,19 @@ impl Admission {
                 .prefill
                 .record(tokens as f64, busy.as_secs_f64());
         }
+    }
+
+    /// A slice of generation prompts prefilled `tokens` in `busy` (the next slice's budget
+    /// follows its pace).
+    pub fn record_slice(&self, tokens: u64, busy: Duration) {
+        let secs = busy.as_secs_f64();
+        if tokens == 0 || secs <= 0.0 {
+            return;
+        }
+        let pace = tokens as f64 / secs;
+        let mut s = self.lock();
+        s.slice_pace = Some(s.slice_pace.map_or(pace, |p| p + SLICE_WEIGHT * (pace - p)));
+        s.prefill.record(tokens as f64, secs);
     }
 
     /// A decoding step of `n` sequences took `busy`.
@@ -876,7 +908,12 @@ mod tests {
         let g = a.reserve("Translate", 2).unwrap();
         assert_eq!(a.queued().generations, 2);
         assert_eq!(a.queued().prompt_tokens, 60);
-        drop(g);
+        // A kind not seen yet counts as head work, even when generations were the last
+        // seen: it is not refused on their first-token wait before it is known to be one.
+        let unseen = a.reserve("BA", 1).unwrap();
+        assert_eq!(a.queued().generations, 2);
+        assert!(a.queued().head_tokens > 0);
+        drop((g, unseen));
     }
 
     #[test]
@@ -930,6 +967,10 @@ mod tests {
         let a = Admission::new(config(1000));
         a.calibrate_prefill(&[(1000, Duration::from_secs(1))]);
         assert_eq!(a.prefill_budget(), 250);
+        // Slices deep into a long prompt ran at 400 tokens/s: the next ones are smaller.
+        a.record_slice(250, Duration::from_millis(625));
+        assert_eq!(a.prefill_budget(), 100);
+        let a = Admission::new(config(1000));
         a.calibrate_prefill(&[(10, Duration::from_secs(1))]);
         assert_eq!(a.prefill_budget(), MIN_PREFILL_BUDGET);
     }

@@ -65,7 +65,7 @@ impl Default for EngineConfig {
             precision: Precision::Auto,
             max_generations: 64,
             kv_cache_bytes: 2 << 30,
-            prefill_slice: Duration::from_millis(500),
+            prefill_slice: Duration::from_millis(400),
         }
     }
 }
@@ -440,19 +440,19 @@ impl Iteration<'_> {
         let budget = pace.prefill_budget();
         let prefilled = generations.prefill(model, budget, cfg.max_generations.max(1), flights);
         if prefilled > 0 {
-            pace.record_prefill(prefilled as u64, started.elapsed());
+            pace.record_slice(prefilled as u64, started.elapsed());
         }
-        if generations.len() > 0 && self.fault.swap(false, Ordering::SeqCst) {
+        if generations.decoding() > 0 && self.fault.swap(false, Ordering::SeqCst) {
             panic!("a fault injected through Engine::inject_fault");
         }
         generations.drop_unwanted(flights);
-        let (decoding, started) = (generations.len(), Instant::now());
+        let (decoding, started) = (generations.decoding(), Instant::now());
         generations.step(model, flights);
         if decoding > 0 {
             pace.record_step(decoding, started.elapsed());
         }
         pace.observe_decoding(generations.steps_left());
-        metrics.decoding.set(generations.len() as i64);
+        metrics.decoding.set(generations.decoding() as i64);
         metrics
             .decode_cache_bytes
             .set(generations.cache_bytes() as i64);
@@ -537,7 +537,11 @@ mod tests {
         let prompt: Vec<u32> = (0..300).map(|i| 3 + i % 50).collect();
         let mut generation = send(Composed::of_tokens(&prompt));
         assert!(engine.run_once(&mut queue, &mut flights, &mut generations));
-        assert_eq!(generations.len(), 0, "the prompt is part-way, not decoding");
+        assert_eq!(
+            generations.decoding(),
+            0,
+            "the prompt is part-way, not decoding"
+        );
         assert_eq!(
             admission.queued().prompt_tokens,
             300,
@@ -550,7 +554,7 @@ mod tests {
         let (predictions, _) = head.try_recv().expect("answered").unwrap();
         assert!(matches!(predictions[0][0], Prediction::Value { .. }));
         assert!(generation.try_recv().is_err(), "the generation is not done");
-        assert_eq!(generations.len(), 0, "its prompt is still part-way");
+        assert_eq!(generations.decoding(), 0, "its prompt is still part-way");
 
         // The rest of the prompt, a slice an iteration, then its tokens.
         let mut iterations = 2;

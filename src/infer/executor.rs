@@ -46,8 +46,8 @@ impl Generations {
         }
     }
 
-    /// Generations decoding.
-    pub fn len(&self) -> usize {
+    /// Generations decoding (their prompts done).
+    pub fn decoding(&self) -> usize {
         self.batch.len()
     }
 
