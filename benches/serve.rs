@@ -388,6 +388,20 @@ async fn generation_bench(url: &str, smiles: &[String], precision: &str) {
     );
 }
 
+/// `POST /predict` with `body`.
+async fn post_predict(
+    client: &reqwest::Client,
+    url: &str,
+    body: &serde_json::Value,
+) -> reqwest::Response {
+    client
+        .post(format!("{url}/predict"))
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// This process's resident memory, in MB.
 fn rss_mb() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -464,12 +478,7 @@ async fn concurrent_generations(
             tokio::spawn(async move {
                 let body = json!({"template": CHAT, "inputs": [format!("molecule number {i}")],
                                   "parameters": {"max_new_tokens": 64}});
-                let r = client
-                    .post(format!("{url}/predict"))
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap();
+                let r = post_predict(&client, &url, &body).await;
                 let status = r.status().as_u16();
                 let v: serde_json::Value = r.json().await.unwrap();
                 (
@@ -608,12 +617,7 @@ async fn mix_bench(url: &str, p: &Predictor, smiles: &[String]) {
     let (client, u) = (reqwest::Client::new(), url.to_string());
     let big = tokio::spawn(async move {
         let t = Instant::now();
-        let r = client
-            .post(format!("{u}/predict"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let r = post_predict(&client, &u, &body).await;
         (r.status().as_u16(), t.elapsed().as_secs_f64())
     });
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -635,12 +639,12 @@ async fn mix_bench(url: &str, p: &Predictor, smiles: &[String]) {
     // 64 clients of one-input requests for 30 s against one 64-input request.
     let inputs: Vec<String> = (0..64).map(|i| smiles[i % smiles.len()].clone()).collect();
     let t = Instant::now();
-    let r = reqwest::Client::new()
-        .post(format!("{url}/predict"))
-        .json(&json!({"function": "QED", "inputs": inputs}))
-        .send()
-        .await
-        .unwrap();
+    let r = post_predict(
+        &reqwest::Client::new(),
+        url,
+        &json!({"function": "QED", "inputs": inputs}),
+    )
+    .await;
     assert!(r.status().is_success());
     r.bytes().await.unwrap();
     let one_request = 64.0 / t.elapsed().as_secs_f64();
