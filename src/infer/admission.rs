@@ -134,7 +134,7 @@ impl StepTimes {
 /// requests in one forward cost far less than ten forwards, and a pace measured on small
 /// forwards alone would make batches look slow (under a storm of one-input requests the
 /// engine's measured pace fell by half, and admission refused more and more).
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct PrefillTimes {
     /// Decayed weighted sums for the least-squares line: weight, x, y, x², xy.
     w: f64,
@@ -145,14 +145,9 @@ struct PrefillTimes {
 }
 
 impl PrefillTimes {
-    fn new() -> Self {
-        let mut p = Self {
-            w: 0.0,
-            x: 0.0,
-            y: 0.0,
-            xx: 0.0,
-            xy: 0.0,
-        };
+    /// The prior pace, until the engine has measured its own.
+    fn prior() -> Self {
+        let mut p = Self::default();
         p.record(PRIOR_TOKENS_PER_SECOND, 1.0);
         p
     }
@@ -382,11 +377,6 @@ impl Ticket {
         };
         self.release(part);
     }
-
-    /// What it still holds.
-    pub fn load(&self) -> Load {
-        self.load
-    }
 }
 
 impl Drop for Ticket {
@@ -407,7 +397,7 @@ impl Admission {
                 prompt_tokens: 0,
                 generations: 0,
                 lengths: BTreeMap::new(),
-                prefill: PrefillTimes::new(),
+                prefill: PrefillTimes::prior(),
                 slice_pace: None,
                 steps: StepTimes::default(),
                 remaining: Vec::new(),
@@ -421,10 +411,6 @@ impl Admission {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub fn config(&self) -> &AdmissionConfig {
-        &self.config
     }
 
     /// Measured prefill tokens per second of forward time, at the margin (what one more
@@ -631,13 +617,7 @@ impl Admission {
     /// Replaces what is known of prefill times with the engine's own forwards at start
     /// (`(tokens, time)` of each), not a guess that may be several times off here.
     pub fn calibrate_prefill(&self, forwards: &[(u64, Duration)]) {
-        let mut times = PrefillTimes {
-            w: 0.0,
-            x: 0.0,
-            y: 0.0,
-            xx: 0.0,
-            xy: 0.0,
-        };
+        let mut times = PrefillTimes::default();
         for &(tokens, busy) in forwards.iter().filter(|(t, b)| *t > 0 && !b.is_zero()) {
             times.record(tokens as f64, busy.as_secs_f64());
         }

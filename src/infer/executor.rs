@@ -115,18 +115,18 @@ impl Generations {
         flights: &mut Flights,
     ) -> usize {
         let batch = &mut self.batch;
-        let waiting = batch.prefilling();
         let (joined, tokens) = catch_unwind(AssertUnwindSafe(|| {
             batch.prefill(model, budget, max_members)
         }))
         .unwrap_or_else(|_| {
-            // A panic part-way leaves the queue suspect: everything in it fails.
-            let failed: Vec<u64> = batch.clear();
-            let joined = failed
+            // A panic part-way leaves the queue suspect: everything in it fails, and the
+            // slice counts as no prefill (its time says nothing of the pace).
+            let joined = batch
+                .clear()
                 .into_iter()
                 .map(|h| (h, Err(anyhow::anyhow!(INTERNAL))))
                 .collect();
-            (joined, waiting)
+            (joined, 0)
         });
         for (handle, result) in joined {
             if let Some(g) = self.active.get(&handle) {
