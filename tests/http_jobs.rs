@@ -434,3 +434,70 @@ async fn shutdown_hands_a_running_job_back_to_the_queue() {
     assert_eq!(job.attempts, 0);
     assert!(job.step >= 3, "its progress is kept: {job:?}");
 }
+
+/// Every family trains and serves alike: on a tiny qwen2 model (q/k/v biases, its own
+/// GGUF layout and pre-tokenizer), a stage-1 and a stage-2 tag go through `POST /train`,
+/// and `/predict` serves the regression head and a generation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qwen2_model_trains_and_serves_tags_over_http() {
+    use tagllm::model::Family;
+    let dir = common::tempdir();
+    let path = dir.path().join("tiny-qwen2.gguf");
+    tagllm::model::tiny::write_tiny_gguf_of(
+        &path,
+        Family::Qwen2,
+        candle_core::quantized::GgmlDType::Q8_0,
+        42,
+        false,
+    )
+    .unwrap();
+    let s = start(Options {
+        model: Some(path),
+        ..Options::default()
+    })
+    .await;
+    let (status, acc) = post(
+        &s,
+        "/train",
+        json!({"stage": 1, "tag": "SMILES", "dataset": {"records": text(6)},
+        "hyperparameters": {"steps": 4, "batch_size": 3, "learning_rate": 0.01, "num_vectors": 2}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{acc}");
+    wait_state(&s, acc["id"].as_str().unwrap(), "succeeded").await;
+    let (status, acc) = post(
+        &s,
+        "/train",
+        json!({"stage": 2, "tag": "QED", "template": "<SMILES> {smiles} qed <QED>",
+        "target": "qed", "head": "regression", "dataset": {"records": molecules(8)},
+        "hyperparameters": {"steps": 4, "batch_size": 4, "learning_rate": 0.01, "num_vectors": 2}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{acc}");
+    wait_state(&s, acc["id"].as_str().unwrap(), "succeeded").await;
+    let mut pred = Value::Null;
+    for _ in 0..100 {
+        let (status, p) = post(
+            &s,
+            "/predict",
+            json!({"function": "QED", "inputs": ["CCOCCO"]}),
+        )
+        .await;
+        pred = p;
+        if status == StatusCode::OK {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(pred["predictions"][0]["value"].is_number(), "{pred}");
+    assert_eq!(pred["tags"], json!({"QED": 1, "SMILES": 1}));
+    let (status, gen) = post(
+        &s,
+        "/predict",
+        json!({"template": "<SMILES> {smiles} is",
+        "inputs": [{"smiles": "CCO"}], "parameters": {"max_new_tokens": 4}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{gen}");
+    assert!(gen["predictions"][0]["text"].is_string(), "{gen}");
+}

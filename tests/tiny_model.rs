@@ -412,7 +412,7 @@ fn bad_model_files_get_clear_errors() {
     assert!(e.contains("unsupported architecture"), "{e}");
 }
 
-/// A q8_0 serving copy on CPU decodes its slot steps on host slices (`cpu_decode`): each
+/// A q8_0 serving copy on CPU decodes its slot steps on host slices (`kv::host_step`): each
 /// slot's final hidden state stays within f32 rounding of the tensor forward's for that
 /// sequence alone (the same q8_0 matrices; sums in another order, a polynomial `exp`),
 /// with slots of different lengths, for several steps.

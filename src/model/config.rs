@@ -2,8 +2,56 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The decoder families tagllm loads. One forward serves them all; what a family changes
+/// is named where it matters (its weights' layout in a file, its tokenizer's pre-split).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    /// Llama, Mistral, SmolLM2: GGUF q/k rows permuted by llama.cpp's converter.
+    #[default]
+    Llama,
+    /// Qwen2 / Qwen2.5: biases on the q, k and v projections; GGUF rows in HF order.
+    Qwen2,
+}
+
+impl Family {
+    /// The name GGUF's `general.architecture` and HF's `model_type` give it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+        }
+    }
+
+    /// The family of a GGUF architecture or HF model type (`mistral` files are llama's).
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "llama" | "mistral" => Some(Self::Llama),
+            "qwen2" => Some(Self::Qwen2),
+            _ => None,
+        }
+    }
+
+    /// Special tokens that end a generation besides the file's EOS: Qwen2.5's generation
+    /// config stops at `<|endoftext|>` as well as `<|im_end|>` (its GGUF names only the
+    /// latter).
+    pub fn extra_eos(self) -> &'static [&'static str] {
+        match self {
+            Self::Llama => &[],
+            Self::Qwen2 => &["<|endoftext|>"],
+        }
+    }
+
+    /// Whether the q, k and v projections carry biases.
+    pub fn has_qkv_bias(self) -> bool {
+        self == Self::Qwen2
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
+    #[serde(default)]
+    pub family: Family,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -107,10 +155,11 @@ fn default_max_pos() -> usize {
 impl HfConfig {
     pub fn to_llama(&self) -> anyhow::Result<LlamaConfig> {
         let kind = self.model_type.as_deref().unwrap_or("llama");
-        anyhow::ensure!(
-            matches!(kind, "llama" | "mistral"),
-            "unsupported architecture `{kind}` in config.json (supported: llama, mistral)"
-        );
+        let family = Family::from_name(kind).ok_or_else(|| {
+            anyhow::anyhow!(
+                "unsupported architecture `{kind}` in config.json (supported: llama, mistral, qwen2)"
+            )
+        })?;
         if let Some(scaling) = &self.rope_scaling {
             anyhow::ensure!(
                 scaling.is_null(),
@@ -118,6 +167,7 @@ impl HfConfig {
             );
         }
         let cfg = LlamaConfig {
+            family,
             vocab_size: self.vocab_size,
             hidden_size: self.hidden_size,
             intermediate_size: self.intermediate_size,

@@ -2,7 +2,7 @@
 //!
 //! candle's `barrier_pool().execute_chunked` hands each thread ranges of work items by
 //! reference (`Fn + Sync`), so the items cannot hold `&mut` parts of one output; the
-//! kernels that write there (`q8_matvec`, `decode_attention`) give each item its own
+//! kernels that write there (`q8_matvec`, `kv::attention`) give each item its own
 //! elements instead and write through this pointer.
 
 #[derive(Clone, Copy)]

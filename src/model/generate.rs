@@ -10,8 +10,9 @@ use candle_core::{DType, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use serde::Serialize;
 
-use super::llama::{KvCache, Mode};
-use super::slots::SlotKv;
+use super::kv::KvCache;
+use super::kv::SlotKv;
+use super::llama::Mode;
 use super::BaseModel;
 
 #[derive(Debug, Clone)]

@@ -1,5 +1,6 @@
-//! Loading a llama-architecture GGUF: config from metadata, tensors dequantized to f32 by
-//! candle, q/k rows un-permuted, tokenizer rebuilt from `tokenizer.ggml.*`.
+//! Loading a GGUF of a supported family (llama, qwen2): config from metadata, tensors
+//! dequantized to f32 by candle (k-quants included), llama's q/k rows un-permuted,
+//! tokenizer rebuilt from `tokenizer.ggml.*`.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -12,7 +13,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 use sha2::{Digest, Sha256};
 
-use super::config::LlamaConfig;
+use super::config::{Family, LlamaConfig};
 use super::tokenizer::TextTokenizer;
 use super::weights::{unpermute_qk, LlamaWeights, RawLayer};
 use super::LoadedModel;
@@ -46,39 +47,42 @@ fn get_usize(md: &HashMap<String, Value>, key: &str) -> Result<usize> {
 
 fn config_from_metadata(md: &HashMap<String, Value>, has_output: bool) -> Result<LlamaConfig> {
     let arch = get(md, "general.architecture")?.to_string()?.clone();
-    if arch != "llama" {
-        bail!("unsupported architecture `{arch}` in GGUF (supported: llama; mistral GGUFs use it too)");
-    }
+    let family = Family::from_name(&arch).ok_or_else(|| {
+        anyhow!("unsupported architecture `{arch}` in GGUF (supported: llama, qwen2; mistral GGUFs use llama)")
+    })?;
+    // Hyper-parameters are keyed by the architecture's name: `llama.block_count`, ...
+    let key = |k: &str| format!("{arch}.{k}");
     if let Some(kind) = md
-        .get("llama.rope.scaling.type")
+        .get(&key("rope.scaling.type"))
         .and_then(|v| v.to_string().ok())
     {
         if kind != "none" {
             bail!("GGUF uses RoPE scaling `{kind}`, which is not supported yet");
         }
     }
-    let hidden_size = get_usize(md, "llama.embedding_length")?;
-    let num_heads = get_usize(md, "llama.attention.head_count")?;
-    let vocab_size = match md.get("llama.vocab_size") {
+    let hidden_size = get_usize(md, &key("embedding_length"))?;
+    let num_heads = get_usize(md, &key("attention.head_count"))?;
+    let vocab_size = match md.get(&key("vocab_size")) {
         Some(v) => v.to_u32()? as usize,
         None => get(md, "tokenizer.ggml.tokens")?.to_vec()?.len(),
     };
     let cfg = LlamaConfig {
+        family,
         vocab_size,
         hidden_size,
-        intermediate_size: get_usize(md, "llama.feed_forward_length")?,
-        num_layers: get_usize(md, "llama.block_count")?,
+        intermediate_size: get_usize(md, &key("feed_forward_length"))?,
+        num_layers: get_usize(md, &key("block_count"))?,
         num_heads,
-        num_kv_heads: get_usize(md, "llama.attention.head_count_kv").unwrap_or(num_heads),
-        head_dim: get_usize(md, "llama.attention.key_length")
+        num_kv_heads: get_usize(md, &key("attention.head_count_kv")).unwrap_or(num_heads),
+        head_dim: get_usize(md, &key("attention.key_length"))
             .unwrap_or(hidden_size / num_heads.max(1)),
         rope_theta: md
-            .get("llama.rope.freq_base")
+            .get(&key("rope.freq_base"))
             .map(|v| v.to_f32())
             .transpose()?
             .unwrap_or(10_000.0),
-        rms_norm_eps: get(md, "llama.attention.layer_norm_rms_epsilon")?.to_f32()? as f64,
-        max_position_embeddings: get_usize(md, "llama.context_length").unwrap_or(4096),
+        rms_norm_eps: get(md, &key("attention.layer_norm_rms_epsilon"))?.to_f32()? as f64,
+        max_position_embeddings: get_usize(md, &key("context_length")).unwrap_or(4096),
         tie_word_embeddings: !has_output,
     };
     cfg.validate()?;
@@ -135,13 +139,28 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
             .remove(name)
             .ok_or_else(|| anyhow!("GGUF has no tensor `{name}`"))
     };
+    // llama.cpp permutes the q/k rows of llama-family files only (for its interleaved RoPE);
+    // qwen2's keep HF's order.
+    let hf_order = |w: Tensor, heads: usize| -> Result<Tensor> {
+        match cfg.family {
+            Family::Llama => unpermute_qk(&w, heads),
+            Family::Qwen2 => Ok(w),
+        }
+    };
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
         let p = format!("blk.{i}");
+        let qkv_bias = if cfg.family.has_qkv_bias() {
+            let mut bias = |x: &str| take(&format!("{p}.attn_{x}.bias"));
+            Some([bias("q")?, bias("k")?, bias("v")?])
+        } else {
+            None
+        };
         layers.push(RawLayer {
+            qkv_bias,
             attn_norm: take(&format!("{p}.attn_norm.weight"))?,
-            q: unpermute_qk(&take(&format!("{p}.attn_q.weight"))?, cfg.num_heads)?,
-            k: unpermute_qk(&take(&format!("{p}.attn_k.weight"))?, cfg.num_kv_heads)?,
+            q: hf_order(take(&format!("{p}.attn_q.weight"))?, cfg.num_heads)?,
+            k: hf_order(take(&format!("{p}.attn_k.weight"))?, cfg.num_kv_heads)?,
             v: take(&format!("{p}.attn_v.weight"))?,
             o: take(&format!("{p}.attn_output.weight"))?,
             ffn_norm: take(&format!("{p}.ffn_norm.weight"))?,
@@ -154,7 +173,10 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
     let norm = take("output_norm.weight")?;
     let lm_head = take("output.weight").ok();
     let weights = LlamaWeights::assemble(&cfg, embed, layers, norm, lm_head, device)?;
-    let tokenizer = TextTokenizer::from_gguf_metadata(md)?;
+    let mut tokenizer = TextTokenizer::from_gguf_metadata(md)?;
+    for eos in cfg.family.extra_eos() {
+        tokenizer.add_eos(eos);
+    }
     let name = md
         .get("general.name")
         .and_then(|v| v.to_string().ok().cloned());

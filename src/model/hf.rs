@@ -47,11 +47,13 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedModel> {
     let hf: HfConfig =
         serde_json::from_slice(&raw).with_context(|| format!("parsing {}", cfg_path.display()))?;
     if let Some(archs) = &hf.architectures {
-        if let Some(a) = archs
-            .iter()
-            .find(|a| !matches!(a.as_str(), "LlamaForCausalLM" | "MistralForCausalLM"))
-        {
-            bail!("unsupported architecture `{a}` in config.json (supported: LlamaForCausalLM, MistralForCausalLM)");
+        if let Some(a) = archs.iter().find(|a| {
+            !matches!(
+                a.as_str(),
+                "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM"
+            )
+        }) {
+            bail!("unsupported architecture `{a}` in config.json (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)");
         }
     }
     let cfg = hf.to_llama()?;
@@ -91,6 +93,12 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedModel> {
             gate: get(&format!("{p}.mlp.gate_proj.weight"))?,
             up: get(&format!("{p}.mlp.up_proj.weight"))?,
             down: get(&format!("{p}.mlp.down_proj.weight"))?,
+            qkv_bias: if cfg.family.has_qkv_bias() {
+                let bias = |x: &str| get(&format!("{p}.self_attn.{x}_proj.bias"));
+                Some([bias("q")?, bias("k")?, bias("v")?])
+            } else {
+                None
+            },
         });
     }
     let lm_head = if cfg.tie_word_embeddings {
@@ -107,7 +115,10 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedModel> {
         device,
     )?;
     let bos = ids_of(&hf.bos_token_id).first().copied();
-    let tokenizer = TextTokenizer::from_hf_dir(dir, ids_of(&hf.eos_token_id), bos)?;
+    let mut tokenizer = TextTokenizer::from_hf_dir(dir, ids_of(&hf.eos_token_id), bos)?;
+    for eos in cfg.family.extra_eos() {
+        tokenizer.add_eos(eos);
+    }
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
     Ok(LoadedModel {
         config: cfg,

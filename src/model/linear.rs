@@ -126,16 +126,17 @@ impl FrozenLinear {
         let xs = x.reshape(((), inner))?;
         let rows = xs.dim(0)?;
         let mut values = out.reshape((rows, n))?.to_vec2::<f32>()?;
-        let weight = match self.weight_rows.get() {
-            Some(w) => w.clone(),
-            None => self.weight()?,
-        };
         // Every row's best k at once: one gather and one batched matmul (per row, the
         // calls cost more than the arithmetic).
         let best: Vec<Vec<u32>> = values.iter().map(|row| largest(row, k)).collect();
         let idx = Tensor::from_vec(best.concat(), rows * k, x.device())?;
-        let exact = weight
-            .index_select(&idx, 0)?
+        // The weight's rows where they are kept (a tied head: the embedding); otherwise
+        // the columns of the stored transpose (an untied head keeps no second copy).
+        let gathered = match self.weight_rows.get() {
+            Some(w) => w.index_select(&idx, 0)?,
+            None => self.weight_t.index_select(&idx, 1)?.t()?.contiguous()?,
+        };
+        let exact = gathered
             .reshape((rows, k, inner))?
             .matmul(&xs.unsqueeze(2)?)?
             .reshape((rows, k))?

@@ -2,17 +2,15 @@
 //! embeddings-in forward. Knows nothing of tags, HTTP or training jobs.
 
 pub mod config;
-mod cpu_decode;
-mod decode_attention;
 pub mod device;
 mod disjoint;
 pub mod generate;
 mod gguf;
 mod hf;
+pub mod kv;
 pub mod linear;
 pub mod llama;
 mod q8_matvec;
-pub mod slots;
 pub mod threads;
 pub mod tiny;
 pub mod tokenizer;
@@ -25,12 +23,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 
-pub use config::LlamaConfig;
+pub use config::{Family, LlamaConfig};
 pub use generate::{
     generate, DecodeBatch, Decoder, FinishReason, Generation, GenerationParams, TextStream,
 };
-pub use llama::{pad_right, rows_at, rows_ending_at, KvCache, Llama, Mode};
-pub use slots::SlotKv;
+pub use kv::{KvCache, SlotKv};
+pub use llama::{pad_right, rows_at, rows_ending_at, Llama, Mode};
 pub use tokenizer::TextTokenizer;
 
 /// How the serving forward reads the frozen matrices. Training always uses f32; a q8_0

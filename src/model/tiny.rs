@@ -15,7 +15,7 @@ use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::config::LlamaConfig;
+use super::config::{Family, LlamaConfig};
 use super::weights::permute_qk;
 
 const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
@@ -64,7 +64,13 @@ pub fn tiny_vocab() -> Vec<String> {
 }
 
 pub fn tiny_config(tie_word_embeddings: bool) -> LlamaConfig {
+    tiny_config_of(Family::Llama, tie_word_embeddings)
+}
+
+/// The tiny model's hyper-parameters for a family: the same shapes in every family.
+pub fn tiny_config_of(family: Family, tie_word_embeddings: bool) -> LlamaConfig {
     LlamaConfig {
+        family,
         vocab_size: tiny_vocab().len(),
         hidden_size: 64,
         intermediate_size: 128,
@@ -108,6 +114,12 @@ fn tiny_tensors(cfg: &LlamaConfig, seed: u64) -> Result<Vec<(String, Tensor)>> {
         out.push((format!("{p}.self_attn.q_proj.weight"), mat(q, d, 0.25)?));
         out.push((format!("{p}.self_attn.k_proj.weight"), mat(kv, d, 0.25)?));
         out.push((format!("{p}.self_attn.v_proj.weight"), mat(kv, d, 0.25)?));
+        if cfg.family.has_qkv_bias() {
+            for (x, n) in [("q", q), ("k", kv), ("v", kv)] {
+                let bias = mat(1, n, 0.5)?.squeeze(0)?;
+                out.push((format!("{p}.self_attn.{x}_proj.bias"), bias));
+            }
+        }
         out.push((format!("{p}.self_attn.o_proj.weight"), mat(d, q, 0.15)?));
         out.push((
             format!("{p}.post_attention_layernorm.weight"),
@@ -145,6 +157,9 @@ fn gguf_name(hf: &str) -> Result<String> {
         "self_attn.q_proj.weight" => "attn_q.weight",
         "self_attn.k_proj.weight" => "attn_k.weight",
         "self_attn.v_proj.weight" => "attn_v.weight",
+        "self_attn.q_proj.bias" => "attn_q.bias",
+        "self_attn.k_proj.bias" => "attn_k.bias",
+        "self_attn.v_proj.bias" => "attn_v.bias",
         "self_attn.o_proj.weight" => "attn_output.weight",
         "post_attention_layernorm.weight" => "ffn_norm.weight",
         "mlp.gate_proj.weight" => "ffn_gate.weight",
@@ -155,8 +170,8 @@ fn gguf_name(hf: &str) -> Result<String> {
     Ok(format!("blk.{i}.{g}"))
 }
 
-/// The tokenizer part of the tiny GGUF's metadata.
-fn tokenizer_metadata() -> Vec<(&'static str, Value)> {
+/// The tokenizer part of the tiny GGUF's metadata (the family's pre-tokenizer).
+fn tokenizer_metadata(family: Family) -> Vec<(&'static str, Value)> {
     let vocab = tiny_vocab();
     let s = |x: &str| Value::String(x.to_string());
     let types = (0..vocab.len())
@@ -164,7 +179,13 @@ fn tokenizer_metadata() -> Vec<(&'static str, Value)> {
         .collect();
     vec![
         ("tokenizer.ggml.model", s("gpt2")),
-        ("tokenizer.ggml.pre", s("smollm")),
+        (
+            "tokenizer.ggml.pre",
+            s(match family {
+                Family::Llama => "smollm",
+                Family::Qwen2 => "qwen2",
+            }),
+        ),
         (
             "tokenizer.ggml.tokens",
             Value::Array(vocab.iter().map(|t| s(t)).collect()),
@@ -184,12 +205,25 @@ fn tokenizer_metadata() -> Vec<(&'static str, Value)> {
 /// Writes the tiny model as a GGUF: matrices in `matrix_type`, the embedding in Q8_0 when
 /// the matrices are quantized (as in the default model), norms in F32.
 pub fn write_tiny_gguf(path: &Path, matrix_type: GgmlDType, seed: u64, tie: bool) -> Result<()> {
-    let cfg = tiny_config(tie);
+    write_tiny_gguf_of(path, Family::Llama, matrix_type, seed, tie)
+}
+
+/// [`write_tiny_gguf`] for a family: its tensors (qwen2's biases), its metadata keys, and
+/// its layout (llama.cpp permutes llama's q/k rows only).
+pub fn write_tiny_gguf_of(
+    path: &Path,
+    family: Family,
+    matrix_type: GgmlDType,
+    seed: u64,
+    tie: bool,
+) -> Result<()> {
+    let cfg = tiny_config_of(family, tie);
+    let permuted = family == Family::Llama;
     let mut qtensors = Vec::new();
     for (hf, t) in tiny_tensors(&cfg, seed)? {
-        let t = if hf.ends_with("q_proj.weight") {
+        let t = if permuted && hf.ends_with("q_proj.weight") {
             permute_qk(&t, cfg.num_heads)?
-        } else if hf.ends_with("k_proj.weight") {
+        } else if permuted && hf.ends_with("k_proj.weight") {
             permute_qk(&t, cfg.num_kv_heads)?
         } else {
             t
@@ -208,24 +242,33 @@ pub fn write_tiny_gguf(path: &Path, matrix_type: GgmlDType, seed: u64, tie: bool
     }
     let s = |x: &str| Value::String(x.to_string());
     let u = |x: usize| Value::U32(x as u32);
-    let mut metadata: Vec<(&str, Value)> = vec![
-        ("general.architecture", s("llama")),
-        ("general.name", s("tagllm-tiny")),
-        ("llama.block_count", u(cfg.num_layers)),
-        ("llama.context_length", u(cfg.max_position_embeddings)),
-        ("llama.embedding_length", u(cfg.hidden_size)),
-        ("llama.feed_forward_length", u(cfg.intermediate_size)),
-        ("llama.attention.head_count", u(cfg.num_heads)),
-        ("llama.attention.head_count_kv", u(cfg.num_kv_heads)),
-        ("llama.rope.freq_base", Value::F32(cfg.rope_theta)),
+    let arch = family.name();
+    let mut metadata: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), s(arch)),
+        ("general.name".into(), s("tagllm-tiny")),
+    ];
+    for (key, value) in [
+        ("block_count", u(cfg.num_layers)),
+        ("context_length", u(cfg.max_position_embeddings)),
+        ("embedding_length", u(cfg.hidden_size)),
+        ("feed_forward_length", u(cfg.intermediate_size)),
+        ("attention.head_count", u(cfg.num_heads)),
+        ("attention.head_count_kv", u(cfg.num_kv_heads)),
+        ("rope.freq_base", Value::F32(cfg.rope_theta)),
         (
-            "llama.attention.layer_norm_rms_epsilon",
+            "attention.layer_norm_rms_epsilon",
             Value::F32(cfg.rms_norm_eps as f32),
         ),
-        ("llama.vocab_size", u(cfg.vocab_size)),
-    ];
-    metadata.extend(tokenizer_metadata());
-    let md_refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+        ("vocab_size", u(cfg.vocab_size)),
+    ] {
+        metadata.push((format!("{arch}.{key}"), value));
+    }
+    metadata.extend(
+        tokenizer_metadata(family)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v)),
+    );
+    let md_refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = qtensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tmp = path.with_extension("gguf.tmp");
     {
@@ -242,12 +285,21 @@ pub fn write_tiny_gguf(path: &Path, matrix_type: GgmlDType, seed: u64, tie: bool
 /// Writes the same tiny model (same seed -> same weights) as an HF directory:
 /// `config.json`, `tokenizer.json`, `tokenizer_config.json`, `model.safetensors` (f32).
 pub fn write_tiny_hf(dir: &Path, seed: u64, tie: bool) -> Result<()> {
-    let cfg = tiny_config(tie);
+    write_tiny_hf_of(dir, Family::Llama, seed, tie)
+}
+
+/// [`write_tiny_hf`] for a family.
+pub fn write_tiny_hf_of(dir: &Path, family: Family, seed: u64, tie: bool) -> Result<()> {
+    let cfg = tiny_config_of(family, tie);
+    let architecture = match family {
+        Family::Llama => "LlamaForCausalLM",
+        Family::Qwen2 => "Qwen2ForCausalLM",
+    };
     std::fs::create_dir_all(dir)?;
     let tensors: HashMap<String, Tensor> = tiny_tensors(&cfg, seed)?.into_iter().collect();
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
     let config = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": [architecture], "model_type": family.name(),
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
@@ -265,7 +317,7 @@ pub fn write_tiny_hf(dir: &Path, seed: u64, tie: bool) -> Result<()> {
         serde_json::to_vec_pretty(&tok_cfg)?,
     )?;
     // The HF tokenizer is the one the GGUF loader rebuilds from the same vocabulary.
-    let gguf_tok = tiny_tokenizer()?;
+    let gguf_tok = tiny_tokenizer_of(family)?;
     gguf_tok
         .inner()
         .save(dir.join("tokenizer.json"), true)
@@ -275,7 +327,12 @@ pub fn write_tiny_hf(dir: &Path, seed: u64, tie: bool) -> Result<()> {
 
 /// The tiny model's tokenizer, built through the GGUF metadata path.
 pub fn tiny_tokenizer() -> Result<super::TextTokenizer> {
-    let md: HashMap<String, Value> = tokenizer_metadata()
+    tiny_tokenizer_of(Family::Llama)
+}
+
+/// The tiny model's tokenizer with a family's pre-tokenizer.
+pub fn tiny_tokenizer_of(family: Family) -> Result<super::TextTokenizer> {
+    let md: HashMap<String, Value> = tokenizer_metadata(family)
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();

@@ -29,6 +29,8 @@ const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen2's split: llama3's, with every digit on its own.
+const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 #[derive(Clone)]
 pub struct TextTokenizer {
@@ -73,18 +75,23 @@ fn pre_tokenizer_for(pre: &str) -> Result<PreTokenizerWrapper> {
     Ok(match pre {
         "smollm" => Sequence::new(vec![Digits::new(true).into(), byte_level(true).into()]).into(),
         "gpt2" | "default" => byte_level(true).into(),
-        "llama-bpe" | "llama3" => {
+        "llama-bpe" | "llama3" | "qwen2" => {
+            let pattern = if pre == "qwen2" {
+                QWEN2_PATTERN
+            } else {
+                LLAMA3_PATTERN
+            };
             let split = Split::new(
-                SplitPattern::Regex(LLAMA3_PATTERN.into()),
+                SplitPattern::Regex(pattern.into()),
                 SplitDelimiterBehavior::Isolated,
                 false,
             )
-            .map_err(|e| anyhow!("llama3 split pattern: {e}"))?;
+            .map_err(|e| anyhow!("{pre} split pattern: {e}"))?;
             Sequence::new(vec![split.into(), byte_level(false).into()]).into()
         }
         other => bail!(
             "GGUF pre-tokenizer `{other}` is not supported (supported: smollm, gpt2, default, \
-             llama-bpe); load the model from an HF directory with tokenizer.json instead"
+             llama-bpe, qwen2); load the model from an HF directory with tokenizer.json instead"
         ),
     })
 }
@@ -328,6 +335,23 @@ impl TextTokenizer {
 
     pub fn eos_ids(&self) -> &[u32] {
         &self.eos_ids
+    }
+
+    /// Makes the special token `text` end generation too (a family whose files name one
+    /// EOS but whose generation config stops at several); unknown text changes nothing.
+    pub(crate) fn add_eos(&mut self, text: &str) {
+        let Some(id) = self
+            .specials
+            .iter()
+            .find(|(t, _)| t == text)
+            .map(|(_, id)| *id)
+        else {
+            return;
+        };
+        if !self.eos_ids.contains(&id) {
+            self.eos_ids.push(id);
+            self.never_generated.retain(|&n| n != id);
+        }
     }
 
     pub fn bos_id(&self) -> Option<u32> {

@@ -1,6 +1,7 @@
 //! The frozen weights of a llama-family decoder, in the layout the forward uses: HF layout
 //! (q/k rows for `rotate_half` RoPE), float32, with q/k/v and gate/up fused into one
-//! matrix each so that every block runs two input matmuls instead of five.
+//! matrix each so that every block runs two input matmuls instead of five (and q/k/v's
+//! biases, where the family has them, fused the same way).
 
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -13,6 +14,8 @@ pub struct LayerWeights {
     pub attn_norm: Tensor,
     /// `[q + 2 kv, d]`: q, k and v projections stacked.
     pub qkv: FrozenLinear,
+    /// `[q + 2 kv]`: their biases, stacked the same way (qwen2).
+    pub qkv_bias: Option<Tensor>,
     pub o: FrozenLinear,
     pub ffn_norm: Tensor,
     /// `[2 ffn, d]`: gate and up projections stacked.
@@ -41,6 +44,8 @@ pub struct RawLayer {
     pub gate: Tensor,
     pub up: Tensor,
     pub down: Tensor,
+    /// The q, k and v biases, for families that have them (qwen2).
+    pub qkv_bias: Option<[Tensor; 3]>,
 }
 
 fn f32_on(t: Tensor, device: &Device) -> Result<Tensor> {
@@ -116,11 +121,31 @@ impl LlamaWeights {
             expect_shape("gate", &l.gate, &[f, d]).with_context(ctx)?;
             expect_shape("up", &l.up, &[f, d]).with_context(ctx)?;
             expect_shape("down", &l.down, &[d, f]).with_context(ctx)?;
+            ensure!(
+                l.qkv_bias.is_some() == cfg.family.has_qkv_bias(),
+                "block {i}: a {} model {} q/k/v biases",
+                cfg.family.name(),
+                if cfg.family.has_qkv_bias() {
+                    "needs"
+                } else {
+                    "has no"
+                }
+            );
+            let qkv_bias = match l.qkv_bias {
+                Some([bq, bk, bv]) => {
+                    expect_shape("q bias", &bq, &[q_dim]).with_context(ctx)?;
+                    expect_shape("k bias", &bk, &[kv_dim]).with_context(ctx)?;
+                    expect_shape("v bias", &bv, &[kv_dim]).with_context(ctx)?;
+                    Some(f32_on(Tensor::cat(&[bq, bk, bv], 0)?, device)?)
+                }
+                None => None,
+            };
             let qkv = Tensor::cat(&[l.q, l.k, l.v], 0)?;
             let gate_up = Tensor::cat(&[l.gate, l.up], 0)?;
             fused.push(LayerWeights {
                 attn_norm: f32_on(l.attn_norm, device)?,
                 qkv: FrozenLinear::new(&f32_on(qkv, device)?)?,
+                qkv_bias,
                 o: FrozenLinear::new(&f32_on(l.o, device)?)?,
                 ffn_norm: f32_on(l.ffn_norm, device)?,
                 gate_up: FrozenLinear::new(&f32_on(gate_up, device)?)?,

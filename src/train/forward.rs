@@ -110,7 +110,7 @@ impl Trainer<'_> {
                 }
             }
             let ordered: Vec<&KvCache> = batch.iter().map(|e| caches[&e.id].as_ref()).collect();
-            let mut cache = KvCache::stack(&ordered, llama)?;
+            let mut cache = KvCache::stack(&ordered, llama.config(), llama.device())?;
             let suffixes: Vec<&[Piece]> =
                 batch.iter().map(|e| &e.pieces[e.first_learned..]).collect();
             let (x, m) = self.padded(&suffixes)?;

@@ -8,8 +8,9 @@
 //! its own positions, so there is nothing to mask; a slot's result does not depend on the
 //! others.
 
-use super::disjoint::DisjointOut;
-use super::vec_math;
+use super::slots::CachedLayer;
+use crate::model::disjoint::DisjointOut;
+use crate::model::vec_math;
 
 /// The attention heads' shape.
 #[derive(Debug, Clone, Copy)]
@@ -17,13 +18,6 @@ pub(crate) struct Heads {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
-}
-
-/// The slot cache of one layer, `[slots, kv_heads, capacity, head_dim]` each.
-pub(crate) struct CachedLayer<'a> {
-    pub keys: &'a [f32],
-    pub values: &'a [f32],
-    pub capacity: usize,
 }
 
 /// `q`: the new queries, `[n, heads, head_dim]` (after rope); `lens[i]`: the positions slot

@@ -4,18 +4,18 @@
 //! they force, rope, SiLU, products, sums, a tensor per op), each allocating and dispatching
 //! to the pool: at 16 sequences, about two thirds of a q8_0 step besides the matmuls. Here
 //! a layer is: norm, the q/k/v matmul, rope in place, keys and values written into the
-//! slot cache, attention (`decode_attention`), the output matmul and residual, norm, the
+//! slot cache, attention (`attention`), the output matmul and residual, norm, the
 //! gate/up matmul, SwiGLU in one vectorised pass, the down matmul and residual. The
 //! arithmetic is the same as candle's ops, up to the order of f32 sums and `vec_math::exp`.
 
 use anyhow::{ensure, Context, Result};
 
-use super::config::LlamaConfig;
-use super::decode_attention::{self, Heads};
-use super::q8_matvec::Q8Matrix;
+use super::attention::{self, Heads};
 use super::slots::SlotKv;
-use super::vec_math;
-use super::weights::LlamaWeights;
+use crate::model::config::LlamaConfig;
+use crate::model::q8_matvec::Q8Matrix;
+use crate::model::vec_math;
+use crate::model::weights::LlamaWeights;
 
 /// What a step reads besides the q8_0 matrices, as host vectors (made once, when the
 /// serving copy is quantized).
@@ -23,6 +23,8 @@ use super::weights::LlamaWeights;
 pub(crate) struct CpuDecode {
     /// Per layer: the attention and feed-forward norms' weights.
     norms: Vec<(Vec<f32>, Vec<f32>)>,
+    /// Per layer: the q/k/v biases, for families that have them.
+    qkv_biases: Vec<Option<Vec<f32>>>,
     final_norm: Vec<f32>,
     /// `[max_positions, head_dim / 2]`.
     cos: Vec<f32>,
@@ -54,8 +56,12 @@ impl CpuDecode {
         let norms = (w.layers.iter())
             .map(|l| Ok((host(&l.attn_norm)?, host(&l.ffn_norm)?)))
             .collect::<Result<_>>()?;
+        let qkv_biases = (w.layers.iter())
+            .map(|l| l.qkv_bias.as_ref().map(host).transpose())
+            .collect::<Result<_>>()?;
         let this = Self {
             norms,
+            qkv_biases,
             final_norm: host(&w.norm)?,
             cos: host(cos)?,
             sin: host(sin)?,
@@ -115,6 +121,11 @@ impl CpuDecode {
         for (li, (m, (attn_norm, ffn_norm))) in layers.iter().zip(&self.norms).enumerate() {
             rms_norm_rows(&x, attn_norm, eps, &mut h);
             let mut qkv = m.qkv.forward_rows(&h);
+            if let Some(bias) = &self.qkv_biases[li] {
+                for row in qkv.chunks_exact_mut(width) {
+                    add_into(row, bias);
+                }
+            }
             for (row, &pos) in qkv.chunks_exact_mut(width).zip(lens) {
                 // Queries' and keys' heads (values are not rotated).
                 self.rope(&mut row[..(nh + nkv) * hd], pos, hd);
@@ -124,7 +135,7 @@ impl CpuDecode {
                 q.copy_from_slice(&row[..nh * hd]);
             }
             let attn = kv.with_cpu_layer(li, |cache| {
-                decode_attention::attend(&q, cache, &attending, shape, scale)
+                attention::attend(&q, cache, &attending, shape, scale)
             })?;
             add_into(&mut x, &m.o.forward_rows(&attn));
             rms_norm_rows(&x, ffn_norm, eps, &mut h);

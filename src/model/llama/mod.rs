@@ -12,10 +12,11 @@ use candle_nn::ops;
 use candle_transformers::utils::repeat_kv;
 
 use super::config::LlamaConfig;
-use super::cpu_decode::CpuDecode;
-use super::decode_attention::{self, Heads};
-use super::slots::SlotKv;
+use super::kv::host_step::CpuDecode;
+use super::kv::KvCache;
 use super::weights::{LayerWeights, LlamaWeights};
+
+mod slot_step;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -33,49 +34,6 @@ const LOGITS_EXACT_TOP_K: usize = 64;
 /// in a backward pass; `exp` of it is exactly 0 in f32.
 const MASKED: f32 = -1e9;
 
-/// Keys and values of everything seen so far, per layer, for incremental decoding (or for
-/// reusing a frozen prefix while training).
-#[derive(Debug, Clone)]
-pub struct KvCache {
-    pub(super) layers: Vec<Option<(Tensor, Tensor)>>,
-    /// Per sequence, per cached position: was it a real token (not padding)?
-    pub(super) key_valid: Vec<Vec<bool>>,
-    /// Per sequence: the position id the next real token gets.
-    pub(super) next_pos: Vec<usize>,
-}
-
-impl KvCache {
-    pub fn new(num_layers: usize) -> Self {
-        Self {
-            layers: vec![None; num_layers],
-            key_valid: Vec::new(),
-            next_pos: Vec::new(),
-        }
-    }
-
-    /// Number of cached positions (padding included).
-    pub fn len(&self) -> usize {
-        self.key_valid.first().map_or(0, Vec::len)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The cache without gradient history, e.g. a frozen prefix reused in training.
-    pub fn detach(&self) -> Self {
-        Self {
-            layers: self
-                .layers
-                .iter()
-                .map(|l| l.as_ref().map(|(k, v)| (k.detach(), v.detach())))
-                .collect(),
-            key_valid: self.key_valid.clone(),
-            next_pos: self.next_pos.clone(),
-        }
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct Llama {
     cfg: LlamaConfig,
@@ -84,7 +42,7 @@ pub struct Llama {
     cos: Tensor,
     sin: Tensor,
     device: Device,
-    /// For a q8_0 serving copy on CPU: decoding steps on host slices (`cpu_decode`).
+    /// For a q8_0 serving copy on CPU: decoding steps on host slices (`kv::host_step`).
     cpu_decode: Option<Arc<CpuDecode>>,
 }
 
@@ -95,6 +53,16 @@ struct Geometry {
     bias: Tensor, // [b, 1, s, t]
     key_valid: Vec<Vec<bool>>,
     next_pos: Vec<usize>,
+}
+
+/// The stacked q, k and v projections of `h` (`[..., d]`), biases added where the family
+/// has them.
+fn qkv_projection(w: &LayerWeights, h: &Tensor) -> Result<Tensor> {
+    let qkv = w.qkv.forward(h)?;
+    Ok(match &w.qkv_bias {
+        Some(bias) => qkv.broadcast_add(bias)?,
+        None => qkv,
+    })
 }
 
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, mode: Mode) -> Result<Tensor> {
@@ -323,7 +291,7 @@ impl Llama {
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
 
         let h = rms_norm(x, &w.attn_norm, cfg.rms_norm_eps, mode)?;
-        let qkv = w.qkv.forward(&h)?;
+        let qkv = qkv_projection(w, &h)?;
         let heads = |start: usize, n: usize| -> Result<Tensor> {
             Ok(qkv
                 .narrow(D::Minus1, start * hd, n * hd)?
@@ -356,97 +324,6 @@ impl Llama {
         let f = cfg.intermediate_size;
         let act = (gu.narrow(D::Minus1, 0, f)?.silu()? * gu.narrow(D::Minus1, f, f)?)?;
         Ok((x + w.down.forward(&act)?)?)
-    }
-
-    /// One decoding step for every active slot of `kv`: `x` `[n, 1, d]` holds each slot's
-    /// next input embedding. New keys and values are written into the slots in place and
-    /// attention reads the slots through views; grouped-query heads share their key/value
-    /// head without copies. Returns final-norm hidden states `[n, 1, d]`. (Gradient-free.)
-    /// A q8_0 serving copy on CPU computes the step on host slices (`cpu_decode`) when its
-    /// kernel serves `n` sequences; otherwise candle's ops do.
-    pub fn decode_slots(&self, x: &Tensor, kv: &mut SlotKv) -> Result<Tensor> {
-        let cfg = &self.cfg;
-        let (n, s, d) = x.dims3()?;
-        ensure!(
-            n == kv.len() && s == 1 && d == cfg.hidden_size,
-            "decode_slots takes [{}, 1, {}], got {:?}",
-            kv.len(),
-            cfg.hidden_size,
-            x.dims()
-        );
-        let lens = kv.lens().to_vec();
-        let t = lens.iter().max().map_or(0, |m| m + 1);
-        ensure!(
-            t <= cfg.max_position_embeddings,
-            "sequence of {t} positions exceeds the model's context of {}",
-            cfg.max_position_embeddings
-        );
-        kv.reserve(n, t)?;
-        if let Some(fast) = (self.cpu_decode.as_deref()).filter(|c| c.serves(n)) {
-            let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            let hidden = fast.step(cfg, &self.w, xs, kv)?;
-            kv.advance();
-            return Ok(Tensor::from_vec(hidden, (n, 1, d), &self.device)?);
-        }
-        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let positions: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
-        let pos = Tensor::from_vec(positions, n, &self.device)?;
-        let (cos, sin) = (
-            self.cos.index_select(&pos, 0)?.unsqueeze(1)?,
-            self.sin.index_select(&pos, 0)?.unsqueeze(1)?,
-        );
-        // Slot i attends to its positions 0..=lens[i]. On CPU it reads just those; through
-        // candle's matmuls the rest of the view is masked (slots all of one length, always
-        // so for one, need no mask: one op less a layer).
-        let attending: Vec<usize> = lens.iter().map(|l| l + 1).collect();
-        let bias = if self.device.is_cpu() || lens.iter().all(|&l| l + 1 == t) {
-            None
-        } else {
-            let mut bias = vec![MASKED; n * t];
-            for (i, &l) in lens.iter().enumerate() {
-                bias[i * t..i * t + l + 1].fill(0.0);
-            }
-            Some(Tensor::from_vec(bias, (n, 1, 1, t), &self.device)?)
-        };
-        let scale = 1.0 / (hd as f64).sqrt();
-        let mut x = x.to_dtype(DType::F32)?;
-        for (li, w) in self.w.layers.iter().enumerate() {
-            let h = rms_norm(&x, &w.attn_norm, cfg.rms_norm_eps, Mode::Fast)?;
-            let qkv = w.qkv.forward(&h)?.reshape((n, nh + 2 * nkv, hd))?;
-            let heads = |start: usize, count: usize| -> Result<Tensor> {
-                Ok(qkv.narrow(1, start, count)?.unsqueeze(2)?.contiguous()?)
-            };
-            let q = rope(&heads(0, nh)?, &cos, &sin, Mode::Fast)?;
-            let k = rope(&heads(nh, nkv)?, &cos, &sin, Mode::Fast)?;
-            kv.write(li, &k, &heads(nh + nkv, nkv)?)?;
-            let attn = if self.device.is_cpu() {
-                let q = q.flatten_all()?.to_vec1::<f32>()?;
-                let shape = Heads {
-                    heads: nh,
-                    kv_heads: nkv,
-                    head_dim: hd,
-                };
-                let out = kv.with_cpu_layer(li, |cache| {
-                    decode_attention::attend(&q, cache, &attending, shape, scale as f32)
-                })?;
-                Tensor::from_vec(out, (n, 1, nh * hd), &self.device)?
-            } else {
-                let (keys, values) = kv.view(li, t)?;
-                // [n, nh, 1, hd] as [n, nkv, group, hd]: a group's query heads share a kv
-                // head.
-                let q = q.reshape((n, nkv, nh / nkv, hd))?;
-                let mut scores = (q.matmul(&keys.t()?)? * scale)?;
-                if let Some(bias) = &bias {
-                    scores = scores.broadcast_add(bias)?;
-                }
-                let attn = softmax(&scores, Mode::Fast)?.matmul(&values)?;
-                attn.reshape((n, 1, nh * hd))?
-            };
-            let x1 = (&x + w.o.forward(&attn)?)?;
-            x = self.mlp(w, &x1, Mode::Fast)?;
-        }
-        kv.advance();
-        rms_norm(&x, &self.w.norm, cfg.rms_norm_eps, Mode::Fast)
     }
 }
 
@@ -510,175 +387,6 @@ pub fn rows_ending_at(hidden: &Tensor, last: &[usize], width: usize) -> Result<T
         .reshape((b * s, d))?
         .index_select(&idx, 0)?
         .reshape((b, width * d))?)
-}
-
-impl KvCache {
-    /// The cache of one sequence repeated `n` times, so `n` continuations share a prefix.
-    pub fn repeat(&self, n: usize) -> Result<Self> {
-        ensure!(
-            self.key_valid.len() == 1,
-            "only a single-sequence cache can be repeated"
-        );
-        let layers = self
-            .layers
-            .iter()
-            .map(|l| match l {
-                Some((k, v)) => Ok(Some((k.repeat((n, 1, 1, 1))?, v.repeat((n, 1, 1, 1))?))),
-                None => Ok(None),
-            })
-            .collect::<Result<_>>()?;
-        Ok(Self {
-            layers,
-            key_valid: vec![self.key_valid[0].clone(); n],
-            next_pos: vec![self.next_pos[0]; n],
-        })
-    }
-}
-
-impl KvCache {
-    /// One single-sequence cache per sequence of this batch cache, each reduced to its
-    /// real (non-padding) positions: to keep per-example prefixes, or per-generation
-    /// caches, and batch them again later with [`KvCache::stack`].
-    pub fn split(&self) -> Result<Vec<KvCache>> {
-        (0..self.key_valid.len())
-            .map(|b| {
-                let keep: Vec<u32> = self.key_valid[b]
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, v)| **v)
-                    .map(|(i, _)| i as u32)
-                    .collect();
-                let n = keep.len();
-                // Right padding keeps a prefix (a cheap narrow); anything else is gathered.
-                let prefix = keep.iter().enumerate().all(|(j, &i)| j as u32 == i);
-                let keep = Tensor::from_vec(
-                    keep,
-                    n,
-                    self.layers
-                        .iter()
-                        .flatten()
-                        .next()
-                        .map_or(&Device::Cpu, |(k, _)| k.device()),
-                )?;
-                let take = |t: &Tensor| -> Result<Tensor> {
-                    let row = t.narrow(0, b, 1)?;
-                    Ok(if prefix {
-                        row.narrow(2, 0, n)?.contiguous()?
-                    } else {
-                        row.index_select(&keep, 2)?
-                    })
-                };
-                let layers = self
-                    .layers
-                    .iter()
-                    .map(|l| match l {
-                        Some((k, v)) => Ok(Some((take(k)?, take(v)?))),
-                        None => Ok(None),
-                    })
-                    .collect::<Result<_>>()?;
-                Ok(KvCache {
-                    layers,
-                    key_valid: vec![vec![true; n]],
-                    next_pos: vec![self.next_pos[b]],
-                })
-            })
-            .collect()
-    }
-
-    /// Stacks single-sequence caches into one batch cache; shorter ones are right-padded
-    /// with masked positions.
-    pub fn stack(caches: &[&KvCache], llama: &Llama) -> Result<KvCache> {
-        ensure!(
-            caches.iter().all(|c| c.key_valid.len() == 1),
-            "stack takes single-sequence caches"
-        );
-        let longest = caches.iter().map(|c| c.len()).max().unwrap_or(0);
-        let cfg = llama.config();
-        let empty = Tensor::zeros(
-            (1, cfg.num_kv_heads, 0, cfg.head_dim),
-            DType::F32,
-            llama.device(),
-        )?;
-        let pad = |t: &Tensor| -> Result<Tensor> {
-            let t = &t.to_dtype(DType::F32)?; // a no-op unless stored in half precision
-            let n = t.dim(2)?;
-            if n == longest {
-                return Ok(t.clone());
-            }
-            let z = Tensor::zeros(
-                (1, cfg.num_kv_heads, longest - n, cfg.head_dim),
-                t.dtype(),
-                t.device(),
-            )?;
-            Ok(Tensor::cat(&[t, &z], 2)?)
-        };
-        let layers = (0..cfg.num_layers)
-            .map(|li| {
-                let (ks, vs): (Vec<Tensor>, Vec<Tensor>) = caches
-                    .iter()
-                    .map(|c| match &c.layers[li] {
-                        Some((k, v)) => Ok((pad(k)?, pad(v)?)),
-                        None => Ok((pad(&empty)?, pad(&empty)?)),
-                    })
-                    .collect::<Result<Vec<_>>>()?
-                    .into_iter()
-                    .unzip();
-                Ok(Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)))
-            })
-            .collect::<Result<_>>()?;
-        let key_valid = caches.iter().map(|c| {
-            let mut v = c.key_valid[0].clone();
-            v.resize(longest, false);
-            v
-        });
-        Ok(KvCache {
-            layers,
-            key_valid: key_valid.collect(),
-            next_pos: caches.iter().map(|c| c.next_pos[0]).collect(),
-        })
-    }
-
-    /// The cache with keys and values stored as `dtype` (e.g. f16 to hold twice as many
-    /// frozen prefixes in the same memory; [`KvCache::stack`] brings them back to f32).
-    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
-        Ok(Self {
-            layers: self
-                .layers
-                .iter()
-                .map(|l| match l {
-                    Some((k, v)) => Ok(Some((k.to_dtype(dtype)?, v.to_dtype(dtype)?))),
-                    None => Ok(None),
-                })
-                .collect::<Result<_>>()?,
-            key_valid: self.key_valid.clone(),
-            next_pos: self.next_pos.clone(),
-        })
-    }
-
-    /// The largest magnitude among the cached keys and values.
-    pub fn max_abs(&self) -> Result<f32> {
-        let mut top = 0f32;
-        for (k, v) in self.layers.iter().flatten() {
-            for t in [k, v] {
-                top = top.max(
-                    t.abs()?
-                        .max_all()?
-                        .to_dtype(DType::F32)?
-                        .to_scalar::<f32>()?,
-                );
-            }
-        }
-        Ok(top)
-    }
-
-    /// Bytes held by the cached keys and values.
-    pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .flatten()
-            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
-            .sum()
-    }
 }
 
 #[cfg(test)]

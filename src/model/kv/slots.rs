@@ -3,7 +3,7 @@
 //! One tensor per layer holds every slot's keys (and one its values),
 //! `[slots, kv_heads, capacity, head_dim]`. A decoding step writes each slot's new key and
 //! value in place and attends to the filled part where it lies (through views on a GPU,
-//! as slices on CPU: `decode_attention`), so the batch is never
+//! as slices on CPU: `attention`), so the batch is never
 //! re-stacked or split between steps. Active sequences occupy the front slots (`0..len()`):
 //! a leaving sequence's slot is refilled by the last one, so a step needs no gather.
 //! Slots and capacity grow by doubling (one copy each time, amortised).
@@ -11,9 +11,15 @@
 use anyhow::{bail, ensure, Result};
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor};
 
-use super::config::LlamaConfig;
-use super::decode_attention::CachedLayer;
-use super::llama::KvCache;
+use super::cache::KvCache;
+use crate::model::config::LlamaConfig;
+
+/// The slot cache of one layer, `[slots, kv_heads, capacity, head_dim]` each.
+pub(crate) struct CachedLayer<'a> {
+    pub keys: &'a [f32],
+    pub values: &'a [f32],
+    pub capacity: usize,
+}
 
 pub struct SlotKv {
     /// Per layer: keys and values, `[slots, kv_heads, capacity, head_dim]`.
