@@ -2,14 +2,16 @@
 # model first (idempotent; the only network access tagllm ever makes).
 .PHONY: setup build serve test bench reproduce
 
+# `make setup MODEL=qwen2.5-coder-0.5b` fetches another model of the catalogue.
+MODEL ?= smollm2-135m
 setup:
-	scripts/setup-model.sh
+	scripts/setup-model.sh $(MODEL)
 
 build: setup
 	cargo build --release
 
 serve: build
-	./target/release/tagllm serve
+	./target/release/tagllm serve --model $(MODEL)
 
 # Every test on SQLite, then the job-store tests again on a real local Postgres
 # (scripts/start-postgres.sh installs and starts one on 127.0.0.1:55432).

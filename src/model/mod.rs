@@ -1,6 +1,7 @@
 //! The frozen base LLM: loading (GGUF or HF safetensors), tokenizer, and the
 //! embeddings-in forward. Knows nothing of tags, HTTP or training jobs.
 
+pub mod catalogue;
 pub mod config;
 pub mod device;
 mod disjoint;

