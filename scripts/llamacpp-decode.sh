@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # llama.cpp (llama-cpp-python from PyPI, built here for this CPU) decoding the default
-# GGUF at batch 1 on 2 threads: the same-machine reference for tagllm's decode speed.
+# GGUF on 2 threads (decoding at batch 1, prefill): the same-machine reference for
+# `cargo bench --bench core`.
 # Usage: scripts/llamacpp-decode.sh [MODEL.gguf] [THREADS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
