@@ -1,10 +1,10 @@
 //! The project's tiny seeded model: both loaders, both forward modes, the KV cache,
-//! padding, gradients through spliced vectors, and the errors a bad model file gets.
+//! padding, and the errors a bad model file gets.
 
 mod common;
 
 use candle_core::quantized::GgmlDType;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use common::{max_abs_diff, tempdir};
 use tagllm::model::tiny::{write_tiny_gguf, write_tiny_hf};
 use tagllm::model::{generate, BaseModel, GenerationParams, Mode};
@@ -239,75 +239,7 @@ fn padded_batches_equal_each_sequence_alone_with_and_without_cache() {
     }
 }
 
-/// Loss: a fixed random projection of the final-norm hidden states of the last 3 positions.
-fn loss_of(m: &BaseModel, before: &Tensor, tag: &Tensor, after: &Tensor, probe: &Tensor) -> Tensor {
-    let x = Tensor::cat(&[before, tag, after], 0)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let h = m
-        .llama
-        .forward(&x, None, None, Mode::Differentiable)
-        .unwrap()
-        .squeeze(0)
-        .unwrap();
-    let n = h.dim(0).unwrap();
-    (h.narrow(0, n - 3, 3).unwrap() * probe)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-}
-
-#[test]
-fn gradient_wrt_spliced_vectors_matches_finite_differences() {
-    let dir = tempdir();
-    let m = tiny_gguf(dir.path(), GgmlDType::F32, 21);
-    let d = m.config().hidden_size;
-    let before = m.embed_text("the ").unwrap();
-    let after = m.embed_text("CCO then").unwrap();
-    let probe = Tensor::randn(0f32, 1.0, (3, d), &Device::Cpu).unwrap();
-    let tag0 = (Tensor::randn(0f32, 1.0, (4, d), &Device::Cpu).unwrap() * 0.5).unwrap();
-    let var = Var::from_tensor(&tag0).unwrap();
-    let loss = loss_of(&m, &before, var.as_tensor(), &after, &probe);
-    let grads = loss.backward().unwrap();
-    let grad = grads
-        .get(var.as_tensor())
-        .expect("gradient reaches the tag")
-        .to_vec2::<f32>()
-        .unwrap();
-    let base = tag0.to_vec2::<f32>().unwrap();
-    let eps = 1e-2f32;
-    let mut checked = 0;
-    for (i, j) in [(0, 0), (0, 17), (1, 5), (2, 40), (3, 63), (3, 1)] {
-        let shifted = |delta: f32| {
-            let mut t = base.clone();
-            t[i][j] += delta;
-            let t = Tensor::new(t, &Device::Cpu).unwrap();
-            loss_of(&m, &before, &t, &after, &probe)
-                .to_scalar::<f32>()
-                .unwrap()
-        };
-        let fd = (shifted(eps) - shifted(-eps)) / (2.0 * eps);
-        let g = grad[i][j];
-        assert!(
-            (fd - g).abs() <= 2e-2 * fd.abs().max(g.abs()).max(0.1),
-            "d loss / d tag[{i}][{j}]: backprop {g}, finite differences {fd}"
-        );
-        checked += 1;
-    }
-    assert_eq!(checked, 6);
-    // Every tag row influences later positions, so no row's gradient is zero.
-    let norms: Vec<f32> = grads
-        .get(var.as_tensor())
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum(1)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    assert!(norms.iter().all(|&n| n > 0.0), "{norms:?}");
-}
+// Gradients through spliced vectors, for every family: tests/families.rs.
 
 #[test]
 fn generation_is_greedy_by_default_and_seeded_when_sampling() {
