@@ -42,6 +42,17 @@ fn special_ids_and_no_bos() {
     assert_eq!(m.tokenizer.encode("hello").unwrap(), vec![28120]);
     assert_eq!(m.tokenizer.bos_id(), Some(1));
     assert_eq!(m.tokenizer.eos_ids(), &[2]);
+    // The catalogue states the EOS set the loaded model has.
+    let eos: Vec<String> = (m.tokenizer.eos_ids().iter())
+        .map(|&id| m.tokenizer.id_to_token(id).unwrap())
+        .collect();
+    let catalogue = tagllm::model::catalogue::catalogue();
+    assert_eq!(
+        eos,
+        tagllm::model::catalogue::find(&catalogue.default)
+            .unwrap()
+            .eos
+    );
     let fixture = reference_json("tokens.json");
     for (tok, id) in fixture["special_tokens"].as_object().unwrap() {
         assert_eq!(

@@ -344,54 +344,7 @@ fn bad_model_files_get_clear_errors() {
     assert!(e.contains("unsupported architecture"), "{e}");
 }
 
-/// A q8_0 serving copy on CPU decodes its slot steps on host slices (`kv::host_step`): each
-/// slot's final hidden state stays within f32 rounding of the tensor forward's for that
-/// sequence alone (the same q8_0 matrices; sums in another order, a polynomial `exp`),
-/// with slots of different lengths, for several steps.
-#[test]
-fn q8_decoding_steps_on_host_slices_match_the_tensor_forward() {
-    use tagllm::model::SlotKv;
-    let dir = tempdir();
-    let m = tiny_gguf(dir.path(), GgmlDType::Q8_0, 23);
-    let llama = m.llama.quantized(GgmlDType::Q8_0).unwrap();
-    let prompts = ["the cat", "then a rat ran on the mat and sat", "CC", "a"];
-    let mut kv = SlotKv::new(llama.config(), llama.device());
-    let mut caches = Vec::new();
-    for p in prompts {
-        let mut cache = llama.new_cache();
-        let x = m.embed_text(p).unwrap().unsqueeze(0).unwrap();
-        llama
-            .forward(&x, None, Some(&mut cache), Mode::Fast)
-            .unwrap();
-        kv.push(&cache).unwrap();
-        caches.push(cache);
-    }
-    let vocab = llama.config().vocab_size as u32;
-    for step in 0..6u32 {
-        let ids: Vec<u32> = (0..prompts.len() as u32)
-            .map(|i| (37 * step + 11 * i + 5) % vocab)
-            .collect();
-        let x = llama.embed_ids(&ids).unwrap().unsqueeze(1).unwrap();
-        let got = llama.decode_slots(&x, &mut kv).unwrap();
-        for (i, cache) in caches.iter_mut().enumerate() {
-            let xi = x.narrow(0, i, 1).unwrap();
-            let want = llama.forward(&xi, None, Some(cache), Mode::Fast).unwrap();
-            let got = got.narrow(0, i, 1).unwrap();
-            let scale = want
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let diff = max_abs_diff(&got, &want);
-            assert!(
-                diff <= 1e-4 * scale,
-                "step {step}, slot {i}: off by {diff} (values up to {scale})"
-            );
-        }
-    }
-}
+// q8_0 decoding steps on host slices, for every family: tests/families.rs.
 
 /// Generations decoded together over the persistent slot cache give exactly what each
 /// gives alone: joining at different times (slots of different lengths), in batched

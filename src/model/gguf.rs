@@ -173,10 +173,7 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
     let norm = take("output_norm.weight")?;
     let lm_head = take("output.weight").ok();
     let weights = LlamaWeights::assemble(&cfg, embed, layers, norm, lm_head, device)?;
-    let mut tokenizer = TextTokenizer::from_gguf_metadata(md)?;
-    for eos in cfg.family.extra_eos() {
-        tokenizer.add_eos(eos);
-    }
+    let tokenizer = TextTokenizer::from_gguf_metadata(md)?;
     let name = md
         .get("general.name")
         .and_then(|v| v.to_string().ok().cloned());

@@ -115,10 +115,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedModel> {
         device,
     )?;
     let bos = ids_of(&hf.bos_token_id).first().copied();
-    let mut tokenizer = TextTokenizer::from_hf_dir(dir, ids_of(&hf.eos_token_id), bos)?;
-    for eos in cfg.family.extra_eos() {
-        tokenizer.add_eos(eos);
-    }
+    let tokenizer = TextTokenizer::from_hf_dir(dir, ids_of(&hf.eos_token_id), bos)?;
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
     Ok(LoadedModel {
         config: cfg,

