@@ -189,7 +189,7 @@ pub struct Predictor {
     pub engine_config: EngineConfig,
     pub limits: Limits,
     /// Keeps the tags-directory watcher alive while the predictor lives.
-    _watcher: Option<notify::RecommendedWatcher>,
+    _watcher: Option<crate::tags::TagsWatch>,
 }
 
 /// A function's template and the tag whose head it reads (none: generation).

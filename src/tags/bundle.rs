@@ -127,7 +127,10 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(5);
 /// the registry's watcher loads it again once the writer is done.
 fn read_settled(path: &Path) -> Result<Vec<u8>> {
     let stamp = |p: &Path| -> Result<(u64, SystemTime)> {
-        let m = std::fs::metadata(p).with_context(|| format!("reading {}", p.display()))?;
+        // Not `metadata`: that follows a link, and a bundle's files must be its own.
+        let m = std::fs::symlink_metadata(p).with_context(|| format!("reading {}", p.display()))?;
+        ensure!(!m.file_type().is_symlink(), "{}", symlink_refusal(p));
+        ensure!(m.is_file(), "{} is not a regular file", p.display());
         Ok((m.len(), m.modified()?))
     };
     let started = Instant::now();
@@ -168,6 +171,7 @@ impl TagBundle {
 
     /// Loads and validates the bundle in `dir` (a tagllm bundle or a PEFT adapter).
     pub fn load(dir: &Path, base: &BaseModelIdentity, device: &Device) -> Result<Self> {
+        ensure_not_symlink(dir)?;
         let dir_name = dir
             .file_name()
             .and_then(|n| n.to_str())
@@ -410,8 +414,11 @@ impl TagBundle {
             self.name()
         );
         let dir = tags_dir.join(self.name());
+        // Checked before and after: `create_dir_all` is content with a link to a directory.
+        ensure_not_symlink(&dir)?;
         std::fs::create_dir_all(&dir)?;
-        let lock = std::fs::File::create(dir.join(LOCK_FILE))?;
+        ensure_not_symlink(&dir)?;
+        let lock = open_lock(&dir.join(LOCK_FILE))?;
         lock.lock()
             .with_context(|| format!("locking {}", dir.display()))?;
         let mut manifest = self.manifest.clone();
@@ -467,6 +474,37 @@ impl TagBundle {
 /// Serialises writers of one tag directory (`flock`; released when the file closes).
 const LOCK_FILE: &str = ".lock";
 
+/// Opens (creating) a lock file, never through a symbolic link: a link planted at
+/// `.lock` would otherwise have its target truncated.
+fn open_lock(path: &Path) -> Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).truncate(false).write(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NOFOLLOW);
+    }
+    options
+        .open(path)
+        .with_context(|| format!("opening {} (a symbolic link is refused)", path.display()))
+}
+
+fn symlink_refusal(path: &Path) -> String {
+    format!(
+        "{} is a symbolic link: a bundle is a real directory of real files under the tags directory",
+        path.display()
+    )
+}
+
+/// Bundles are read and written only as real directories and files, so that nothing in
+/// the tags directory can point a read or a write outside it.
+pub fn ensure_not_symlink(path: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => bail!("{}", symlink_refusal(path)),
+        _ => Ok(()),
+    }
+}
+
 /// A hidden temp name of its own per writer, so concurrent writers never share one.
 fn unique_temp_name(file: &str) -> String {
     format!(".{file}.{}.tmp", uuid::Uuid::new_v4().simple())
@@ -495,10 +533,10 @@ pub fn write_atomic(path: &Path, bytes: Option<&[u8]>, from: Option<&Path>) -> R
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn domain_tag(name: &str, version: u64, fill: f32) -> TagBundle {
+    pub(crate) fn domain_tag(name: &str, version: u64, fill: f32) -> TagBundle {
         TagBundle {
             manifest: TagManifest {
                 name: name.into(),
@@ -685,5 +723,55 @@ mod tests {
             assert!(domain_tag(name, 1, 0.0).save(&root).is_err(), "{name}");
         }
         assert!(!dir.path().join(MANIFEST_FILE).exists());
+    }
+
+    /// Found by an outside probe: a link in the tags directory let a training job write
+    /// into the directory it pointed to, and a linked tensors file was served.
+    #[cfg(unix)]
+    #[test]
+    fn nothing_is_read_or_written_through_a_symbolic_link() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("tags");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        symlink(&outside, root.join("WriteT")).unwrap();
+        let err = domain_tag("WriteT", 1, 0.0).save(&root).unwrap_err();
+        assert!(format!("{err:#}").contains("symbolic link"), "{err:#}");
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+
+        // A `.lock` planted as a link inside a real bundle: its target is not truncated.
+        let victim = outside.join("victim");
+        std::fs::write(&victim, b"keep me").unwrap();
+        std::fs::create_dir_all(root.join("Lock")).unwrap();
+        symlink(&victim, root.join("Lock").join(LOCK_FILE)).unwrap();
+        assert!(domain_tag("Lock", 1, 0.0).save(&root).is_err());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
+
+        // A bundle whose tensors (or whose directory) link outside is refused on load.
+        let base = BaseModelIdentity {
+            fingerprint: "f".repeat(64),
+            hidden_size: 4,
+        };
+        domain_tag("Evil", 1, 0.0).save(&outside).unwrap();
+        std::fs::create_dir_all(root.join("Evil")).unwrap();
+        std::fs::copy(
+            outside.join("Evil").join(MANIFEST_FILE),
+            root.join("Evil").join(MANIFEST_FILE),
+        )
+        .unwrap();
+        symlink(
+            outside.join("Evil").join(TENSORS_FILE),
+            root.join("Evil").join(TENSORS_FILE),
+        )
+        .unwrap();
+        std::thread::sleep(SETTLE);
+        let err = TagBundle::load(&root.join("Evil"), &base, &Device::Cpu).unwrap_err();
+        assert!(format!("{err:#}").contains("symbolic link"), "{err:#}");
+        symlink(outside.join("Evil"), root.join("Linked")).unwrap();
+        assert!(TagBundle::load(&outside.join("Evil"), &base, &Device::Cpu).is_ok());
+        let err = TagBundle::load(&root.join("Linked"), &base, &Device::Cpu).unwrap_err();
+        assert!(format!("{err:#}").contains("symbolic link"), "{err:#}");
     }
 }

@@ -8,5 +8,5 @@ pub mod seed;
 pub mod template;
 
 pub use bundle::{BaseModelIdentity, Head, HeadSpec, TagBundle, TagKind, TagManifest};
-pub use registry::{Registry, ReloadReport, TagSet};
+pub use registry::{Registry, ReloadReport, TagSet, TagsWatch};
 pub use template::{Segment, Template};
