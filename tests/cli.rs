@@ -296,41 +296,8 @@ async fn serve_runs_end_to_end_as_a_process_and_stops_on_sigterm() {
     let model = dir.path().join("tiny.gguf");
     let (ok, _, err) = tagllm(&["tiny-model", "--out", model.to_str().unwrap()]);
     assert!(ok, "{err}");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut server = Command::new(env!("CARGO_BIN_EXE_tagllm"))
-        .args([
-            "serve",
-            "--port",
-            &port.to_string(),
-            "--model",
-            model.to_str().unwrap(),
-        ])
-        .arg("--tags-dir")
-        .arg(dir.path().join("tags"))
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .env_remove("TAGLLM_COMPUTE_NICE")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let url = format!("http://127.0.0.1:{port}");
+    let (mut server, url) = spawn_server(dir.path(), &model, &[]).await;
     let http = reqwest::Client::new();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        if let Ok(r) = http.get(format!("{url}/ready")).send().await {
-            if r.status().is_success() {
-                break;
-            }
-        }
-        assert!(std::time::Instant::now() < deadline, "never ready");
-        assert!(server.try_wait().unwrap().is_none(), "the server exited");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
     let predict = |body: serde_json::Value| http.post(format!("{url}/predict")).json(&body).send();
     let r = predict(serde_json::json!({"template": "{x}", "inputs": ["the cat"],
         "parameters": {"max_new_tokens": 4}}))
@@ -396,18 +363,223 @@ async fn serve_runs_end_to_end_as_a_process_and_stops_on_sigterm() {
     .unwrap();
     assert_eq!(r.status(), 200, "the trained tag composes");
 
+    let status = sigterm_and_wait(&mut server, std::time::Duration::from_secs(20));
+    assert!(status.success(), "{status}");
+}
+
+/// `tagllm serve` on `model` with `extra` flags, its tags and data in `dir`, once ready.
+async fn spawn_server(
+    dir: &std::path::Path,
+    model: &std::path::Path,
+    extra: &[&str],
+) -> (std::process::Child, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_tagllm"))
+        .args(["serve", "--port", &port.to_string()])
+        .arg("--model")
+        .arg(model)
+        .arg("--tags-dir")
+        .arg(dir.join("tags"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args(extra)
+        .env_remove("TAGLLM_COMPUTE_NICE")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Ok(r) = http.get(format!("{url}/ready")).send().await {
+            if r.status().is_success() {
+                break;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        assert!(server.try_wait().unwrap().is_none(), "the server exited");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    (server, url)
+}
+
+/// Sends SIGTERM and waits for the process to exit, at most `within`.
+fn sigterm_and_wait(
+    server: &mut std::process::Child,
+    within: std::time::Duration,
+) -> std::process::ExitStatus {
     // SAFETY: signals the child process this test started.
     assert_eq!(unsafe { libc::kill(server.id() as i32, libc::SIGTERM) }, 0);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let status = loop {
+    wait_exit(server, within)
+}
+
+/// Waits for the process to exit, at most `within` (then kills it and fails).
+fn wait_exit(
+    server: &mut std::process::Child,
+    within: std::time::Duration,
+) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + within;
+    loop {
         if let Some(s) = server.try_wait().unwrap() {
-            break s;
+            return s;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still running after SIGTERM"
-        );
+        if std::time::Instant::now() >= deadline {
+            let _ = server.kill();
+            panic!("still running {within:?} after SIGTERM");
+        }
         std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Reads from `conn` until the server closes it (or `within` passes): what it sent.
+async fn read_until_closed(
+    conn: &mut tokio::net::TcpStream,
+    within: std::time::Duration,
+) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(within, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    read.ok()
+        .map(|()| String::from_utf8_lossy(&got).into_owned())
+}
+
+/// Found by an outside probe: a partial header, a partial body or an idle connection was
+/// held open indefinitely. Each is now cut off after its read timeout (1 s here), a
+/// stalled body with a 408 JSON error; and past `--max-connections`, a new connection
+/// waits until a held one is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_off_and_connections_are_bounded() {
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+    let dir = tempdir();
+    let model = dir.path().join("tiny.gguf");
+    let (ok, _, err) = tagllm(&["tiny-model", "--out", model.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let flags = [
+        "--header-read-timeout-secs",
+        "1",
+        "--body-read-timeout-secs",
+        "1",
+        "--max-connections",
+        "4",
+        "--no-worker",
+    ];
+    let (mut server, url) = spawn_server(dir.path(), &model, &flags).await;
+    let addr = url.trim_start_matches("http://").to_string();
+    let closes = std::time::Duration::from_secs(5);
+
+    let mut idle = TcpStream::connect(&addr).await.unwrap();
+    assert!(
+        read_until_closed(&mut idle, closes).await.is_some(),
+        "an idle connection stayed open"
+    );
+
+    let mut partial_header = TcpStream::connect(&addr).await.unwrap();
+    partial_header
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    assert!(
+        read_until_closed(&mut partial_header, closes)
+            .await
+            .is_some(),
+        "a partial header was waited on"
+    );
+
+    let mut partial_body = TcpStream::connect(&addr).await.unwrap();
+    partial_body
+        .write_all(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"inpu")
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut partial_body, closes)
+        .await
+        .expect("a partial body was waited on");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains("\"error_type\":\"request_timeout\""),
+        "{answer}"
+    );
+
+    // Four connections held (each mid-header), then a fifth request: it is answered only
+    // once the server has closed the held ones (their header timeout).
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut c = TcpStream::connect(&addr).await.unwrap();
+        c.write_all(b"GET /health HTTP/1.1\r\n").await.unwrap();
+        held.push(c);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let r = reqwest::get(format!("{url}/health")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    for mut c in held {
+        assert!(
+            read_until_closed(&mut c, std::time::Duration::from_millis(100))
+                .await
+                .is_some(),
+            "the fifth connection was served while four were held"
+        );
+    }
+    let status = sigterm_and_wait(&mut server, std::time::Duration::from_secs(20));
+    assert!(status.success(), "{status}");
+}
+
+/// Found by an outside probe: with a streamed generation running, the server outlived
+/// SIGTERM for as long as the client stayed. Shutdown ends the stream with an `error`
+/// event saying so, and the process exits. On the default model, whose 500 tokens take
+/// seconds to decode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_a_streamed_generation_and_the_process_exits() {
+    use futures_util::StreamExt;
+    let dir = tempdir();
+    let model = root().join(tagllm::model::DEFAULT_MODEL_PATH);
+    let (mut server, url) = spawn_server(dir.path(), &model, &["--no-worker"]).await;
+    let r = reqwest::Client::new()
+        .post(format!("{url}/predict"))
+        .json(&serde_json::json!({"template": "Write a long story about a cat.\n{x}", "inputs": ["Once"],
+            "stream": true, "parameters": {"max_new_tokens": 500, "temperature": 0.8, "seed": 1}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut body = r.bytes_stream();
+    let mut text = String::new();
+    while !text.contains("event: token") {
+        let chunk = body.next().await.expect("the stream ended early").unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    // SAFETY: signals the child process this test started.
+    assert_eq!(unsafe { libc::kill(server.id() as i32, libc::SIGTERM) }, 0);
+    let read_rest = async {
+        while let Some(chunk) = body.next().await {
+            match chunk {
+                Ok(c) => text.push_str(&String::from_utf8_lossy(&c)),
+                Err(_) => break,
+            }
+        }
     };
+    tokio::time::timeout(std::time::Duration::from_secs(15), read_rest)
+        .await
+        .expect("the stream outlived SIGTERM");
+    assert!(
+        !text.contains("event: done"),
+        "the generation finished first: {text}"
+    );
+    assert!(text.contains("event: error"), "{text}");
+    assert!(text.contains("shutting_down"), "{text}");
+    let status = wait_exit(&mut server, std::time::Duration::from_secs(15));
     assert!(status.success(), "{status}");
 }

@@ -812,6 +812,33 @@ async fn bad_requests_get_clear_json_errors() {
         );
     }
 
+    // Found by an outside probe as a 500 carrying a backtrace: a temperature past f32's
+    // range. Huge temperatures sample in the uniform limit, as 1e3 does, with any nucleus.
+    for top_p in [None, Some(0.9)] {
+        let sample = |temperature: f64| {
+            let mut parameters =
+                json!({"max_new_tokens": 4, "temperature": temperature, "seed": 7});
+            if let Some(p) = top_p {
+                parameters["top_p"] = json!(p);
+            }
+            post(
+                u,
+                "/predict",
+                json!({"template": "{x}", "inputs": ["a"], "parameters": parameters}),
+            )
+        };
+        let limit = sample(1e3).await;
+        assert_eq!(limit.0, StatusCode::OK, "{}", limit.1);
+        for temperature in [1e30, 3.4e38, 1e308, f64::MAX] {
+            let (status, resp) = sample(temperature).await;
+            assert_eq!(status, StatusCode::OK, "{temperature} {top_p:?}: {resp}");
+            assert_eq!(
+                resp["predictions"], limit.1["predictions"],
+                "{temperature} {top_p:?}: the uniform limit"
+            );
+        }
+    }
+
     // Input values are never parsed for tags: a tag name inside an input is just text.
     let (status, body) = post(
         u,
@@ -908,7 +935,7 @@ async fn api_keys_guard_routes_and_admin_key_guards_changes() {
         max_concurrent_requests: 8,
         max_body_bytes: 1 << 20,
         max_dataset_bytes: 1 << 20,
-        data_root: None,
+        ..Default::default()
     };
     let s = start(Options {
         config,
@@ -978,6 +1005,25 @@ async fn api_keys_guard_routes_and_admin_key_guards_changes() {
             .status(),
         StatusCode::OK
     );
+    // The scheme's name is case-insensitive (RFC 7235); the key is not.
+    for header in ["bearer user-key", "BEARER user-key", "Bearer  user-key"] {
+        let r = c
+            .get(format!("{}/tags", s.url))
+            .header("authorization", header)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{header}");
+    }
+    for header in ["Bearer USER-KEY", "Basic user-key", "Bearer", "user-key"] {
+        let r = c
+            .get(format!("{}/tags", s.url))
+            .header("authorization", header)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{header}");
+    }
     let r = call(Method::POST, "/tags/reload", Some("user-key"))
         .await
         .unwrap();
@@ -1011,7 +1057,12 @@ async fn an_engine_fault_fails_its_requests_then_the_engine_comes_back() {
         &body,
         StatusCode::INTERNAL_SERVER_ERROR,
         "backend",
-        "inference thread dropped the request",
+        "internal error (id ",
+    );
+    // What went wrong is the log's, under that id: the client sees none of it.
+    assert!(
+        !body["error"].as_str().unwrap().contains("inference thread"),
+        "{body}"
     );
     let ready = reqwest::get(format!("{}/ready", s.url)).await.unwrap();
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -1254,4 +1305,61 @@ async fn admission_refuses_work_beyond_the_queue_budget_at_once() {
     )
     .await;
     drop(streaming);
+}
+
+/// Found by an outside probe: a 405 answered an empty body and a bad path segment plain
+/// text. Every error, whoever makes it, is `{error, error_type}` JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_is_json_even_axums_own() {
+    let s = start(Options::default()).await;
+    let c = reqwest::Client::new();
+    let cases = [
+        (
+            reqwest::Method::DELETE,
+            "/predict",
+            None,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+        (
+            reqwest::Method::GET,
+            "/tags/%ff",
+            None,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            reqwest::Method::GET,
+            "/no/such/route",
+            None,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            reqwest::Method::POST,
+            "/predict",
+            Some("text/plain"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "bad_request",
+        ),
+    ];
+    for (method, path, content_type, status, kind) in cases {
+        let mut r = c.request(method.clone(), format!("{}{path}", s.url));
+        if let Some(t) = content_type {
+            r = r.header("content-type", t).body("{}");
+        }
+        let r = r.send().await.unwrap();
+        assert_eq!(r.status(), status, "{method} {path}");
+        if status == StatusCode::METHOD_NOT_ALLOWED {
+            assert!(
+                r.headers().contains_key("allow"),
+                "{method} {path}: Allow kept"
+            );
+        }
+        let ct = r.headers()["content-type"].to_str().unwrap().to_string();
+        assert!(ct.starts_with("application/json"), "{method} {path}: {ct}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error_type"], kind, "{method} {path}: {body}");
+        assert!(!body["error"].as_str().unwrap().is_empty(), "{body}");
+    }
 }

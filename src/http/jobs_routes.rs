@@ -340,17 +340,7 @@ pub async fn upload_dataset(
     body: Result<String, axum::extract::rejection::StringRejection>,
 ) -> Result<(StatusCode, Json<DatasetInfo>), ApiError> {
     let Query(p) = query?;
-    let text = body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                "dataset is over the size limit",
-            )
-        } else {
-            ApiError::new(r.status(), "bad_request", r.body_text())
-        }
-    })?;
+    let text = body?;
     let store = s.jobs()?;
     let (text, data) = parse(text, "dataset").await?;
     let info = store

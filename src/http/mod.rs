@@ -1,5 +1,6 @@
 //! The HTTP surface: axum router, auth, metrics, OpenAPI, graceful shutdown.
 
+pub mod connections;
 pub mod console;
 pub mod error;
 pub mod jobs_routes;
@@ -21,6 +22,7 @@ use tokio::sync::Semaphore;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::OpenApi;
 
+pub use connections::ConnectionLimits;
 use error::ApiError;
 pub use listen::listen;
 pub use state::{AppState, HttpMetrics, ServerConfig};
@@ -154,12 +156,14 @@ pub fn openapi_json() -> String {
     })
 }
 
+/// The credentials of `Authorization: Bearer <key>`; the scheme's name is
+/// case-insensitive (RFC 7235), the key is not.
 fn bearer(req: &Request) -> Option<&str> {
-    req.headers()
-        .get("authorization")?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
+    let value = req.headers().get("authorization")?.to_str().ok()?;
+    let (scheme, key) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| key.trim_start())
 }
 
 /// `--api-key` guards every route but the probes (`/health`, `/ready`: orchestrators
@@ -263,8 +267,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(console::routes())
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            state.config.connections.body_read_timeout,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .route_layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(middleware::from_fn(error::errors_as_json))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }
@@ -295,7 +303,8 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) -> a
     serve_until(listener, state, crate::shutdown::signal()).await
 }
 
-/// Serves until `stop` completes, then ends event streams and finishes requests in flight.
+/// Serves until `stop` completes, then ends event streams and finishes requests in flight
+/// (within the configured grace period).
 pub async fn serve_until(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
@@ -309,8 +318,7 @@ pub async fn serve_until(
             state.shutdown.send_replace(true);
         }
     };
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(signal)
-        .await?;
+    let limits = state.config.connections.clone();
+    connections::serve_connections(listener, router(state), &limits, signal).await;
     Ok(())
 }

@@ -283,7 +283,9 @@ pub async fn predict(
         .map_err(|_| ApiError::overloaded())?;
     if req.stream {
         return match p.predict_streaming(req).await {
-            Ok(streaming) => Ok(stream_events(streaming, permit).into_response()),
+            Ok(streaming) => {
+                Ok(stream_events(streaming, permit, s.shutdown.subscribe()).into_response())
+            }
             Err(e) => Ok(predict_error(e)),
         };
     }
@@ -339,41 +341,62 @@ fn predict_error(e: PredictError) -> axum::response::Response {
 
 /// The events of a streamed generation: a `token` per printable piece, then `done` with
 /// the whole answer or `error`. The permit and the engine's work live as long as the
-/// stream: a client that leaves ends the generation.
+/// stream: a client that leaves ends the generation, and so does the server shutting
+/// down (`stop`), after a last `error` event that says so.
 fn stream_events(
     streaming: crate::infer::Streaming,
     permit: tokio::sync::OwnedSemaphorePermit,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
     struct State {
         pieces: Option<tokio::sync::mpsc::UnboundedReceiver<String>>,
         answer: Option<crate::infer::PendingAnswer>,
+        stop: tokio::sync::watch::Receiver<bool>,
         _permit: tokio::sync::OwnedSemaphorePermit,
     }
     let state = State {
         pieces: Some(streaming.pieces),
         answer: Some(streaming.answer),
+        stop,
         _permit: permit,
     };
     let stream = futures_util::stream::unfold(state, |mut st| async move {
-        if let Some(pieces) = st.pieces.as_mut() {
-            if let Some(text) = pieces.recv().await {
-                let event = Event::default()
-                    .event("token")
-                    .json_data(serde_json::json!({ "text": text }));
-                return Some((Ok(event.unwrap_or_default()), st));
+        let answer = st.answer.take()?;
+        let mut stop = st.stop.clone();
+        let next = async {
+            if let Some(pieces) = st.pieces.as_mut() {
+                if let Some(text) = pieces.recv().await {
+                    let event = Event::default()
+                        .event("token")
+                        .json_data(serde_json::json!({ "text": text }));
+                    return (event, Some(answer));
+                }
+                st.pieces = None;
             }
-            st.pieces = None;
-        }
-        let event = match st.answer.take()?.wait().await {
-            Ok((resp, _)) => Event::default().event("done").json_data(&resp),
-            Err(e) => {
-                let e = predict_api_error(e);
-                Event::default().event("error").json_data(ErrorBody {
-                    error: e.message,
-                    error_type: e.error_type.to_string(),
-                })
+            let event = match answer.wait().await {
+                Ok((resp, _)) => Event::default().event("done").json_data(&resp),
+                Err(e) => Event::default()
+                    .event("error")
+                    .json_data(predict_api_error(e).into_body()),
+            };
+            (event, None)
+        };
+        let shutting_down = async move {
+            let _ = stop.wait_for(|stopping| *stopping).await;
+        };
+        let (event, answer) = tokio::select! {
+            next = next => next,
+            // Dropping the answer ends the generation in the engine.
+            () = shutting_down => {
+                let e = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "shutting_down",
+                    "the server is shutting down; the generation was stopped",
+                );
+                (Event::default().event("error").json_data(e.into_body()), None)
             }
         };
+        st.answer = answer;
         Some((Ok(event.unwrap_or_default()), st))
     });
     Sse::new(stream).keep_alive(KeepAlive::default())

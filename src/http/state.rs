@@ -17,6 +17,8 @@ pub struct ServerConfig {
     pub max_dataset_bytes: usize,
     /// Training data named by `{"path": ...}` must lie under this directory.
     pub data_root: Option<std::path::PathBuf>,
+    /// Read timeouts, the connection cap and the shutdown grace period.
+    pub connections: super::ConnectionLimits,
 }
 
 pub struct HttpMetrics {

@@ -60,14 +60,23 @@ pub struct Generation {
 /// like 1e-300 overflows and a nucleus like 1e-300 can keep nothing, so take the limit.
 const GREEDY_TEMPERATURE: f64 = 1e-4;
 const GREEDY_TOP_P: f64 = 1e-6;
+/// Above this, sampling is uniform over the nucleus in the limit (logits span tens, so
+/// divided by 1e3 they differ by hundredths); dividing by 1e308 in f32 makes them 0 and
+/// the masked ones NaN, so take the limit here too.
+const MAX_TEMPERATURE: f64 = 1e3;
 
 fn sampler(p: &GenerationParams) -> LogitsProcessor {
     let sampling = match (p.temperature, p.top_p) {
         (None, _) => Sampling::ArgMax,
         (Some(t), _) if t < GREEDY_TEMPERATURE => Sampling::ArgMax,
         (Some(_), Some(p)) if p < GREEDY_TOP_P => Sampling::ArgMax,
-        (Some(temperature), Some(p)) if p < 1.0 => Sampling::TopP { p, temperature },
-        (Some(temperature), _) => Sampling::All { temperature },
+        (Some(t), Some(p)) if p < 1.0 => Sampling::TopP {
+            p,
+            temperature: t.min(MAX_TEMPERATURE),
+        },
+        (Some(t), _) => Sampling::All {
+            temperature: t.min(MAX_TEMPERATURE),
+        },
     };
     LogitsProcessor::from_sampling(p.seed, sampling)
 }

@@ -1,6 +1,7 @@
 //! `tagllm serve` and `tagllm worker`: flags mapped onto the library's service and worker.
 
 use std::path::PathBuf;
+use tagllm::http::ConnectionLimits;
 use tagllm::infer::EngineConfig;
 
 use anyhow::Result;
@@ -64,6 +65,19 @@ pub(crate) struct ServeArgs {
     /// Request body size limit in bytes; larger bodies get 413.
     #[arg(long, env = "TAGLLM_MAX_BODY_BYTES", default_value_t = 2 * 1024 * 1024)]
     pub(crate) max_body_bytes: usize,
+    /// Seconds a client has to send a request's header; an idle kept-alive connection is
+    /// closed after this too.
+    #[arg(long, env = "TAGLLM_HEADER_READ_TIMEOUT_SECS", default_value_t = ConnectionLimits::default().header_read_timeout.as_secs_f64())]
+    pub(crate) header_read_timeout_secs: f64,
+    /// Seconds a request body may send nothing before it fails with 408.
+    #[arg(long, env = "TAGLLM_BODY_READ_TIMEOUT_SECS", default_value_t = ConnectionLimits::default().body_read_timeout.as_secs_f64())]
+    pub(crate) body_read_timeout_secs: f64,
+    /// Open connections at most; more wait in the listen backlog.
+    #[arg(long, env = "TAGLLM_MAX_CONNECTIONS", default_value_t = ConnectionLimits::default().max_connections)]
+    pub(crate) max_connections: usize,
+    /// Seconds shutdown waits for requests in flight before it closes their connections.
+    #[arg(long, env = "TAGLLM_SHUTDOWN_GRACE_SECS", default_value_t = ConnectionLimits::default().shutdown_grace.as_secs_f64())]
+    pub(crate) shutdown_grace_secs: f64,
     /// Bearer token required on every route but /health and /ready (empty: none, as when unset,
     /// so that `TAGLLM_API_KEY=` in an env file means no key).
     #[arg(long, env = "TAGLLM_API_KEY", value_parser = non_empty_key)]
@@ -150,6 +164,18 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
             max_body_bytes: args.max_body_bytes,
             max_dataset_bytes: args.max_dataset_bytes,
             data_root: args.data_root.clone(),
+            connections: ConnectionLimits {
+                header_read_timeout: seconds(
+                    args.header_read_timeout_secs,
+                    "--header-read-timeout-secs",
+                )?,
+                body_read_timeout: seconds(
+                    args.body_read_timeout_secs,
+                    "--body-read-timeout-secs",
+                )?,
+                max_connections: args.max_connections.max(1),
+                shutdown_grace: seconds(args.shutdown_grace_secs, "--shutdown-grace-secs")?,
+            },
         },
         model_path: args.model.path()?,
         device,
@@ -217,4 +243,12 @@ pub(crate) fn worker(cmd: WorkerCmd) -> Result<()> {
     });
     w.run(stop);
     Ok(())
+}
+
+/// A duration flag given in seconds: positive and finite.
+fn seconds(secs: f64, flag: &str) -> Result<std::time::Duration> {
+    std::time::Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| anyhow::anyhow!("{flag} must be a positive number of seconds, not {secs}"))
 }
