@@ -812,6 +812,14 @@ async fn bad_requests_get_clear_json_errors() {
         );
     }
 
+    // Found by an outside probe: a 1 MB input was tokenised (~500 ms) before it was
+    // refused; its length in bytes alone tells that it cannot fit.
+    assert_invalid_predict(
+        u,
+        json!({"template": "{x}", "inputs": ["C".repeat(900_000)]}),
+        "bytes of text cannot fit",
+    )
+    .await;
     // Found by an outside probe as a 500 carrying a backtrace: a temperature past f32's
     // range. Huge temperatures sample in the uniform limit, as 1e3 does, with any nucleus.
     for top_p in [None, Some(0.9)] {

@@ -188,6 +188,10 @@ pub struct Predictor {
     pub engine: Engine,
     pub engine_config: EngineConfig,
     pub limits: Limits,
+    /// The most bytes of text that one token can stand for (an upper bound): an input
+    /// longer than a prompt of `max_input_tokens` such tokens is refused before it is
+    /// tokenised (a 1 MB input took ~500 ms to tokenise and then be refused).
+    max_token_bytes: usize,
     /// Keeps the tags-directory watcher alive while the predictor lives.
     _watcher: Option<crate::tags::TagsWatch>,
 }
@@ -272,12 +276,21 @@ impl Predictor {
             engine_config.clone(),
             Arc::new(EngineMetrics::new(metrics)?),
         )?;
+        // A token's string is its bytes as the tokenizer spells them: a byte-level BPE
+        // char (`Ġ`) or SentencePiece's `▁` takes at least the one byte it stands for.
+        let max_token_bytes = (0..model.tokenizer.vocab_size() as u32)
+            .filter_map(|id| model.tokenizer.id_to_token(id))
+            .map(|t| t.len())
+            .max()
+            .unwrap_or(1)
+            .max(1);
         Ok(Self {
             model,
             registry,
             engine,
             engine_config,
             limits,
+            max_token_bytes,
             _watcher: watcher,
         })
     }
@@ -446,6 +459,20 @@ impl Predictor {
                     ))
                 }
             };
+        // Normalisation may shrink text (NFKC of a ligature), hence the margin of 4.
+        let max_input_bytes = 4 * max_prompt * self.max_token_bytes;
+        for (i, input) in req.inputs.iter().enumerate() {
+            let bytes = match input {
+                Input::Text(t) => t.len(),
+                Input::Slots(slots) => slots.values().map(String::len).sum(),
+            };
+            if bytes > max_input_bytes {
+                return Err(invalid(format!(
+                    "inputs[{i}]: {bytes} bytes of text cannot fit the {max_prompt} tokens \
+                     a prompt may hold: shorten the input"
+                )));
+            }
+        }
         let mut versions = BTreeMap::new();
         let mut groups = Vec::with_capacity(req.inputs.len());
         for (i, input) in req.inputs.iter().enumerate() {

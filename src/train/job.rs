@@ -90,6 +90,9 @@ impl Default for Hyperparameters {
 
 /// Upper bounds that keep one job from exhausting a worker (each far above any real run).
 const MAX_STEPS: usize = 1_000_000;
+/// An init phrase longer than a few hundred tokens is not a phrase; the bound keeps a
+/// job's spec small.
+const MAX_INIT_BYTES: usize = 4096;
 const MAX_EPOCHS: f64 = 10_000.0;
 const MAX_BATCH: usize = 4096;
 const MAX_GRAD_ACCUM: usize = 1024;
@@ -136,6 +139,14 @@ impl Hyperparameters {
             (1..=self.num_vectors).contains(&self.head_positions),
             "head_positions must be in 1..=num_vectors ({})",
             self.num_vectors
+        );
+        ensure!(
+            self.eval_every <= MAX_STEPS,
+            "eval_every must be in 0..={MAX_STEPS} (0: once per epoch)"
+        );
+        ensure!(
+            self.init.len() <= MAX_INIT_BYTES,
+            "init must be at most {MAX_INIT_BYTES} bytes (its phrase is tokenised into the tag's start)"
         );
         TagInit::parse(&self.init)?;
         Ok(())
@@ -445,6 +456,21 @@ mod tests {
                     ..ok.clone()
                 },
                 "grad_accum",
+            ),
+            // Found by an outside probe, accepted (202) before.
+            (
+                Hyperparameters {
+                    eval_every: usize::MAX,
+                    ..ok.clone()
+                },
+                "eval_every",
+            ),
+            (
+                Hyperparameters {
+                    init: format!("text:{}", "x".repeat(100_000)),
+                    ..ok.clone()
+                },
+                "init must be at most",
             ),
             (
                 Hyperparameters {

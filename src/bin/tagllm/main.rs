@@ -101,7 +101,7 @@ enum Command {
         text: String,
     },
     /// Runs the HTTP service: loads the model once, serves tags from --tags-dir.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Runs a standalone training worker against a shared job store.
     Worker(serve::WorkerCmd),
     /// Trains tags locally (a progress bar) and writes the bundles to --tags-dir.
@@ -196,7 +196,7 @@ fn init_logging() {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => serve::serve(args)?,
+        Command::Serve(args) => serve::serve(*args)?,
         Command::Worker(cmd) => serve::worker(cmd)?,
         Command::Train(cmd) => train::train(*cmd)?,
         Command::Eval(cmd) => eval::eval(cmd)?,
