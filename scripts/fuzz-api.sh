@@ -31,6 +31,26 @@ printf '{"text": "the cat sat on the mat"}\n{"text": "CCO and c1ccccc1"}\n' >"$w
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 url="http://127.0.0.1:$port"
 
+summarise() { # NAME TALLY: requests, 2xx and 5xx per operation (written by fuzz_hooks.py)
+    echo "fuzz ($1): requests per operation (2xx / 4xx / 5xx)"
+    python3 - "$2" <<'PY'
+import collections, sys
+counts = collections.defaultdict(collections.Counter)
+try:
+    lines = open(sys.argv[1], encoding="utf-8").read().split("\n")
+except FileNotFoundError:
+    lines = []
+for line in filter(None, lines):
+    method, path, status = line.rsplit(" ", 2)
+    counts[f"{method} {path}"][status[0] + "xx"] += 1
+for op in sorted(counts):
+    c = counts[op]
+    print(f"  {op:34} {sum(c.values()):6}  {c['2xx']:5} / {c['4xx']:5} / {c['5xx']:3}")
+if not counts:
+    print("  (no tally: the hook did not run)")
+PY
+}
+
 fuzz() { # NAME [serve flags...] -- [st flags...]
     local name=$1; shift
     local serve=() st=()
@@ -52,10 +72,11 @@ sys.exit("the server did not become ready")
 PY
     echo "fuzzing ($name) for ${SECONDS_PER_RUN} s"
     local rc=0
-    PYTHONPATH=scripts SCHEMATHESIS_HOOKS=fuzz_hooks "$VENV/bin/st" run "$url/openapi.json" --max-time "$SECONDS_PER_RUN" --workers 2 \
+    FUZZ_TALLY="$work/tally-$name.txt" PYTHONPATH=scripts SCHEMATHESIS_HOOKS=fuzz_hooks "$VENV/bin/st" run "$url/openapi.json" --max-time "$SECONDS_PER_RUN" --workers 2 \
         --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,negative_data_rejection \
         --request-timeout 30 --suppress-health-check all --seed 1 "${st[@]}" || rc=$?
     kill "$server"; wait "$server" 2>/dev/null || true; server=""
+    summarise "$name" "$work/tally-$name.txt"
     if [ "$rc" != 0 ]; then
         echo "fuzz ($name) failed; server log:"; tail -50 "$work/serve-$name.log"; exit "$rc"
     fi
