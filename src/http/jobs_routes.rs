@@ -215,7 +215,8 @@ pub async fn list_jobs(
     query: Result<Query<JobFilter>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<JobList>, ApiError> {
     let Query(f) = query?;
-    let state = match f.state.as_deref() {
+    // `?state=` is no filter, as an absent one: the document allows the empty string.
+    let state = match f.state.as_deref().filter(|x| !x.is_empty()) {
         Some(x) => Some(
             JobState::parse(x)
                 .ok_or_else(|| ApiError::validation(format!("unknown state `{x}`")))?,

@@ -96,6 +96,8 @@ pub struct Parameters {
 
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"template": "{x}", "inputs": ["the cat"],
+    "parameters": {"max_new_tokens": 4}}))]
 pub struct PredictRequest {
     /// A function tag: its manifest's template, slots and head.
     pub function: Option<String>,

@@ -23,6 +23,9 @@ pub enum DatasetRef {
 
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"stage": 1, "tag": "Lang",
+    "dataset": {"records": [{"text": "the cat sat on the mat"}, {"text": "CCO and c1ccccc1"}]},
+    "hyperparameters": {"steps": 2, "batch_size": 2}}))]
 pub struct TrainRequest {
     /// 1: domain tags on unlabelled text; 2: a single-domain function tag; 3: a
     /// cross-domain or multi-task function tag.
@@ -35,8 +38,8 @@ pub struct TrainRequest {
     pub template: Option<String>,
     /// The labelled field (stages 2 and 3).
     pub target: Option<String>,
+    /// The head a function tag learns (default none: generation).
     #[serde(default = "no_head")]
-    #[schema(value_type = String)]
     pub head: HeadKind,
     #[serde(deserialize_with = "object")]
     pub dataset: DatasetRef,
