@@ -94,6 +94,8 @@ pub struct Parameters {
     pub stop: Vec<String>,
 }
 
+/// A prediction request: exactly one of `function`, `functions` or `template` (none, or
+/// two, is a 422 `validation` error).
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"template": "{x}", "inputs": ["the cat"],
