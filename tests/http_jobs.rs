@@ -164,6 +164,10 @@ async fn a_stage2_job_submitted_over_http_publishes_a_tag_that_predict_serves() 
     assert_eq!(pred["tags"], json!({"QED": 1, "SMILES": 1}));
     let (_, list) = get(&s, "/jobs?state=succeeded").await;
     assert_eq!(list["jobs"].as_array().unwrap().len(), 2);
+    // An empty filter, which the document allows, is no filter (it was a 422).
+    let (status, list) = get(&s, "/jobs?state=").await;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 2);
 }
 
 /// A stage-1 job of a million steps on the tiny model: running until it is stopped.
@@ -500,4 +504,32 @@ async fn a_qwen2_model_trains_and_serves_tags_over_http() {
     .await;
     assert_eq!(status, StatusCode::OK, "{gen}");
     assert!(gen["predictions"][0]["text"].is_string(), "{gen}");
+}
+
+/// Found by an outside probe: with `tags/WriteT` a link to a directory outside, a job
+/// training `WriteT` wrote its bundle (and `.lock`) there. The job fails naming the link,
+/// and nothing is written through it.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_never_publishes_through_a_symbolic_link() {
+    let s = start(Options::default()).await;
+    let outside = s._dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, s.tags_dir.join("WriteT")).unwrap();
+    let (status, acc) = post(
+        &s,
+        "/train",
+        json!({"stage": 1, "tag": "WriteT", "dataset": {"records": text(4)},
+               "hyperparameters": {"steps": 2, "batch_size": 2}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{acc}");
+    let job = wait_state(&s, acc["id"].as_str().unwrap(), "failed").await;
+    assert!(
+        job["error"].as_str().unwrap().contains("symbolic link"),
+        "{job}"
+    );
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+    let (_, tags) = get(&s, "/tags").await;
+    assert!(!tags["tags"].to_string().contains("\"WriteT\""), "{tags}");
 }
