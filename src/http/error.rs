@@ -13,49 +13,114 @@ use utoipa::ToSchema;
 pub struct ErrorBody {
     /// What went wrong, for a person.
     pub error: String,
-    /// Stable machine-readable kind: validation, bad_request, unauthorized, forbidden,
-    /// not_found, method_not_allowed, payload_too_large, request_timeout, overloaded,
-    /// queue_timeout, not_ready, engine_down, shutting_down, backend.
-    pub error_type: String,
+    /// Stable machine-readable kind.
+    pub error_type: ErrorKind,
+}
+
+/// Every kind of error the API answers, each with the status it is usually given (a
+/// rejection that axum or a body reader made keeps the status it came with).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// 422: the request is well-formed but names something wrong (the message says what).
+    Validation,
+    /// 400 (or 415): the request is not well-formed.
+    BadRequest,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    MethodNotAllowed,
+    /// 409: the state of what it names does not allow it (a job already ended).
+    Conflict,
+    PayloadTooLarge,
+    /// 408: the body stopped arriving.
+    RequestTimeout,
+    /// 429: over capacity; `Retry-After` says when to come back.
+    Overloaded,
+    /// 503: queued past its deadline.
+    QueueTimeout,
+    /// 503: the model is loading, or training is not enabled.
+    NotReady,
+    /// 503: the inference engine is restarting after a fault.
+    EngineDown,
+    /// 503: the server is shutting down.
+    ShuttingDown,
+    /// 500: internal; the log has the details under the message's id.
+    Backend,
+}
+
+impl ErrorKind {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::Validation => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::BadRequest => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Conflict => StatusCode::CONFLICT,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+            Self::QueueTimeout | Self::NotReady | Self::EngineDown | Self::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::Backend => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The kind of an error response of `status` made outside tagllm's handlers (axum's
+    /// own rejections: a bad path segment, a method a route does not have).
+    fn of_status(status: StatusCode) -> Self {
+        match status {
+            StatusCode::NOT_FOUND => Self::NotFound,
+            StatusCode::METHOD_NOT_ALLOWED => Self::MethodNotAllowed,
+            StatusCode::PAYLOAD_TOO_LARGE => Self::PayloadTooLarge,
+            StatusCode::REQUEST_TIMEOUT => Self::RequestTimeout,
+            StatusCode::UNPROCESSABLE_ENTITY => Self::Validation,
+            s if s.is_server_error() => Self::Backend,
+            _ => Self::BadRequest,
+        }
+    }
 }
 
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub error_type: &'static str,
+    pub kind: ErrorKind,
     pub message: String,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, error_type: &'static str, message: impl Into<String>) -> Self {
+    /// An error of `kind`, with its usual status.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self::with_status(kind.status(), kind, message)
+    }
+    /// An error whose status is not its kind's usual one (a rejection's own).
+    pub fn with_status(status: StatusCode, kind: ErrorKind, message: impl Into<String>) -> Self {
         Self {
             status,
-            error_type,
+            kind,
             message: message.into(),
         }
     }
     pub fn validation(m: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "validation", m)
+        Self::new(ErrorKind::Validation, m)
     }
     pub fn not_found(m: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", m)
+        Self::new(ErrorKind::NotFound, m)
     }
     pub fn overloaded() -> Self {
         Self::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "overloaded",
+            ErrorKind::Overloaded,
             "too many concurrent requests; retry later",
         )
     }
     pub fn not_ready() -> Self {
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            "the model is still loading",
-        )
+        Self::new(ErrorKind::NotReady, "the model is still loading")
     }
     pub fn backend(m: impl Into<String>) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "backend", m)
+        Self::new(ErrorKind::Backend, m)
     }
 }
 
@@ -66,14 +131,14 @@ impl ApiError {
     pub fn into_body(self) -> ErrorBody {
         let error = if self.status == StatusCode::INTERNAL_SERVER_ERROR {
             let id = uuid::Uuid::new_v4().simple().to_string();
-            tracing::error!(error_id = %id, error_type = self.error_type, error = %self.message, "internal error");
+            tracing::error!(error_id = %id, error_type = ?self.kind, error = %self.message, "internal error");
             format!("internal error (id {id}; the server's log has its details)")
         } else {
             self.message
         };
         ErrorBody {
             error,
-            error_type: self.error_type.to_string(),
+            error_type: self.kind,
         }
     }
 
@@ -88,8 +153,7 @@ impl ApiError {
         while let Some(e) = source {
             if e.is::<tower_http::timeout::TimeoutError>() {
                 return Self::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "request_timeout",
+                    ErrorKind::RequestTimeout,
                     "the request body stopped arriving before it was complete",
                 );
             }
@@ -97,12 +161,11 @@ impl ApiError {
         }
         if status == StatusCode::PAYLOAD_TOO_LARGE {
             return Self::new(
-                status,
-                "payload_too_large",
+                ErrorKind::PayloadTooLarge,
                 "request body is over the size limit",
             );
         }
-        Self::new(status, "bad_request", text)
+        Self::with_status(status, ErrorKind::BadRequest, text)
     }
 }
 
@@ -110,20 +173,6 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status;
         (status, Json(self.into_body())).into_response()
-    }
-}
-
-/// The kind that an error response of `status` made outside tagllm's handlers (axum's
-/// own rejections: a bad path segment, a method a route does not have) is given.
-fn kind_of(status: StatusCode) -> &'static str {
-    match status {
-        StatusCode::NOT_FOUND => "not_found",
-        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
-        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
-        StatusCode::REQUEST_TIMEOUT => "request_timeout",
-        StatusCode::UNPROCESSABLE_ENTITY => "validation",
-        s if s.is_server_error() => "backend",
-        _ => "bad_request",
     }
 }
 
@@ -151,7 +200,8 @@ pub async fn errors_as_json(req: Request, next: Next) -> Response {
     } else {
         text
     };
-    let fresh = ApiError::new(status, kind_of(status), message).into_response();
+    let fresh =
+        ApiError::with_status(status, ErrorKind::of_status(status), message).into_response();
     parts.headers.remove(header::CONTENT_LENGTH);
     parts.headers.insert(
         header::CONTENT_TYPE,
@@ -169,7 +219,7 @@ impl From<axum::extract::rejection::JsonRejection> for ApiError {
         match &r {
             JsonRejection::BytesRejection(_) => Self::unreadable_body(status, r.body_text(), &r),
             _ if status == StatusCode::UNPROCESSABLE_ENTITY => Self::validation(r.body_text()),
-            _ => Self::new(status, "bad_request", r.body_text()),
+            _ => Self::with_status(status, ErrorKind::BadRequest, r.body_text()),
         }
     }
 }

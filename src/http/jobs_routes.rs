@@ -15,7 +15,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::error::{ApiError, ErrorBody};
+use super::error::{ApiError, ErrorBody, ErrorKind};
 use super::sse::ServerSentEvent;
 use super::state::AppState;
 use crate::jobs::{
@@ -99,8 +99,7 @@ fn read_under_root(
         std::fs::metadata(&full).map_err(|e| ApiError::validation(format!("{what}: {e}")))?;
     if meta.len() as usize > limit {
         return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
+            ErrorKind::PayloadTooLarge,
             format!("{what}: `{path}` is over the dataset size limit"),
         ));
     }
@@ -270,8 +269,7 @@ pub async fn cancel_job(State(s): Shared, Path(id): Path<String>) -> Result<Json
     let job = find(&s, &id).await?;
     if job.state.is_terminal() {
         return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "conflict",
+            ErrorKind::Conflict,
             format!("job `{id}` already ended ({})", job.state.as_str()),
         ));
     }

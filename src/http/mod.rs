@@ -23,7 +23,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::OpenApi;
 
 pub use connections::ConnectionLimits;
-use error::ApiError;
+use error::{ApiError, ErrorKind};
 pub use listen::listen;
 pub use state::{AppState, HttpMetrics, ServerConfig};
 
@@ -189,26 +189,17 @@ async fn auth(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Respo
     if allowed {
         return next.run(req).await;
     }
-    let (status, kind, msg) = if token.is_none() {
+    let (kind, msg) = if token.is_none() {
         (
-            axum::http::StatusCode::UNAUTHORIZED,
-            "unauthorized",
+            ErrorKind::Unauthorized,
             "missing `Authorization: Bearer <key>`",
         )
     } else if changes_state {
-        (
-            axum::http::StatusCode::FORBIDDEN,
-            "forbidden",
-            "this route needs the admin API key",
-        )
+        (ErrorKind::Forbidden, "this route needs the admin API key")
     } else {
-        (
-            axum::http::StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "invalid API key",
-        )
+        (ErrorKind::Unauthorized, "invalid API key")
     };
-    ApiError::new(status, kind, msg).into_response()
+    ApiError::new(kind, msg).into_response()
 }
 
 async fn observe(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {

@@ -13,7 +13,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::error::{ApiError, ErrorBody};
+use super::error::{ApiError, ErrorBody, ErrorKind};
 use super::sse::ServerSentEvent;
 use super::state::AppState;
 use crate::infer::{PredictError, PredictRequest, PredictResponse};
@@ -40,8 +40,7 @@ pub async fn health() -> Json<Status> {
 pub async fn ready(State(s): Shared) -> Result<Json<Status>, ApiError> {
     if !s.predictor()?.engine.is_alive() {
         return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "engine_down",
+            ErrorKind::EngineDown,
             "the inference engine is down (restarting after a fault)",
         ));
     }
@@ -307,14 +306,10 @@ pub async fn predict(
 
 fn predict_api_error(e: PredictError) -> ApiError {
     match e {
-        PredictError::Overloaded(refused) => ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "overloaded",
-            refused.to_string(),
-        ),
-        PredictError::Expired(m) => {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "queue_timeout", m)
+        PredictError::Overloaded(refused) => {
+            ApiError::new(ErrorKind::Overloaded, refused.to_string())
         }
+        PredictError::Expired(m) => ApiError::new(ErrorKind::QueueTimeout, m),
         PredictError::Validation(m) => ApiError::validation(m),
         PredictError::Backend(m) => ApiError::backend(m),
     }
@@ -389,8 +384,7 @@ fn stream_events(
             // Dropping the answer ends the generation in the engine.
             () = shutting_down => {
                 let e = ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "shutting_down",
+                    ErrorKind::ShuttingDown,
                     "the server is shutting down; the generation was stopped",
                 );
                 (Event::default().event("error").json_data(e.into_body()), None)

@@ -80,8 +80,7 @@ impl AppState {
     pub fn jobs(&self) -> Result<&crate::jobs::JobStore, super::error::ApiError> {
         self.jobs.get().ok_or_else(|| {
             super::error::ApiError::new(
-                axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                "not_ready",
+                super::error::ErrorKind::NotReady,
                 "training is not enabled on this server (no job store)",
             )
         })
