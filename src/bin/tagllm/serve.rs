@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 use tagllm::http::ConnectionLimits;
-use tagllm::infer::EngineConfig;
+use tagllm::infer::{EngineConfig, Limits};
+use tagllm::jobs::WorkerConfig;
 
 use anyhow::Result;
 use tagllm::model::{device, BaseModel};
@@ -24,18 +25,18 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "TAGLLM_DATA_DIR", default_value = "data")]
     pub(crate) data_dir: PathBuf,
     /// Padded tokens per engine batch.
-    #[arg(long, env = "TAGLLM_MAX_BATCH_TOKENS", default_value_t = 4096)]
+    #[arg(long, env = "TAGLLM_MAX_BATCH_TOKENS", default_value_t = EngineConfig::default().max_batch_tokens)]
     pub(crate) max_batch_tokens: usize,
     /// Longest composed input (tokens + tag vectors).
-    #[arg(long, env = "TAGLLM_MAX_INPUT_TOKENS", default_value_t = 1024)]
+    #[arg(long, env = "TAGLLM_MAX_INPUT_TOKENS", default_value_t = Limits::default().max_input_tokens)]
     pub(crate) max_input_tokens: usize,
     /// Inputs per /predict request.
-    #[arg(long, env = "TAGLLM_MAX_BATCH_INPUTS", default_value_t = 256)]
+    #[arg(long, env = "TAGLLM_MAX_BATCH_INPUTS", default_value_t = Limits::default().max_batch_inputs)]
     pub(crate) max_batch_inputs: usize,
-    #[arg(long, env = "TAGLLM_MAX_NEW_TOKENS", default_value_t = 512)]
+    #[arg(long, env = "TAGLLM_MAX_NEW_TOKENS", default_value_t = Limits::default().max_new_tokens)]
     pub(crate) max_new_tokens: usize,
     /// Prompt + new tokens one request's generations may hold at once (its memory bound).
-    #[arg(long, env = "TAGLLM_MAX_GENERATION_TOKENS", default_value_t = 16384)]
+    #[arg(long, env = "TAGLLM_MAX_GENERATION_TOKENS", default_value_t = Limits::default().max_generation_tokens)]
     pub(crate) max_generation_tokens: usize,
     /// Requests in flight at once; more get 429.
     #[arg(long, env = "TAGLLM_MAX_CONCURRENT_REQUESTS", default_value_t = 512)]
@@ -107,17 +108,17 @@ pub(crate) struct ServeArgs {
 #[derive(clap::Args, Clone)]
 pub(crate) struct WorkerArgs {
     /// A job whose worker stops heartbeating for this long is taken over by another.
-    #[arg(long, env = "TAGLLM_LEASE_SECONDS", default_value_t = 60)]
+    #[arg(long, env = "TAGLLM_LEASE_SECONDS", default_value_t = WorkerConfig::default().lease.as_secs())]
     pub(crate) lease_seconds: u64,
     /// Checkpoint a running job into the store every this many steps.
-    #[arg(long, env = "TAGLLM_CHECKPOINT_EVERY", default_value_t = 25)]
+    #[arg(long, env = "TAGLLM_CHECKPOINT_EVERY", default_value_t = WorkerConfig::default().checkpoint_every)]
     pub(crate) checkpoint_every: usize,
 }
 
 impl WorkerArgs {
-    fn config(&self) -> tagllm::jobs::WorkerConfig {
+    fn config(&self) -> WorkerConfig {
         let lease = std::time::Duration::from_secs(self.lease_seconds.max(1));
-        tagllm::jobs::WorkerConfig {
+        WorkerConfig {
             lease,
             heartbeat: (lease / 4).min(std::time::Duration::from_secs(2)),
             checkpoint_every: self.checkpoint_every,
@@ -181,7 +182,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         device,
         tags_dir: args.tags_dir.clone(),
         watch: !args.no_watch,
-        limits: tagllm::infer::Limits {
+        limits: Limits {
             max_input_tokens: args.max_input_tokens,
             max_batch_inputs: args.max_batch_inputs,
             max_new_tokens: args.max_new_tokens,
