@@ -293,9 +293,7 @@ fn compute_runs_below_http(pid: u32) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_runs_end_to_end_as_a_process_and_stops_on_sigterm() {
     let dir = tempdir();
-    let model = dir.path().join("tiny.gguf");
-    let (ok, _, err) = tagllm(&["tiny-model", "--out", model.to_str().unwrap()]);
-    assert!(ok, "{err}");
+    let model = tiny_model(dir.path());
     let (mut server, url) = spawn_server(dir.path(), &model, &[]).await;
     let http = reqwest::Client::new();
     let predict = |body: serde_json::Value| http.post(format!("{url}/predict")).json(&body).send();
@@ -365,6 +363,14 @@ async fn serve_runs_end_to_end_as_a_process_and_stops_on_sigterm() {
 
     let status = sigterm_and_wait(&mut server, std::time::Duration::from_secs(20));
     assert!(status.success(), "{status}");
+}
+
+/// A tiny model written by `tagllm tiny-model` into `dir`.
+fn tiny_model(dir: &std::path::Path) -> std::path::PathBuf {
+    let model = dir.join("tiny.gguf");
+    let (ok, _, err) = tagllm(&["tiny-model", "--out", model.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    model
 }
 
 /// `tagllm serve` on `model` with `extra` flags, its tags and data in `dir`, once ready.
@@ -466,9 +472,7 @@ async fn slow_clients_are_cut_off_and_connections_are_bounded() {
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpStream;
     let dir = tempdir();
-    let model = dir.path().join("tiny.gguf");
-    let (ok, _, err) = tagllm(&["tiny-model", "--out", model.to_str().unwrap()]);
-    assert!(ok, "{err}");
+    let model = tiny_model(dir.path());
     let flags = [
         "--header-read-timeout-secs",
         "1",

@@ -53,6 +53,10 @@ pub async fn serve_connections(
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let (closing, closing_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
     tokio::pin!(stop);
     loop {
         // Reap finished connections so the set does not grow with every one served.
@@ -79,10 +83,7 @@ pub async fn serve_connections(
         };
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(app.clone());
-        let mut builder = hyper::server::conn::http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout);
+        let builder = builder.clone();
         let mut closing = closing_rx.clone();
         connections.spawn(async move {
             let _slot = slot;

@@ -122,9 +122,7 @@ impl ApiError {
     pub fn backend(m: impl Into<String>) -> Self {
         Self::new(ErrorKind::Backend, m)
     }
-}
 
-impl ApiError {
     /// The body a client sees. A 500's message may hold anything a library put in an
     /// error (paths, a backtrace): it is logged in full under a fresh id, and the client
     /// gets "internal error" with that id.

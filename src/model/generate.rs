@@ -66,17 +66,13 @@ const GREEDY_TOP_P: f64 = 1e-6;
 const MAX_TEMPERATURE: f64 = 1e3;
 
 fn sampler(p: &GenerationParams) -> LogitsProcessor {
-    let sampling = match (p.temperature, p.top_p) {
+    let temperature = p.temperature.map(|t| t.min(MAX_TEMPERATURE));
+    let sampling = match (temperature, p.top_p) {
         (None, _) => Sampling::ArgMax,
         (Some(t), _) if t < GREEDY_TEMPERATURE => Sampling::ArgMax,
         (Some(_), Some(p)) if p < GREEDY_TOP_P => Sampling::ArgMax,
-        (Some(t), Some(p)) if p < 1.0 => Sampling::TopP {
-            p,
-            temperature: t.min(MAX_TEMPERATURE),
-        },
-        (Some(t), _) => Sampling::All {
-            temperature: t.min(MAX_TEMPERATURE),
-        },
+        (Some(temperature), Some(p)) if p < 1.0 => Sampling::TopP { p, temperature },
+        (Some(temperature), _) => Sampling::All { temperature },
     };
     LogitsProcessor::from_sampling(p.seed, sampling)
 }

@@ -498,7 +498,7 @@ fn symlink_refusal(path: &Path) -> String {
 
 /// Bundles are read and written only as real directories and files, so that nothing in
 /// the tags directory can point a read or a write outside it.
-pub fn ensure_not_symlink(path: &Path) -> Result<()> {
+fn ensure_not_symlink(path: &Path) -> Result<()> {
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_symlink() => bail!("{}", symlink_refusal(path)),
         _ => Ok(()),
@@ -535,6 +535,14 @@ pub fn write_atomic(path: &Path, bytes: Option<&[u8]>, from: Option<&Path>) -> R
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// The base model every test bundle here is made for (`domain_tag`'s hash and size).
+    pub(crate) fn base() -> BaseModelIdentity {
+        BaseModelIdentity {
+            fingerprint: "f".repeat(64),
+            hidden_size: 4,
+        }
+    }
 
     pub(crate) fn domain_tag(name: &str, version: u64, fill: f32) -> TagBundle {
         TagBundle {
@@ -580,10 +588,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_head_over_several_positions_round_trips_and_bad_shapes_are_refused() {
-        let base = BaseModelIdentity {
-            fingerprint: "f".repeat(64),
-            hidden_size: 4,
-        };
+        let base = base();
         let load = |b: TagBundle| {
             let dir = tempfile::tempdir().unwrap();
             b.save(dir.path()).unwrap();
@@ -624,10 +629,7 @@ pub(crate) mod tests {
             (1..=8).collect::<Vec<_>>(),
             "each result gets its own version"
         );
-        let base = BaseModelIdentity {
-            fingerprint: "f".repeat(64),
-            hidden_size: 4,
-        };
+        let base = base();
         let served = TagBundle::load(&dir.path().join("Dom"), &base, &Device::Cpu).unwrap();
         assert_eq!(served.version(), 8);
         #[cfg(unix)]
@@ -655,10 +657,7 @@ pub(crate) mod tests {
     #[test]
     fn tensors_rewritten_in_place_without_a_checksum_are_never_served_half_written() {
         let dir = tempfile::tempdir().unwrap();
-        let base = BaseModelIdentity {
-            fingerprint: "f".repeat(64),
-            hidden_size: 4,
-        };
+        let base = base();
         // A bundle whose manifest carries no checksum (as a PEFT adapter never does).
         domain_tag("Dom", 1, 1.0).save(dir.path()).unwrap();
         let tag_dir = dir.path().join("Dom");
@@ -750,10 +749,7 @@ pub(crate) mod tests {
         assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
 
         // A bundle whose tensors (or whose directory) link outside is refused on load.
-        let base = BaseModelIdentity {
-            fingerprint: "f".repeat(64),
-            hidden_size: 4,
-        };
+        let base = base();
         domain_tag("Evil", 1, 0.0).save(&outside).unwrap();
         std::fs::create_dir_all(root.join("Evil")).unwrap();
         std::fs::copy(

@@ -124,25 +124,10 @@ impl Registry {
             if name.starts_with('.') {
                 continue;
             }
-            // `file_type` does not follow links: a link is listed as refused, never read.
+            // `file_type` does not follow links. A link goes to the load like a directory
+            // does, and the load refuses it first thing, so it is listed with its reason.
             match entry.file_type() {
-                Ok(t) if t.is_symlink() => {
-                    present.push(name.clone());
-                    seen.remove(&name);
-                    if let Err(e) = super::bundle::ensure_not_symlink(&path) {
-                        let why = format!("{e:#}");
-                        if errors.get(&name) != Some(&why) {
-                            tracing::warn!(tag = %name, error = %why, "tag bundle rejected");
-                        }
-                        if tags.remove(&name).is_some() {
-                            report.removed.push(name.clone());
-                        }
-                        report.failed.insert(name.clone(), why.clone());
-                        errors.insert(name, why);
-                    }
-                    continue;
-                }
-                Ok(t) if t.is_dir() => {}
+                Ok(t) if t.is_dir() || t.is_symlink() => {}
                 _ => continue,
             }
             present.push(name.clone());
@@ -290,14 +275,7 @@ fn dir_identity(dir: &Path) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tags::bundle::tests::domain_tag;
-
-    fn base() -> BaseModelIdentity {
-        BaseModelIdentity {
-            fingerprint: "f".repeat(64),
-            hidden_size: 4,
-        }
-    }
+    use crate::tags::bundle::tests::{base, domain_tag};
 
     fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
         let deadline = std::time::Instant::now() + Duration::from_secs(15);
