@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 use tagllm::http::ServerConfig;
-use tagllm::infer::{EngineConfig, Input, Limits, PredictRequest, Predictor};
+use tagllm::infer::{EngineConfig, Input, Limits, Predictor, Prompt, Request};
 use tagllm::model::{BaseModel, DecodeBatch, Decoder, GenerationParams, Mode, Precision};
 use tagllm::service::{Service, ServiceConfig};
 use tagllm::tags::{Head, HeadSpec, TagBundle, TagKind, TagManifest};
@@ -830,10 +830,11 @@ async fn main() {
             let mut lat = Vec::new();
             load(&url, 1, 3, &smiles).await; // warm-up
             for i in 0..20 {
-                let req = PredictRequest {
-                    function: Some("QED".into()),
-                    functions: None,
-                    template: None,
+                let req = Request {
+                    prompt: Prompt::Function {
+                        name: "QED".into(),
+                        domains: Default::default(),
+                    },
                     inputs: vec![Input::Text(smiles[i % smiles.len()].clone())],
                     parameters: Default::default(),
                     stream: false,

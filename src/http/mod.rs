@@ -5,6 +5,7 @@ pub mod console;
 pub mod error;
 pub mod jobs_routes;
 pub mod listen;
+pub mod openai;
 pub mod routes;
 pub mod sse;
 pub mod state;
@@ -33,7 +34,8 @@ pub use state::{AppState, HttpMetrics, ServerConfig};
     paths(routes::health, routes::ready, routes::info, routes::list_tags, routes::get_tag,
           routes::reload_tags, routes::tokenize, routes::predict, routes::metrics,
           jobs_routes::train, jobs_routes::list_jobs, jobs_routes::get_job, jobs_routes::job_curve, jobs_routes::job_events,
-          jobs_routes::cancel_job, jobs_routes::upload_dataset),
+          jobs_routes::cancel_job, jobs_routes::upload_dataset,
+          openai::list_models, openai::completions, openai::chat_completions),
     modifiers(&Security)
 )]
 pub struct ApiDoc;
@@ -47,10 +49,17 @@ fn is_open(path: &str) -> bool {
         || console::is_console_path(path)
 }
 
-/// Routes that change state need the admin key where one is set; `/predict` and
-/// `/tokenize` are POSTs that only read.
+/// POSTs that only read: they need no admin key.
+const READ_ONLY_POSTS: [&str; 4] = [
+    "/predict",
+    "/tokenize",
+    "/v1/completions",
+    "/v1/chat/completions",
+];
+
+/// Routes that change state need the admin key where one is set.
 fn needs_admin(method: &Method, path: &str) -> bool {
-    method != Method::GET && path != "/predict" && path != "/tokenize"
+    method != Method::GET && !READ_ONLY_POSTS.contains(&path)
 }
 
 /// The schemes, and the answers every route shares because of the layers around it
@@ -67,13 +76,14 @@ impl utoipa::Modify for Security {
             || SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build());
         c.add_security_scheme("api_key", bearer());
         c.add_security_scheme("admin", bearer());
-        let error = |what: &str| {
+        // The `/v1` routes answer errors in OpenAI's shape.
+        let error = |what: &str, schema: &str| {
             ResponseBuilder::new()
                 .description(what)
                 .content(
                     "application/json",
                     ContentBuilder::new()
-                        .schema(Some(Ref::from_schema_name("ErrorBody")))
+                        .schema(Some(Ref::from_schema_name(schema)))
                         .build(),
                 )
                 .build()
@@ -85,6 +95,11 @@ impl utoipa::Modify for Security {
                 (Method::DELETE, item.delete.as_mut()),
             ] {
                 let Some(op) = op else { continue };
+                let schema = if path.starts_with("/v1/") {
+                    "OpenAiErrorBody"
+                } else {
+                    "ErrorBody"
+                };
                 // Grouped by what a reader came for, not by the module that serves it.
                 op.tags = Some(vec![section_of(path).to_string()]);
                 // A text body that is not JSON (NDJSON datasets) is bytes to a client, not a
@@ -106,7 +121,7 @@ impl utoipa::Modify for Security {
                     op.responses
                         .responses
                         .entry(status.to_string())
-                        .or_insert_with(|| error(what).into());
+                        .or_insert_with(|| error(what, schema).into());
                 };
                 if op.request_body.is_some() {
                     add("400", "The body is not well-formed (e.g. malformed JSON)");
@@ -144,6 +159,7 @@ fn section_of(path: &str) -> &'static str {
         "predict" | "tokenize" => "inference",
         "tags" => "tags",
         "train" | "jobs" | "datasets" => "training",
+        "v1" => "openai",
         _ => "service",
     }
 }
@@ -233,6 +249,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/tags/{name}", get(routes::get_tag))
         .route("/tokenize", post(routes::tokenize))
         .route("/predict", post(routes::predict))
+        .route("/v1/models", get(openai::list_models))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/train", post(jobs_routes::train))
         .route("/jobs", get(jobs_routes::list_jobs))
         .route(
@@ -264,6 +283,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .route_layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(middleware::from_fn(error::errors_as_json))
+        .layer(middleware::from_fn(openai::errors::in_openai_form))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }

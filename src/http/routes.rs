@@ -280,6 +280,10 @@ pub async fn predict(
         .clone()
         .try_acquire_owned()
         .map_err(|_| ApiError::overloaded())?;
+    let req = match crate::infer::Request::try_from(req) {
+        Ok(req) => req,
+        Err(e) => return Ok(predict_error(e)),
+    };
     if req.stream {
         return match p.predict_streaming(req).await {
             Ok(streaming) => {
@@ -304,7 +308,7 @@ pub async fn predict(
     Ok((StatusCode::OK, headers, Json::<PredictResponse>(resp)).into_response())
 }
 
-fn predict_api_error(e: PredictError) -> ApiError {
+pub(super) fn predict_api_error(e: PredictError) -> ApiError {
     match e {
         PredictError::Overloaded(refused) => {
             ApiError::new(ErrorKind::Overloaded, refused.to_string())
@@ -315,7 +319,7 @@ fn predict_api_error(e: PredictError) -> ApiError {
     }
 }
 
-fn predict_error(e: PredictError) -> axum::response::Response {
+pub(super) fn predict_error(e: PredictError) -> axum::response::Response {
     // Retry-After: the queue's estimated wait, rounded up to whole seconds.
     let retry_after = match &e {
         PredictError::Overloaded(refused) => {

@@ -5,136 +5,24 @@ pub mod admission;
 pub mod engine;
 mod executor;
 pub mod heads;
+pub mod metrics;
+pub mod request;
 pub mod scheduler;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts};
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use std::time::Instant;
 
 pub use crate::tags::compose::{compose, ComposeError, Composed, Input};
 pub use engine::{Engine, EngineConfig, EngineError, Group, Timings};
 pub use heads::Prediction;
+pub use metrics::{EngineMetrics, TagMetrics};
+pub use request::{
+    Parameters, PredictRequest, PredictResponse, PredictionEntry, Prompt, Request, Usage,
+};
 
 use crate::model::{BaseModel, GenerationParams};
 use crate::tags::{Registry, TagKind, Template};
-
-/// Engine gauges and histograms, registered in the server's Prometheus registry.
-pub struct EngineMetrics {
-    pub queue_depth: IntGauge,
-    pub batch_size: Histogram,
-    pub restarts: IntCounter,
-    /// Generations decoding, and the bytes their slot cache holds.
-    pub decoding: IntGauge,
-    pub decode_cache_bytes: IntGauge,
-    /// 429s of admission by `stage`: `before_preparation` (on the request's estimate) or
-    /// `after_preparation` (it outgrew its estimate). Under overload nearly all should be
-    /// the first: a refusal after preparation cost the compute of tokenising.
-    pub refusals: IntCounterVec,
-}
-
-impl EngineMetrics {
-    pub fn new(registry: &prometheus::Registry) -> prometheus::Result<Self> {
-        let queue_depth = IntGauge::new(
-            "tagllm_queue_depth",
-            "Requests waiting for the inference thread",
-        )?;
-        let batch_size = Histogram::with_opts(
-            HistogramOpts::new("tagllm_batch_size", "Sequences per engine batch")
-                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
-        )?;
-        let restarts = IntCounter::new(
-            "tagllm_engine_restarts_total",
-            "Times the inference engine failed and was restarted",
-        )?;
-        registry.register(Box::new(queue_depth.clone()))?;
-        registry.register(Box::new(batch_size.clone()))?;
-        let decoding = IntGauge::new("tagllm_generations_decoding", "Generations decoding")?;
-        let decode_cache_bytes = IntGauge::new(
-            "tagllm_decode_cache_bytes",
-            "Bytes of keys/values held for the generations decoding",
-        )?;
-        registry.register(Box::new(restarts.clone()))?;
-        registry.register(Box::new(decoding.clone()))?;
-        registry.register(Box::new(decode_cache_bytes.clone()))?;
-        let refusals = IntCounterVec::new(
-            Opts::new(
-                "tagllm_admission_refusals_total",
-                "Requests refused by admission (429), before or after their preparation",
-            ),
-            &["stage"],
-        )?;
-        registry.register(Box::new(refusals.clone()))?;
-        Ok(Self {
-            queue_depth,
-            batch_size,
-            restarts,
-            decoding,
-            decode_cache_bytes,
-            refusals,
-        })
-    }
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Parameters {
-    /// Tokens to generate at most (no-head predictions). Default 32.
-    pub max_new_tokens: Option<usize>,
-    /// 0 (default) decodes greedily.
-    pub temperature: Option<f64>,
-    /// Nucleus sampling threshold in (0, 1].
-    pub top_p: Option<f64>,
-    /// Seed for sampling.
-    pub seed: Option<u64>,
-    /// Generation stops when the text contains one of these (cut from the text).
-    #[serde(default)]
-    pub stop: Vec<String>,
-}
-
-/// A prediction request: exactly one of `function`, `functions` or `template` (none, or
-/// two, is a 422 `validation` error).
-#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-#[schema(example = json!({"template": "{x}", "inputs": ["the cat"],
-    "parameters": {"max_new_tokens": 4}}))]
-pub struct PredictRequest {
-    /// A function tag: its manifest's template, slots and head.
-    pub function: Option<String>,
-    /// Several function tags over the same inputs; their common prefix is computed once.
-    #[schema(value_type = Option<std::collections::BTreeSet<String>>, min_items = 1)]
-    pub functions: Option<Vec<String>>,
-    /// Any composition of registered tags, `<Tag>`, with input slots `{slot}`.
-    pub template: Option<String>,
-    /// One per example: an object of slot values, or a bare string for one slot.
-    #[schema(min_items = 1)]
-    pub inputs: Vec<Input>,
-    #[serde(default, deserialize_with = "crate::json_object::object")]
-    pub parameters: Parameters,
-    /// Stream the generated text as server-sent events (`text/event-stream`): `token`
-    /// events carry pieces of text as they are decoded, then one `done` event carries the
-    /// whole answer (as without streaming), or an `error` event. Needs one input and a
-    /// template or function that generates text.
-    #[serde(default)]
-    pub stream: bool,
-}
-
-#[derive(Debug, Clone, Serialize, ToSchema)]
-#[serde(untagged)]
-pub enum PredictionEntry {
-    Single(Prediction),
-    /// With `functions`: one prediction per function tag.
-    PerFunction(BTreeMap<String, Prediction>),
-}
-
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct PredictResponse {
-    pub predictions: Vec<PredictionEntry>,
-    /// Versions of every tag used.
-    pub tags: BTreeMap<String, u64>,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PredictError {
@@ -196,6 +84,7 @@ pub struct Predictor {
     /// longer than a prompt of `max_input_tokens` such tokens is refused before it is
     /// tokenised (a 1 MB input took ~500 ms to tokenise and then be refused).
     max_token_bytes: usize,
+    tag_metrics: Arc<TagMetrics>,
     /// Keeps the tags-directory watcher alive while the predictor lives.
     _watcher: Option<crate::tags::TagsWatch>,
 }
@@ -215,11 +104,24 @@ struct Answer {
     /// With `functions`: the function names, in request order.
     names: Option<Vec<String>>,
     versions: BTreeMap<String, u64>,
+    /// Prompt tokens per function (summed over the inputs), in request order.
+    prompt_tokens: Vec<usize>,
+    observed: Observed,
 }
 
 impl Answer {
     fn respond(self, preds: Vec<Vec<Prediction>>) -> PredictResponse {
         let names = self.names;
+        let mut completion_tokens = vec![0; self.prompt_tokens.len()];
+        for per_fn in &preds {
+            for (count, p) in completion_tokens.iter_mut().zip(per_fn) {
+                if let Prediction::Text { ids, .. } = p {
+                    *count += ids.len();
+                }
+            }
+        }
+        self.observed
+            .answered(&self.prompt_tokens, &completion_tokens);
         let predictions = preds
             .into_iter()
             .map(|mut per_fn| match &names {
@@ -232,7 +134,60 @@ impl Answer {
         PredictResponse {
             predictions,
             tags: self.versions,
+            usage: Usage {
+                prompt_tokens: self.prompt_tokens.iter().sum(),
+                completion_tokens: completion_tokens.iter().sum(),
+            },
         }
+    }
+}
+
+/// A request's place in the per-tag metrics: its labels (one per function, in order) and
+/// when it arrived. Each request is counted once, answered or failed.
+#[derive(Clone)]
+struct Observed {
+    metrics: Arc<TagMetrics>,
+    labels: Vec<String>,
+    started: Instant,
+}
+
+impl Observed {
+    fn answered(&self, prompt_tokens: &[usize], completion_tokens: &[usize]) {
+        let secs = self.started.elapsed().as_secs_f64();
+        for (i, label) in self.labels.iter().enumerate() {
+            let m = &self.metrics;
+            m.requests.with_label_values(&[label, "ok"]).inc();
+            m.latency.with_label_values(&[label]).observe(secs);
+            let count = |kind: &str, n: Option<&usize>| {
+                m.tokens
+                    .with_label_values(&[label, kind])
+                    .inc_by(n.copied().unwrap_or(0) as u64)
+            };
+            count("prompt", prompt_tokens.get(i));
+            count("completion", completion_tokens.get(i));
+        }
+    }
+
+    fn failed(&self, e: &PredictError) {
+        let outcome = match e {
+            PredictError::Validation(_) => "invalid",
+            PredictError::Overloaded(_) => "refused",
+            PredictError::Backend(_) | PredictError::Expired(_) => "failed",
+        };
+        for label in &self.labels {
+            self.metrics
+                .requests
+                .with_label_values(&[label, outcome])
+                .inc();
+        }
+    }
+
+    /// Counts `result`'s failure, if it is one, and passes it on.
+    fn check<T>(&self, result: Result<T, PredictError>) -> Result<T, PredictError> {
+        if let Err(e) = &result {
+            self.failed(e);
+        }
+        result
     }
 }
 
@@ -250,7 +205,8 @@ pub struct PendingAnswer {
 
 impl PendingAnswer {
     pub async fn wait(self) -> Result<(PredictResponse, Timings), PredictError> {
-        let (preds, timings) = self.submitted.wait().await?;
+        let observed = self.answer.observed.clone();
+        let (preds, timings) = observed.check(self.submitted.wait().await.map_err(Into::into))?;
         Ok((self.answer.respond(preds), timings))
     }
 }
@@ -280,6 +236,7 @@ impl Predictor {
             engine_config.clone(),
             Arc::new(EngineMetrics::new(metrics)?),
         )?;
+        let tag_metrics = Arc::new(TagMetrics::new(metrics)?);
         // A token's string is its bytes as the tokenizer spells them: a byte-level BPE
         // char (`Ġ`) or SentencePiece's `▁` takes at least the one byte it stands for.
         let max_token_bytes = (0..model.tokenizer.vocab_size() as u32)
@@ -295,6 +252,7 @@ impl Predictor {
             engine_config,
             limits,
             max_token_bytes,
+            tag_metrics,
             _watcher: watcher,
         })
     }
@@ -336,11 +294,13 @@ impl Predictor {
     /// CPU work: they run on the blocking pool, never on the async threads.
     pub async fn predict(
         self: &Arc<Self>,
-        req: PredictRequest,
+        req: Request,
     ) -> Result<(PredictResponse, Timings), PredictError> {
-        let reservation = self.reserve(&req)?;
-        let p = self.prepare_off_thread(req).await?;
-        let (preds, timings) = self.engine.predict(p.groups, p.params, reservation).await?;
+        let observed = self.observe(&req);
+        let reservation = observed.check(self.reserve(&req))?;
+        let p = observed.check(self.prepare_off_thread(req, observed.clone()).await)?;
+        let result = self.engine.predict(p.groups, p.params, reservation).await;
+        let (preds, timings) = observed.check(result.map_err(Into::into))?;
         Ok((p.answer.respond(preds), timings))
     }
 
@@ -348,14 +308,16 @@ impl Predictor {
     /// refused) before the first piece of text.
     pub async fn predict_streaming(
         self: &Arc<Self>,
-        req: PredictRequest,
+        req: Request,
     ) -> Result<Streaming, PredictError> {
-        let reservation = self.reserve(&req)?;
-        let p = self.prepare_off_thread(req).await?;
+        let observed = self.observe(&req);
+        let reservation = observed.check(self.reserve(&req))?;
+        let p = observed.check(self.prepare_off_thread(req, observed.clone()).await)?;
         let (tx, pieces) = tokio::sync::mpsc::unbounded_channel();
         let submitted = self
             .engine
-            .submit(p.groups, p.params, Some(tx), reservation)?;
+            .submit(p.groups, p.params, Some(tx), reservation);
+        let submitted = observed.check(submitted.map_err(Into::into))?;
         Ok(Streaming {
             pieces,
             answer: PendingAnswer {
@@ -369,7 +331,7 @@ impl Predictor {
     /// prepared, or refuses it at once (429): under overload, turning a request away must
     /// cost less than preparing it. Its inputs are counted first: too many is the client's
     /// to fix (422), not an overload.
-    fn reserve(&self, req: &PredictRequest) -> Result<admission::Ticket, PredictError> {
+    fn reserve(&self, req: &Request) -> Result<admission::Ticket, PredictError> {
         if req.inputs.is_empty() {
             return Err(invalid("inputs must not be empty"));
         }
@@ -379,14 +341,10 @@ impl Predictor {
                 self.limits.max_batch_inputs
             )));
         }
-        let functions = req.functions.as_ref().map_or(1, |f| f.len().max(1));
-        let sequences = req.inputs.len().saturating_mul(functions) as u64;
+        let names = req.function_names();
+        let sequences = req.inputs.len().saturating_mul(names.len().max(1)) as u64;
         // Its kind, whose requests are alike in size: its functions, or a raw template.
-        let kind = match (&req.function, &req.functions) {
-            (Some(f), _) => f.clone(),
-            (None, Some(fs)) => fs.join(","),
-            (None, None) => String::new(),
-        };
+        let kind = names.join(",");
         self.engine
             .admission
             .reserve(&kind, sequences)
@@ -401,9 +359,33 @@ impl Predictor {
             })
     }
 
+    /// The request's labels in the per-tag metrics: each function it names if it is a
+    /// served function tag, else [`metrics::UNKNOWN_TAG`]; [`metrics::NO_TAG`] for none.
+    fn observe(&self, req: &Request) -> Observed {
+        let names = req.function_names();
+        let labels = if names.is_empty() {
+            vec![metrics::NO_TAG.to_string()]
+        } else {
+            let tags = self.registry.snapshot();
+            names
+                .iter()
+                .map(|n| match tags.get(n) {
+                    Some(b) if b.manifest.kind == TagKind::Function => n.to_string(),
+                    _ => metrics::UNKNOWN_TAG.to_string(),
+                })
+                .collect()
+        };
+        Observed {
+            metrics: self.tag_metrics.clone(),
+            labels,
+            started: Instant::now(),
+        }
+    }
+
     async fn prepare_off_thread(
         self: &Arc<Self>,
-        req: PredictRequest,
+        req: Request,
+        observed: Observed,
     ) -> Result<Prepared, PredictError> {
         let this = self.clone();
         let (tx, prepared) = tokio::sync::oneshot::channel();
@@ -412,8 +394,9 @@ impl Predictor {
         // they took cycles from the 429s of an overload, and spun waiting on candle's
         // lowered pool for their tensor ops.
         rayon::spawn(move || {
-            let prepared =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| this.prepare(&req)));
+            let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                this.prepare(&req, observed)
+            }));
             let _ = tx.send(prepared);
         });
         match prepared.await {
@@ -428,41 +411,28 @@ impl Predictor {
     }
 
     /// Checks the request and composes every input with every function's template.
-    fn prepare(&self, req: &PredictRequest) -> Result<Prepared, PredictError> {
+    fn prepare(&self, req: &Request, observed: Observed) -> Result<Prepared, PredictError> {
         let params = self.generation_params(&req.parameters)?;
-        if let Some(t) = &req.template {
-            crate::tags::template::check_size(t).map_err(invalid)?;
-        }
         let tags = self.registry.snapshot();
         // Positions past the model's context have no rotary embedding: a longer sequence
         // is the client's to shorten (422), never the model's to fail on (500).
         let context = self.model.config().max_position_embeddings;
         let max_prompt = self.limits.max_input_tokens.min(context);
         // (template, head tag) per function in the request.
-        let (plans, names): (Vec<Plan>, Option<Vec<String>>) =
-            match (&req.function, &req.functions, &req.template) {
-                (Some(f), None, None) => (vec![self.function_plan(&tags, f)?], None),
-                (None, Some(fs), None) => {
-                    if fs.is_empty() {
-                        return Err(invalid("functions must not be empty"));
-                    }
-                    // Results are keyed by name: a repeat would silently fold into one.
-                    if let Some(dup) = fs.iter().enumerate().find(|(i, f)| fs[..*i].contains(f)) {
-                        return Err(invalid(format!("functions names `{}` twice", dup.1)));
-                    }
-                    let plans = fs
-                        .iter()
-                        .map(|f| self.function_plan(&tags, f))
-                        .collect::<Result<_, _>>()?;
-                    (plans, Some(fs.clone()))
-                }
-                (None, None, Some(t)) => (vec![(Template::parse(t), None)], None),
-                _ => {
-                    return Err(invalid(
-                        "give exactly one of `function`, `functions` or `template`",
-                    ))
-                }
-            };
+        let no_domains = BTreeMap::new();
+        let (plans, names): (Vec<Plan>, Option<Vec<String>>) = match &req.prompt {
+            Prompt::Function { name, domains } => {
+                (vec![function_plan(&tags, name, domains)?], None)
+            }
+            Prompt::Functions(fs) => {
+                let plans = fs
+                    .iter()
+                    .map(|f| function_plan(&tags, f, &no_domains))
+                    .collect::<Result<_, _>>()?;
+                (plans, Some(fs.clone()))
+            }
+            Prompt::Template(t) => (vec![(t.clone(), None)], None),
+        };
         // Normalisation may shrink text (NFKC of a ligature), hence the margin of 4.
         let max_input_bytes = 4 * max_prompt * self.max_token_bytes;
         for (i, input) in req.inputs.iter().enumerate() {
@@ -479,9 +449,10 @@ impl Predictor {
         }
         let mut versions = BTreeMap::new();
         let mut groups = Vec::with_capacity(req.inputs.len());
+        let mut prompt_tokens = vec![0; plans.len()];
         for (i, input) in req.inputs.iter().enumerate() {
             let mut seqs = Vec::with_capacity(plans.len());
-            for (tpl, head) in &plans {
+            for ((tpl, head), tokens) in plans.iter().zip(&mut prompt_tokens) {
                 let c = compose(&self.model, &tags, tpl, input, head.as_deref(), max_prompt)
                     .map_err(|e| match e {
                         ComposeError::UnknownTag(_) => invalid(e.to_string()),
@@ -498,6 +469,7 @@ impl Predictor {
                     )));
                 }
                 versions.extend(c.versions.clone());
+                *tokens += c.len();
                 seqs.push(c);
             }
             groups.push(Group { seqs });
@@ -526,24 +498,48 @@ impl Predictor {
         Ok(Prepared {
             groups,
             params,
-            answer: Answer { names, versions },
+            answer: Answer {
+                names,
+                versions,
+                prompt_tokens,
+                observed,
+            },
         })
     }
+}
 
-    fn function_plan(&self, tags: &crate::tags::TagSet, name: &str) -> Result<Plan, PredictError> {
-        let bundle = tags
-            .get(name)
-            .ok_or_else(|| invalid(format!("unknown tag <{name}>")))?;
-        if bundle.manifest.kind != TagKind::Function {
+/// A function tag's template (its domain tags replaced as `domains` says) and the tag
+/// whose head it reads.
+fn function_plan(
+    tags: &crate::tags::TagSet,
+    name: &str,
+    domains: &BTreeMap<String, String>,
+) -> Result<Plan, PredictError> {
+    let bundle = tags
+        .get(name)
+        .ok_or_else(|| invalid(format!("unknown tag <{name}>")))?;
+    if bundle.manifest.kind != TagKind::Function {
+        return Err(invalid(format!(
+            "<{name}> is a domain tag, not a function tag"
+        )));
+    }
+    let source = bundle.manifest.template.as_deref().ok_or_else(|| {
+        invalid(format!(
+            "<{name}> has no default template; send `template` instead"
+        ))
+    })?;
+    let mut template = Template::parse(source);
+    for (from, to) in domains {
+        if from == name || !template.replace_tag(from, to) {
             return Err(invalid(format!(
-                "<{name}> is a domain tag, not a function tag"
+                "<{name}>'s template `{source}` names no domain tag <{from}> to replace"
             )));
         }
-        let template = bundle.manifest.template.as_deref().ok_or_else(|| {
-            invalid(format!(
-                "<{name}> has no default template; send `template` instead"
-            ))
-        })?;
-        Ok((Template::parse(template), Some(name.to_string())))
+        match tags.get(to) {
+            Some(b) if b.manifest.kind == TagKind::Domain => {}
+            Some(_) => return Err(invalid(format!("<{to}> is not a domain tag"))),
+            None => return Err(invalid(format!("unknown tag <{to}>"))),
+        }
     }
+    Ok((template, Some(name.to_string())))
 }

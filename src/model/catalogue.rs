@@ -66,6 +66,26 @@ impl CatalogueModel {
     }
 }
 
+/// The short name a model loaded from `path` goes by (the OpenAI routes' `model`): its
+/// catalogue name where the file is a catalogue model's, else the file's stem.
+pub fn short_name(path: &Path) -> String {
+    let file = path
+        .file_name()
+        .and_then(|f| f.to_str())
+        .unwrap_or_default();
+    catalogue()
+        .models
+        .iter()
+        .find(|m| m.file == file)
+        .map(|m| m.name.clone())
+        .unwrap_or_else(|| {
+            path.file_stem()
+                .and_then(|f| f.to_str())
+                .unwrap_or("model")
+                .to_string()
+        })
+}
+
 /// Where `--model` points: an existing path as it is; a catalogue name (or a catalogue
 /// model's file path in `models_dir`) to that file, fetched first if it is not there.
 /// Anything else is an error naming the catalogue.

@@ -30,7 +30,7 @@ pub use generate::{
 };
 pub use kv::{KvCache, SlotKv};
 pub use llama::{pad_right, rows_at, rows_ending_at, Llama, Mode};
-pub use tokenizer::TextTokenizer;
+pub use tokenizer::{ChatPiece, TextTokenizer};
 
 /// How the serving forward reads the frozen matrices. Training always uses f32; a q8_0
 /// serving copy trades a small drift (README: serving precision) for a quarter of the

@@ -134,11 +134,59 @@ impl Template {
     pub fn last_tag(&self) -> Option<&str> {
         self.tags().last().copied()
     }
+
+    /// Every reference to tag `from` made a reference to `to` (a translation template's
+    /// languages chosen per request); false, and nothing changed, if there is none.
+    pub fn replace_tag(&mut self, from: &str, to: &str) -> bool {
+        let mut found = false;
+        for segment in &mut self.segments {
+            if matches!(segment, Segment::Tag(t) if t == from) {
+                *segment = Segment::Tag(to.to_string());
+                found = true;
+            }
+        }
+        if found {
+            self.source = render(&self.segments);
+        }
+        found
+    }
+
+    /// A template made of `segments` as they are (text is not parsed for references: a
+    /// chat template's rendering may hold `<` and `{` of its own).
+    pub fn from_segments(segments: Vec<Segment>) -> Template {
+        Template {
+            source: render(&segments),
+            segments,
+        }
+    }
+}
+
+/// The source text that `segments` read as.
+fn render(segments: &[Segment]) -> String {
+    segments
+        .iter()
+        .map(|s| match s {
+            Segment::Text(t) => t.clone(),
+            Segment::Tag(t) => format!("<{t}>"),
+            Segment::Slot(n) => format!("{{{n}}}"),
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replacing_a_tag_changes_its_references_only() {
+        let mut t = Template::parse("<T><EN> to<FR>: {text} <EN>");
+        assert!(t.replace_tag("EN", "IT"));
+        assert_eq!(t.source, "<T><IT> to<FR>: {text} <IT>");
+        assert_eq!(t.tags(), ["T", "IT", "FR", "IT"]);
+        assert!(!t.replace_tag("DE", "ES"));
+        assert!(!t.replace_tag("text", "ES"), "a slot is not a tag");
+        assert_eq!(t.source, "<T><IT> to<FR>: {text} <IT>");
+    }
 
     #[test]
     fn parses_tags_slots_and_leaves_chat_tokens_as_text() {
