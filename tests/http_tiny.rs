@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use candle_core::Tensor;
+use common::openapi::assert_documented;
 use common::server::{bundle, install, start, wait_for, Options, TagSpec};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -561,34 +562,6 @@ async fn a_generation_streams_its_text_as_server_sent_events() {
     ] {
         assert_invalid_predict(&s.url, body, mentions).await;
     }
-}
-
-/// Validates `body`, the answer of `method path` with `status` and `content_type`, against
-/// the schema that the served OpenAPI document gives for it; panics naming the violation
-/// (or the undocumented status or content type).
-fn assert_documented(
-    spec: &Value,
-    (method, path): (&str, &str),
-    status: StatusCode,
-    content_type: &str,
-    body: &Value,
-) {
-    let response = &spec["paths"][path][method]["responses"][status.as_str()];
-    let schema = &response["content"][content_type]["schema"];
-    assert!(
-        schema.is_object(),
-        "{method} {path}: {status} as {content_type} is undocumented: {response}"
-    );
-    // The schema with the document's components beside it, so its references resolve.
-    let mut root = schema.clone();
-    root["components"] = spec["components"].clone();
-    root["$schema"] = json!("https://json-schema.org/draft/2020-12/schema");
-    let validator = jsonschema::validator_for(&root).unwrap();
-    let errors: Vec<String> = validator.iter_errors(body).map(|e| e.to_string()).collect();
-    assert!(
-        errors.is_empty(),
-        "{method} {path} {status} ({content_type}) violates the document: {errors:?}\n{body}"
-    );
 }
 
 /// Real answers checked against the served OpenAPI document: a generation's JSON, every

@@ -64,4 +64,5 @@ pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
 }
 
+pub mod openapi;
 pub mod server;
