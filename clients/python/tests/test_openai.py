@@ -1,13 +1,16 @@
 """The official `openai` package against a real tagllm server."""
 
+import httpx
 import openai
 import pytest
 from conftest import READER_KEY, URL, predicted_text
 
 
 @pytest.fixture(scope="module")
-def client() -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{URL}/v1", api_key=READER_KEY, max_retries=0)
+def client(documented) -> openai.OpenAI:
+    """The package as users make it, its every JSON answer checked against the document."""
+    http = httpx.Client(event_hooks={"response": [documented.check]})
+    return openai.OpenAI(base_url=f"{URL}/v1", api_key=READER_KEY, max_retries=0, http_client=http)
 
 
 def test_models_list_the_base_model_and_the_generation_tags(client, base_model):
@@ -95,3 +98,8 @@ def test_errors_are_the_packages_own_exceptions(client, base_model):
     wrong = openai.OpenAI(base_url=f"{URL}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         wrong.models.list()
+
+
+def test_every_json_answer_was_checked_against_the_document(documented):
+    # Runs last in this module: the model list, four unstreamed answers, two errors.
+    assert documented.checked >= 7, documented.checked

@@ -165,8 +165,9 @@ fn is_neutral(key: &str, v: &Value) -> Option<bool> {
 }
 
 /// The body as a JSON object, every field either one `known` to the route, ignored, or
-/// neutral; anything else is a 400 naming it. Null fields count as absent (the `openai`
-/// package never sends them, other clients do).
+/// neutral; anything else is a 400 naming it. An unknown field that is null counts as
+/// absent (the `openai` package never sends them, other clients do); a known one is left
+/// for the route's types to judge.
 pub fn checked_body(body: &[u8], known: &[&str]) -> Result<Value, V1Error> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         V1Error::from(ApiError::new(
@@ -177,7 +178,7 @@ pub fn checked_body(body: &[u8], known: &[&str]) -> Result<Value, V1Error> {
     let Value::Object(mut map) = value else {
         return Err(ApiError::new(ErrorKind::BadRequest, "the body must be a JSON object").into());
     };
-    map.retain(|_, v| !v.is_null());
+    map.retain(|k, v| !v.is_null() || known.contains(&k.as_str()));
     for (key, v) in &map {
         if known.contains(&key.as_str()) || IGNORED.contains(&key.as_str()) {
             continue;

@@ -299,8 +299,11 @@ pub async fn completions(State(s): Shared, body: Result<String, StringRejection>
     let run = || -> Result<Plan, V1Error> {
         let p = s.predictor()?;
         let prompts = req.prompt.clone().into_vec();
-        if prompts.is_empty() {
-            return Err(V1Error::invalid("prompt", "prompt must not be empty"));
+        if prompts.is_empty() || prompts.len() > p.limits.max_batch_inputs {
+            return Err(V1Error::invalid(
+                "prompt",
+                format!("1 to {} prompts per request", p.limits.max_batch_inputs),
+            ));
         }
         let target = resolve(p, &req.model)?;
         let max_tokens = req.sampling.max_tokens.unwrap_or(COMPLETION_MAX_TOKENS);
@@ -527,8 +530,8 @@ fn generated(resp: &PredictResponse) -> Option<(&str, FinishReason)> {
 
 /// Usage over the choices: each prompt counted once (its first choice), every generated
 /// token.
-fn usage(resps: &[&PredictResponse], n: usize) -> Usage {
-    let mut u = Usage::default();
+fn usage(resps: &[&PredictResponse], n: usize) -> CompletionUsage {
+    let mut u = CompletionUsage::default();
     for (i, r) in resps.iter().enumerate() {
         if i % n == 0 {
             u.prompt_tokens += r.usage.prompt_tokens;
@@ -652,7 +655,7 @@ impl Format {
         index: usize,
         text: Option<String>,
         reason: Option<String>,
-        usage: Option<Usage>,
+        usage: Option<CompletionUsage>,
     ) -> serde_json::Value {
         let choices = |f: &dyn Fn() -> serde_json::Value| {
             if usage.is_some() {

@@ -105,7 +105,7 @@ pub struct ContentPart {
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, ToSchema)]
-pub struct Usage {
+pub struct CompletionUsage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
@@ -133,7 +133,7 @@ pub struct Completion {
     pub system_fingerprint: String,
     pub choices: Vec<CompletionChoice>,
     /// In a stream, only in the last chunk, and only with `stream_options.include_usage`.
-    pub usage: Option<Usage>,
+    pub usage: Option<CompletionUsage>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -161,7 +161,7 @@ pub struct ChatCompletion {
     pub model: String,
     pub system_fingerprint: String,
     pub choices: Vec<ChatChoice>,
-    pub usage: Usage,
+    pub usage: CompletionUsage,
 }
 
 /// What a chunk adds to a choice's message.
@@ -193,7 +193,7 @@ pub struct ChatCompletionChunk {
     pub model: String,
     pub system_fingerprint: String,
     pub choices: Vec<ChatChunkChoice>,
-    pub usage: Option<Usage>,
+    pub usage: Option<CompletionUsage>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
