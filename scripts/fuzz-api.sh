@@ -22,11 +22,15 @@ server=""
 cleanup() { [ -n "$server" ] && kill "$server" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT
 
-# The tiny model and one domain tag trained on it, so that composition is exercised too.
+# The tiny model and a domain tag trained on it, so that composition is exercised too.
 "$bin" tiny-model --out "$work/tiny.gguf" >/dev/null
 printf '{"text": "the cat sat on the mat"}\n{"text": "CCO and c1ccccc1"}\n' >"$work/text.jsonl"
 "$bin" train --model "$work/tiny.gguf" --tags-dir "$work/tags" --stage 1 --tag Lang \
     --data "$work/text.jsonl" --steps 2 >/dev/null 2>&1
+# A generation tag named as the /v1 routes' examples name it, so they reach the engine.
+printf '{"text": "the cat", "out": "sat"}\n{"text": "CCO", "out": "c1ccccc1"}\n' >"$work/gen.jsonl"
+"$bin" train --model "$work/tiny.gguf" --tags-dir "$work/tags" --stage 2 --tag Translate \
+    --template '<Lang> {text} <Translate>' --target out --data "$work/gen.jsonl" --steps 2 >/dev/null 2>&1
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 url="http://127.0.0.1:$port"

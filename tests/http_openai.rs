@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::openapi::assert_documented;
+use common::openapi::{assert_component, assert_documented};
 use common::server::{install, start, Options, TagSpec};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -214,8 +214,15 @@ async fn answers_equal_predict_and_streams_join_to_them() {
         assert_eq!(events.last(), Some(&json!("[DONE]")), "{events:?}");
         let chunks = &events[..events.len() - 1];
         let mut joined = String::new();
+        let chunk_schema = if chat {
+            "ChatCompletionChunk"
+        } else {
+            "Completion"
+        };
         for c in chunks {
-            assert_documented(&doc, ("post", path), status, "text/event-stream", c);
+            let event = json!({"data": c.to_string()});
+            assert_documented(&doc, ("post", path), status, "text/event-stream", &event);
+            assert_component(&doc, chunk_schema, c);
             let piece = if chat {
                 &c["choices"][0]["delta"]["content"]
             } else {

@@ -36,6 +36,8 @@ pub use state::{AppState, HttpMetrics, ServerConfig};
           jobs_routes::train, jobs_routes::list_jobs, jobs_routes::get_job, jobs_routes::job_curve, jobs_routes::job_events,
           jobs_routes::cancel_job, jobs_routes::upload_dataset,
           openai::list_models, openai::completions, openai::chat_completions),
+    // A streamed chat answer's events carry these as JSON text.
+    components(schemas(openai::wire::ChatCompletionChunk)),
     modifiers(&Security)
 )]
 pub struct ApiDoc;

@@ -31,3 +31,19 @@ pub fn assert_documented(
         "{method} {path} {status} ({content_type}) violates the document: {errors:?}\n{body}"
     );
 }
+
+/// Validates `body` against the document's component schema `name`.
+pub fn assert_component(spec: &Value, name: &str, body: &Value) {
+    let root = json!({
+        "$ref": format!("#/components/schemas/{name}"),
+        "components": spec["components"].clone(),
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+    });
+    assert!(
+        spec["components"]["schemas"][name].is_object(),
+        "the document has no schema {name}"
+    );
+    let validator = jsonschema::validator_for(&root).unwrap();
+    let errors: Vec<String> = validator.iter_errors(body).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "{body} is not a {name}: {errors:?}");
+}

@@ -21,6 +21,7 @@ use serde::de::DeserializeOwned;
 
 use super::error::{ApiError, ErrorKind};
 use super::routes::{predict_api_error, predict_error};
+use super::sse::ServerSentEvent;
 use super::state::AppState;
 use crate::infer::{
     Input, Parameters, PredictError, PredictResponse, Prediction, PredictionEntry, Predictor,
@@ -286,8 +287,8 @@ fn fields(own: &[&'static str]) -> Vec<&'static str> {
 /// A text completion of the base model, or of a generation tag's template filled with the
 /// prompt.
 #[utoipa::path(post, path = "/v1/completions", request_body = CompletionRequest,
-    responses((status = 200, description = "The completion; with `stream: true`, server-sent events whose `data` is a `Completion` chunk each, then `[DONE]`",
-        content((Completion = "application/json"), (Completion = "text/event-stream"))),
+    responses((status = 200, description = "The completion; with `stream: true`, server-sent events whose `data` is a `Completion` chunk (JSON text) each, then `[DONE]`",
+        content((Completion = "application/json"), (ServerSentEvent = "text/event-stream"))),
         (status = 400, body = OpenAiErrorBody, description = "Invalid input; `param` names the field"),
         (status = 404, body = OpenAiErrorBody, description = "No such model"),
         (status = 429, body = OpenAiErrorBody, description = "Over capacity; `Retry-After` says when to come back")))]
@@ -332,8 +333,8 @@ pub async fn completions(State(s): Shared, body: Result<String, StringRejection>
 /// A chat answer: the base model with its chat template, or a generation tag whose
 /// template the last user message fills.
 #[utoipa::path(post, path = "/v1/chat/completions", request_body = ChatRequest,
-    responses((status = 200, description = "The answer; with `stream: true`, server-sent events whose `data` is a `ChatCompletionChunk` each, then `[DONE]`",
-        content((ChatCompletion = "application/json"), (ChatCompletionChunk = "text/event-stream"))),
+    responses((status = 200, description = "The answer; with `stream: true`, server-sent events whose `data` is a `ChatCompletionChunk` (JSON text) each, then `[DONE]`",
+        content((ChatCompletion = "application/json"), (ServerSentEvent = "text/event-stream"))),
         (status = 400, body = OpenAiErrorBody, description = "Invalid input; `param` names the field"),
         (status = 404, body = OpenAiErrorBody, description = "No such model"),
         (status = 429, body = OpenAiErrorBody, description = "Over capacity; `Retry-After` says when to come back")))]
