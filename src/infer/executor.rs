@@ -8,9 +8,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use anyhow::Result;
 
-use super::engine::{EngineConfig, TextPieces};
 use super::heads::{padded_heads, shared_prefix_heads, Prediction};
 use super::scheduler::{Flights, Work};
+use super::work::{EngineConfig, TextPieces};
 use crate::model::{BaseModel, DecodeBatch, Decoder, TextStream};
 use crate::tags::compose::{common_prefix, Composed};
 

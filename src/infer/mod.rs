@@ -8,6 +8,7 @@ pub mod heads;
 pub mod metrics;
 pub mod request;
 pub mod scheduler;
+pub mod work;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -8,8 +8,8 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
 use super::admission::{Load, Ticket};
-use super::engine::{EngineError, Group, Reply, TextPieces, Timings};
 use super::heads::Prediction;
+use super::work::{EngineError, Group, Reply, TextPieces, Timings};
 use super::EngineMetrics;
 use crate::model::GenerationParams;
 use crate::tags::compose::Composed;
