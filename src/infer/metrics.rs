@@ -2,6 +2,10 @@
 //! per-tag counters an operator (or a gateway routing by tag) reads to see which tags
 //! carry the load.
 
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::PredictError;
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
 };
@@ -115,5 +119,54 @@ impl TagMetrics {
             tokens,
             latency,
         })
+    }
+}
+
+/// A request's place in the per-tag metrics: its labels (one per function, in order) and
+/// when it arrived. Each request is counted once, answered or failed.
+#[derive(Clone)]
+pub(super) struct Observed {
+    pub(super) metrics: Arc<TagMetrics>,
+    pub(super) labels: Vec<String>,
+    pub(super) started: Instant,
+}
+
+impl Observed {
+    pub(super) fn answered(&self, prompt_tokens: &[usize], completion_tokens: &[usize]) {
+        let secs = self.started.elapsed().as_secs_f64();
+        for (i, label) in self.labels.iter().enumerate() {
+            let m = &self.metrics;
+            m.requests.with_label_values(&[label, "ok"]).inc();
+            m.latency.with_label_values(&[label]).observe(secs);
+            let count = |kind: &str, n: Option<&usize>| {
+                m.tokens
+                    .with_label_values(&[label, kind])
+                    .inc_by(n.copied().unwrap_or(0) as u64)
+            };
+            count("prompt", prompt_tokens.get(i));
+            count("completion", completion_tokens.get(i));
+        }
+    }
+
+    pub(super) fn failed(&self, e: &PredictError) {
+        let outcome = match e {
+            PredictError::Validation(_) => "invalid",
+            PredictError::Overloaded(_) => "refused",
+            PredictError::Backend(_) | PredictError::Expired(_) => "failed",
+        };
+        for label in &self.labels {
+            self.metrics
+                .requests
+                .with_label_values(&[label, outcome])
+                .inc();
+        }
+    }
+
+    /// Counts `result`'s failure, if it is one, and passes it on.
+    pub(super) fn check<T>(&self, result: Result<T, PredictError>) -> Result<T, PredictError> {
+        if let Err(e) = &result {
+            self.failed(e);
+        }
+        result
     }
 }
