@@ -1,9 +1,7 @@
-//! Training over HTTP: `POST /train`, `GET /jobs`, `GET /jobs/{id}`, `GET /jobs/{id}/events`,
-//! `DELETE /jobs/{id}`, `POST /datasets`. Everything that can be checked is checked before
-//! a job is queued, so a bad request is a 4xx now, not a failed job later.
+//! Training over HTTP: `POST /train` (its checks in `jobs::submit`), `GET /jobs`,
+//! `GET /jobs/{id}`, `GET /jobs/{id}/events`, `DELETE /jobs/{id}`, `POST /datasets`.
 
 use std::convert::Infallible;
-use std::path::{Component, Path as FsPath};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,11 +16,9 @@ use utoipa::{IntoParams, ToSchema};
 use super::error::{ApiError, ErrorBody, ErrorKind};
 use super::sse::ServerSentEvent;
 use super::state::AppState;
-use crate::jobs::{
-    CurvePoint, DatasetInfo, DatasetRef, Job, JobSpec, JobState, JobStore, TrainRequest,
-};
+use crate::jobs::submit::{self, SubmitError};
+use crate::jobs::{CurvePoint, DatasetInfo, Job, JobState, TrainRequest};
 use crate::json_object::Object;
-use crate::train::Dataset;
 
 type Shared = State<Arc<AppState>>;
 
@@ -33,90 +29,12 @@ pub struct Accepted {
     pub state: JobState,
 }
 
-/// The JSONL text of a dataset reference, and whether it must be stored with the job.
-async fn dataset_text(
-    s: &AppState,
-    store: &JobStore,
-    r: &DatasetRef,
-    what: &str,
-) -> Result<(String, Option<String>), ApiError> {
-    match r {
-        DatasetRef::Id { id } => {
-            let text = store
-                .dataset_content(id)
-                .await
-                .map_err(|e| ApiError::backend(format!("{e:#}")))?;
-            let text = text.ok_or_else(|| {
-                ApiError::validation(format!("{what}: no dataset with id `{id}`"))
-            })?;
-            Ok((text, Some(id.clone())))
-        }
-        DatasetRef::Path { path } => {
-            let root = s.config.data_root.clone().ok_or_else(|| {
-                ApiError::validation(format!(
-                    "{what}: this server has no data root; upload with POST /datasets"
-                ))
-            })?;
-            let (path, what, limit) = (path.clone(), what.to_string(), s.config.max_dataset_bytes);
-            // Up to the dataset size limit of file reading: off the async threads.
-            let text =
-                tokio::task::spawn_blocking(move || read_under_root(&root, &path, &what, limit))
-                    .await
-                    .map_err(|e| ApiError::backend(e.to_string()))??;
-            Ok((text, None))
-        }
-        DatasetRef::Records { records } => {
-            let lines: Vec<String> = records.iter().map(|r| r.to_string()).collect();
-            Ok((lines.join("\n"), None))
-        }
+fn refused(e: SubmitError) -> ApiError {
+    match e {
+        SubmitError::Invalid(m) => ApiError::validation(m),
+        SubmitError::TooLarge(m) => ApiError::new(ErrorKind::PayloadTooLarge, m),
+        SubmitError::Failed(m) => ApiError::backend(m),
     }
-}
-
-/// A dataset file named relative to the data root, never outside it.
-fn read_under_root(
-    root: &FsPath,
-    path: &str,
-    what: &str,
-    limit: usize,
-) -> Result<String, ApiError> {
-    let rel = FsPath::new(path);
-    if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
-        return Err(ApiError::validation(format!(
-            "{what}: `{path}` must be a relative path without `..`"
-        )));
-    }
-    let full = root.join(rel);
-    let (canon_root, canon) = (std::fs::canonicalize(root), std::fs::canonicalize(&full));
-    match (canon_root, canon) {
-        (Ok(r), Ok(f)) if f.starts_with(&r) => {}
-        _ => {
-            return Err(ApiError::validation(format!(
-                "{what}: no file `{path}` under the data root"
-            )))
-        }
-    }
-    let meta =
-        std::fs::metadata(&full).map_err(|e| ApiError::validation(format!("{what}: {e}")))?;
-    if meta.len() as usize > limit {
-        return Err(ApiError::new(
-            ErrorKind::PayloadTooLarge,
-            format!("{what}: `{path}` is over the dataset size limit"),
-        ));
-    }
-    std::fs::read_to_string(&full)
-        .map_err(|e| ApiError::validation(format!("{what}: reading `{path}`: {e}")))
-}
-
-/// Parses JSONL (up to the dataset size limit) on the blocking pool; hands the text back.
-async fn parse(text: String, what: &str) -> Result<(String, Dataset), ApiError> {
-    let what = what.to_string();
-    tokio::task::spawn_blocking(move || {
-        Dataset::from_jsonl(&text)
-            .map(|d| (text, d))
-            .map_err(|e| ApiError::validation(format!("{what}: {e:#}")))
-    })
-    .await
-    .map_err(|e| ApiError::backend(e.to_string()))?
 }
 
 /// Queues a training job (stage 1, 2 or 3) after validating it against the model, the
@@ -129,61 +47,15 @@ pub async fn train(
     body: Result<Json<Object<TrainRequest>>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let Json(Object(req)) = body?;
-    let store = s.jobs()?.clone();
-    let predictor = s.predictor()?.clone();
-    let job = req.to_job().map_err(ApiError::validation)?;
-    let (train_text, train_id) = dataset_text(&s, &store, &req.dataset, "dataset").await?;
-    let (train_text, train_data) = parse(train_text, "dataset").await?;
-    let eval = match &req.eval_dataset {
-        Some(r) => {
-            let (text, id) = dataset_text(&s, &store, r, "eval_dataset").await?;
-            let (text, data) = parse(text, "eval_dataset").await?;
-            Some((text, id, data))
-        }
-        None => None,
+    let store = s.jobs()?;
+    let registry = &s.predictor()?.registry;
+    let limits = submit::Limits {
+        data_root: s.config.data_root.clone(),
+        max_dataset_bytes: s.config.max_dataset_bytes,
     };
-    // Full validation (tags, template slots against the data, target against the head,
-    // hyperparameter bounds) without building a trainer; it also sizes the run in steps.
-    let check_job = job.clone();
-    let eval_data = eval.as_ref().map(|(_, _, d)| d.clone());
-    let frozen = predictor.registry.snapshot();
-    let data = train_data.clone();
-    let total_steps = tokio::task::spawn_blocking(move || {
-        crate::train::job::check(&check_job, &frozen, &data, eval_data.as_ref())
-    })
-    .await
-    .map_err(|e| ApiError::backend(e.to_string()))?
-    .map_err(|e| ApiError::validation(format!("{e:#}")))?;
-    let store_text = |text: String, id: Option<String>, n: usize| {
-        let store = store.clone();
-        async move {
-            match id {
-                Some(id) => Ok(id),
-                None => store
-                    .add_dataset(None, text, n as i64)
-                    .await
-                    .map(|d| d.id)
-                    .map_err(|e| ApiError::backend(format!("{e:#}"))),
-            }
-        }
-    };
-    let dataset = store_text(train_text, train_id, train_data.records.len()).await?;
-    let eval_dataset = match eval {
-        Some((text, id, d)) => Some(store_text(text, id, d.records.len()).await?),
-        None => None,
-    };
-    let tag = job.tags.join(",");
-    let (stage, steps) = (job.stage as i64, total_steps as i64);
-    let spec = serde_json::to_value(JobSpec {
-        job,
-        dataset,
-        eval_dataset,
-    })
-    .map_err(|e| ApiError::backend(e.to_string()))?;
-    let queued = store
-        .submit(stage, &tag, steps, &spec)
+    let queued = submit::submit(store, registry, &limits, &req)
         .await
-        .map_err(|e| ApiError::backend(format!("{e:#}")))?;
+        .map_err(refused)?;
     Ok((
         StatusCode::ACCEPTED,
         Json(Accepted {
@@ -341,7 +213,7 @@ pub async fn upload_dataset(
     let Query(p) = query?;
     let text = body?;
     let store = s.jobs()?;
-    let (text, data) = parse(text, "dataset").await?;
+    let (text, data) = submit::parse(text, "dataset").await.map_err(refused)?;
     let info = store
         .add_dataset(p.name.as_deref(), text, data.records.len() as i64)
         .await

@@ -16,10 +16,7 @@ use crate::tags::{TagKind, Template};
 type Plan = (Template, Option<String>);
 
 impl Predictor {
-    fn generation_params(
-        &self,
-        p: &Parameters,
-    ) -> Result<GenerationParams, PredictError> {
+    fn generation_params(&self, p: &Parameters) -> Result<GenerationParams, PredictError> {
         let max_new_tokens = p.max_new_tokens.unwrap_or(32);
         if max_new_tokens == 0 || max_new_tokens > self.limits.max_new_tokens {
             return Err(invalid(format!(

@@ -2,6 +2,7 @@
 
 pub mod spec;
 pub mod store;
+pub mod submit;
 pub mod worker;
 
 pub use spec::{DatasetRef, JobSpec, TrainRequest};
