@@ -3,13 +3,16 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::files::{
+    ensure_not_symlink, open_lock, publish, read_settled, sha256_file, temp_beside, write_atomic,
+    LOCK_FILE,
+};
 use super::template::{is_valid_tag_name, Template};
 
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -110,50 +113,6 @@ impl BaseModelIdentity {
 fn all_finite(t: &Tensor) -> Result<bool> {
     let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     Ok(v.iter().all(|x| x.is_finite()))
-}
-
-fn sha256_file(path: &Path) -> Result<String> {
-    Ok(hex::encode(Sha256::digest(std::fs::read(path)?)))
-}
-
-/// A file counts as written once it has been left alone this long.
-const SETTLE: Duration = Duration::from_millis(200);
-/// How long a load waits for a file that keeps changing before it refuses it.
-const SETTLE_LIMIT: Duration = Duration::from_secs(5);
-
-/// The bytes of a file that nobody is writing: its size and mtime are the same before and
-/// after the read, and it was last modified at least [`SETTLE`] ago. A bundle rewritten in
-/// place, with no checksum in its manifest to catch it, is then never read half-written;
-/// the registry's watcher loads it again once the writer is done.
-fn read_settled(path: &Path) -> Result<Vec<u8>> {
-    let stamp = |p: &Path| -> Result<(u64, SystemTime)> {
-        // Not `metadata`: that follows a link, and a bundle's files must be its own.
-        let m = std::fs::symlink_metadata(p).with_context(|| format!("reading {}", p.display()))?;
-        ensure!(!m.file_type().is_symlink(), "{}", symlink_refusal(p));
-        ensure!(m.is_file(), "{} is not a regular file", p.display());
-        Ok((m.len(), m.modified()?))
-    };
-    let started = Instant::now();
-    loop {
-        let before = stamp(path)?;
-        // An mtime in the future is a copy that kept its timestamps, not a writer.
-        let age = SystemTime::now().duration_since(before.1).unwrap_or(SETTLE);
-        if age >= SETTLE {
-            let bytes =
-                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            if stamp(path)? == before && bytes.len() as u64 == before.0 {
-                return Ok(bytes);
-            }
-        }
-        ensure!(
-            started.elapsed() < SETTLE_LIMIT,
-            "{} is still being written (changed within the last {} ms for {} s)",
-            path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
-            SETTLE.as_millis(),
-            SETTLE_LIMIT.as_secs()
-        );
-        std::thread::sleep(SETTLE.saturating_sub(age).max(Duration::from_millis(10)));
-    }
 }
 
 impl TagBundle {
@@ -432,14 +391,13 @@ impl TagBundle {
             tensors.insert("head.weight".into(), h.weight.clone());
             tensors.insert("head.bias".into(), h.bias.clone());
         }
-        let tmp = dir.join(unique_temp_name(TENSORS_FILE));
+        let tmp = temp_beside(&dir.join(TENSORS_FILE));
         candle_core::safetensors::save(&tensors, &tmp)?;
         manifest.tensors_sha256 = Some(sha256_file(&tmp)?);
-        write_atomic(&dir.join(TENSORS_FILE), None, Some(&tmp))?;
+        publish(&tmp, &dir.join(TENSORS_FILE))?;
         write_atomic(
             &dir.join(MANIFEST_FILE),
-            Some(&serde_json::to_vec_pretty(&manifest)?),
-            None,
+            &serde_json::to_vec_pretty(&manifest)?,
         )?;
         Ok(manifest.version)
     }
@@ -457,84 +415,24 @@ impl TagBundle {
             "base_model_name_or_path": base_model_name,
             "inference_mode": true,
         });
-        let tmp = out.join(unique_temp_name(PEFT_WEIGHTS_FILE));
+        let tmp = temp_beside(&out.join(PEFT_WEIGHTS_FILE));
         candle_core::safetensors::save(
             &HashMap::from([("prompt_embeddings".to_string(), self.vectors.clone())]),
             &tmp,
         )?;
-        write_atomic(&out.join(PEFT_WEIGHTS_FILE), None, Some(&tmp))?;
+        publish(&tmp, &out.join(PEFT_WEIGHTS_FILE))?;
         write_atomic(
             &out.join(PEFT_CONFIG_FILE),
-            Some(&serde_json::to_vec_pretty(&cfg)?),
-            None,
+            &serde_json::to_vec_pretty(&cfg)?,
         )
     }
-}
-
-/// Serialises writers of one tag directory (`flock`; released when the file closes).
-const LOCK_FILE: &str = ".lock";
-
-/// Opens (creating) a lock file, never through a symbolic link: a link planted at
-/// `.lock` would otherwise have its target truncated.
-fn open_lock(path: &Path) -> Result<std::fs::File> {
-    let mut options = std::fs::OpenOptions::new();
-    options.create(true).truncate(false).write(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.custom_flags(libc::O_NOFOLLOW);
-    }
-    options
-        .open(path)
-        .with_context(|| format!("opening {} (a symbolic link is refused)", path.display()))
-}
-
-fn symlink_refusal(path: &Path) -> String {
-    format!(
-        "{} is a symbolic link: a bundle is a real directory of real files under the tags directory",
-        path.display()
-    )
-}
-
-/// Bundles are read and written only as real directories and files, so that nothing in
-/// the tags directory can point a read or a write outside it.
-fn ensure_not_symlink(path: &Path) -> Result<()> {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => bail!("{}", symlink_refusal(path)),
-        _ => Ok(()),
-    }
-}
-
-/// A hidden temp name of its own per writer, so concurrent writers never share one.
-fn unique_temp_name(file: &str) -> String {
-    format!(".{file}.{}.tmp", uuid::Uuid::new_v4().simple())
-}
-
-/// Puts `bytes` (or the already written `from` file) at `path` by rename.
-pub fn write_atomic(path: &Path, bytes: Option<&[u8]>, from: Option<&Path>) -> Result<()> {
-    let tmp = match from {
-        Some(f) => f.to_path_buf(),
-        None => {
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-            let tmp = path.with_file_name(unique_temp_name(name));
-            std::fs::write(&tmp, bytes.unwrap_or_default())?;
-            tmp
-        }
-    };
-    std::fs::File::open(&tmp)?.sync_all()?;
-    // Readable by every user (a server may run under another uid than the trainer);
-    // the safetensors writer creates its files 0600.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::tags::files::SETTLE;
+    use std::time::Duration;
 
     /// The base model every test bundle here is made for (`domain_tag`'s hash and size).
     pub(crate) fn base() -> BaseModelIdentity {

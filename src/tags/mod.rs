@@ -3,6 +3,7 @@
 
 pub mod bundle;
 pub mod compose;
+mod files;
 pub mod registry;
 pub mod seed;
 pub mod template;
