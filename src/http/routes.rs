@@ -168,10 +168,7 @@ pub async fn list_tags(State(s): Shared) -> Result<Json<TagList>, ApiError> {
             kind: b.manifest.kind,
             version: b.version(),
             num_vectors: b.num_vectors(),
-            head: b.manifest.head.as_ref().map(|h| match h {
-                crate::tags::HeadSpec::Regression { .. } => "regression".to_string(),
-                crate::tags::HeadSpec::Classification { .. } => "classification".to_string(),
-            }),
+            head: b.manifest.head.as_ref().map(|h| h.kind_name().to_string()),
             template: b.manifest.template.clone(),
             source: b.source.to_string(),
         })

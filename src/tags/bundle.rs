@@ -37,6 +37,16 @@ pub enum HeadSpec {
     Classification { labels: Vec<String> },
 }
 
+impl HeadSpec {
+    /// `regression` or `classification`, as `/tags` and the errors name it.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Self::Regression { .. } => "regression",
+            Self::Classification { .. } => "classification",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TagManifest {
     pub name: String,

@@ -309,6 +309,25 @@ pub(super) struct Format {
     fingerprint: String,
 }
 
+impl Format {
+    /// A completion (the whole answer, or one chunk of a stream) of `choices`.
+    fn completion(
+        &self,
+        choices: Vec<CompletionChoice>,
+        usage: Option<CompletionUsage>,
+    ) -> Completion {
+        Completion {
+            id: self.id.clone(),
+            object: "text_completion".into(),
+            created: self.created,
+            model: self.model.clone(),
+            system_fingerprint: self.fingerprint.clone(),
+            choices,
+            usage,
+        }
+    }
+}
+
 pub(super) fn finish(reason: FinishReason) -> String {
     match reason {
         FinishReason::Length => "length",
@@ -329,11 +348,14 @@ pub(super) fn generated(resp: &PredictResponse) -> Option<(&str, FinishReason)> 
     }
 }
 
-/// Usage over the choices: each prompt counted once (its first choice), every generated
-/// token.
-pub(super) fn usage(resps: &[&PredictResponse], n: usize) -> CompletionUsage {
+/// Usage over the choices, in order: each prompt counted once (its first choice), every
+/// generated token.
+pub(super) fn usage<'a>(
+    resps: impl IntoIterator<Item = &'a PredictResponse>,
+    n: usize,
+) -> CompletionUsage {
     let mut u = CompletionUsage::default();
-    for (i, r) in resps.iter().enumerate() {
+    for (i, r) in resps.into_iter().enumerate() {
         if i % n == 0 {
             u.prompt_tokens += r.usage.prompt_tokens;
         }
@@ -383,7 +405,7 @@ async fn serve(s: Arc<AppState>, plan: Plan, format: Format, sampling: &Sampling
             }
         }
     }
-    let usage = usage(&answers.iter().collect::<Vec<_>>(), plan.n);
+    let usage = usage(&answers, plan.n);
     if format.chat {
         Json(ChatCompletion {
             id: format.id,
@@ -408,24 +430,16 @@ async fn serve(s: Arc<AppState>, plan: Plan, format: Format, sampling: &Sampling
         })
         .into_response()
     } else {
-        Json(Completion {
-            id: format.id,
-            object: "text_completion".into(),
-            created: format.created,
-            model: format.model,
-            system_fingerprint: format.fingerprint,
-            choices: texts
-                .into_iter()
-                .enumerate()
-                .map(|(index, (text, reason))| CompletionChoice {
-                    index,
-                    text: text.to_string(),
-                    logprobs: None,
-                    finish_reason: Some(finish(reason)),
-                })
-                .collect(),
-            usage: Some(usage),
-        })
-        .into_response()
+        let choices = texts
+            .into_iter()
+            .enumerate()
+            .map(|(index, (text, reason))| CompletionChoice {
+                index,
+                text: text.to_string(),
+                logprobs: None,
+                finish_reason: Some(finish(reason)),
+            })
+            .collect();
+        Json(format.completion(choices, Some(usage))).into_response()
     }
 }

@@ -7,7 +7,7 @@ use super::errors::V1Error;
 use super::wire::{ChatMessage, MessageContent, Sampling};
 use crate::infer::{Input, Predictor, Prompt};
 use crate::model::ChatPiece;
-use crate::tags::{HeadSpec, Segment, TagKind, Template};
+use crate::tags::{Segment, TagBundle, TagKind, Template};
 
 /// What `model` names.
 pub(super) enum Target {
@@ -22,43 +22,42 @@ pub(super) fn base_id(p: &Predictor) -> String {
     crate::model::catalogue::short_name(&p.model.path)
 }
 
+/// A tag that generates text: a function tag with a template and no head.
+fn generates_text(b: &TagBundle) -> bool {
+    b.manifest.kind == TagKind::Function
+        && b.manifest.head.is_none()
+        && b.manifest.template.is_some()
+}
+
 pub(super) fn resolve(p: &Predictor, model: &str) -> Result<Target, V1Error> {
     if model == base_id(p) || model == p.model.name {
         return Ok(Target::Base);
     }
     let tags = p.registry.snapshot();
-    match tags.get(model) {
-        Some(b) if b.manifest.kind == TagKind::Function && b.manifest.template.is_some() => {
-            match &b.manifest.head {
-                None => Ok(Target::Tag(model.to_string())),
-                Some(head) => {
-                    let kind = match head {
-                        HeadSpec::Regression { .. } => "regression",
-                        HeadSpec::Classification { .. } => "classification",
-                    };
-                    Err(V1Error::invalid(
-                        "model",
-                        format!(
-                            "<{model}> answers with a {kind} head, not text: use POST /predict"
-                        ),
-                    ))
-                }
-            }
-        }
+    let Some(b) = tags.get(model) else {
+        return Err(V1Error::model_not_found(model));
+    };
+    if generates_text(b) {
+        return Ok(Target::Tag(model.to_string()));
+    }
+    match (&b.manifest.head, b.manifest.kind, &b.manifest.template) {
+        (Some(head), TagKind::Function, Some(_)) => Err(V1Error::invalid(
+            "model",
+            format!(
+                "<{model}> answers with a {} head, not text: use POST /predict",
+                head.kind_name()
+            ),
+        )),
         _ => Err(V1Error::model_not_found(model)),
     }
 }
 
-/// The generation tags: function tags with a template and no head.
+/// The generation tags' names.
 pub(super) fn generation_tags(p: &Predictor) -> Vec<String> {
     let tags = p.registry.snapshot();
     tags.tags
         .values()
-        .filter(|b| {
-            b.manifest.kind == TagKind::Function
-                && b.manifest.head.is_none()
-                && b.manifest.template.is_some()
-        })
+        .filter(|b| generates_text(b))
         .map(|b| b.name().to_string())
         .collect()
 }

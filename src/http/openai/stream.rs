@@ -6,7 +6,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use futures_util::StreamExt;
 
 use super::errors::V1Error;
-use super::wire::{ChatChunkChoice, CompletionChoice, CompletionUsage, Delta};
+use super::wire::{ChatChunkChoice, ChatCompletionChunk, CompletionChoice, CompletionUsage, Delta};
 use super::{finish, generated, usage, Format};
 use crate::http::error::{ApiError, ErrorKind};
 use crate::http::routes::predict_api_error;
@@ -32,63 +32,69 @@ fn choice_steps(index: usize, st: Streaming) -> impl futures_util::Stream<Item =
     })
 }
 
+/// What one chunk says of a choice.
+enum Say {
+    /// A chat choice's first chunk names the role.
+    Role,
+    Text(String),
+    /// The choice ended, for this reason.
+    End(Option<String>),
+}
+
 impl Format {
-    /// A chunk for choice `index`: a piece of text, or its end.
-    fn chunk(
-        &self,
-        index: usize,
-        text: Option<String>,
-        reason: Option<String>,
-        usage: Option<CompletionUsage>,
-    ) -> serde_json::Value {
-        let choices = |f: &dyn Fn() -> serde_json::Value| {
-            if usage.is_some() {
-                serde_json::Value::Array(Vec::new())
-            } else {
-                serde_json::Value::Array(vec![f()])
-            }
+    /// A chunk for choice `index`, as JSON text.
+    fn chunk(&self, index: usize, say: Say) -> String {
+        let (role, text, finish_reason) = match say {
+            Say::Role => (Some("assistant".to_string()), Some(String::new()), None),
+            Say::Text(t) => (None, Some(t), None),
+            Say::End(reason) => (None, None, reason),
         };
         if self.chat {
-            let delta = Delta {
-                role: None,
-                content: text,
-            };
             let choice = ChatChunkChoice {
                 index,
-                delta,
+                delta: Delta {
+                    role,
+                    content: text,
+                },
                 logprobs: None,
-                finish_reason: reason,
+                finish_reason,
             };
-            serde_json::json!({
-                "id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.model, "system_fingerprint": self.fingerprint,
-                "choices": choices(&|| serde_json::to_value(&choice).unwrap_or_default()),
-                "usage": usage,
-            })
+            self.chat_chunk(vec![choice], None)
         } else {
             let choice = CompletionChoice {
                 index,
                 text: text.unwrap_or_default(),
                 logprobs: None,
-                finish_reason: reason,
+                finish_reason,
             };
-            serde_json::json!({
-                "id": self.id, "object": "text_completion", "created": self.created,
-                "model": self.model, "system_fingerprint": self.fingerprint,
-                "choices": choices(&|| serde_json::to_value(&choice).unwrap_or_default()),
-                "usage": usage,
-            })
+            to_json(&self.completion(vec![choice], None))
         }
     }
 
-    /// A chat choice's first chunk names the role.
-    fn opening(&self, index: usize) -> Option<serde_json::Value> {
-        self.chat.then(|| {
-            let mut c = self.chunk(index, Some(String::new()), None, None);
-            c["choices"][0]["delta"]["role"] = "assistant".into();
-            c
+    /// The last chunk before `[DONE]` when asked: usage, and no choices.
+    fn usage_chunk(&self, usage: CompletionUsage) -> String {
+        if self.chat {
+            self.chat_chunk(Vec::new(), Some(usage))
+        } else {
+            to_json(&self.completion(Vec::new(), Some(usage)))
+        }
+    }
+
+    fn chat_chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<CompletionUsage>) -> String {
+        to_json(&ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk".into(),
+            created: self.created,
+            model: self.model.clone(),
+            system_fingerprint: self.fingerprint.clone(),
+            choices,
+            usage,
         })
     }
+}
+
+fn to_json(v: &impl serde::Serialize) -> String {
+    serde_json::to_string(v).unwrap_or_default()
 }
 
 /// OpenAI's stream: `data: {chunk}` events for every choice as it decodes, a usage chunk
@@ -106,10 +112,9 @@ pub(super) fn stream(
     let (tx, rx) = tokio::sync::mpsc::channel::<String>(64);
     tokio::spawn(async move {
         let _permit = permit;
-        let json = |v: &serde_json::Value| v.to_string();
-        for i in 0..choices.len() {
-            if let Some(c) = format.opening(i) {
-                if tx.send(json(&c)).await.is_err() {
+        if format.chat {
+            for i in 0..choices.len() {
+                if tx.send(format.chunk(i, Say::Role)).await.is_err() {
                     return;
                 }
             }
@@ -133,15 +138,11 @@ pub(super) fn stream(
             };
             let event = match step {
                 None => break,
-                Some(Step::Piece(i, text)) => json(&format.chunk(i, Some(text), None, None)),
+                Some(Step::Piece(i, text)) => format.chunk(i, Say::Text(text)),
                 Some(Step::Finished(i, Ok(resp))) => {
                     let reason = generated(&resp).map(|(_, r)| finish(r));
                     answers[i] = Some(resp);
-                    let mut c = format.chunk(i, None, reason, None);
-                    if format.chat {
-                        c["choices"][0]["delta"] = serde_json::json!({});
-                    }
-                    json(&c)
+                    format.chunk(i, Say::End(reason))
                 }
                 Some(Step::Finished(_, Err(e))) => {
                     let _ = tx
@@ -155,9 +156,9 @@ pub(super) fn stream(
             }
         }
         if include_usage {
-            let done: Vec<&PredictResponse> = answers.iter().flatten().collect();
-            let u = usage(&done, n);
-            let _ = tx.send(json(&format.chunk(0, None, None, Some(u)))).await;
+            // Every choice has answered: a failure returned above.
+            let u = usage(answers.iter().flatten(), n);
+            let _ = tx.send(format.usage_chunk(u)).await;
         }
         let _ = tx.send("[DONE]".into()).await;
     });
@@ -169,5 +170,5 @@ pub(super) fn stream(
 }
 
 fn error_chunk(e: V1Error) -> String {
-    serde_json::to_string(&e.body().1).unwrap_or_default()
+    to_json(&e.body().1)
 }
