@@ -127,7 +127,7 @@ async fn a_stage2_job_submitted_over_http_publishes_a_tag_that_predict_serves() 
 
     // Its curve (what the console draws): a held-out point at each evaluation step, the
     // last step's training loss, steps in order. (On Postgres this caught the heartbeats of
-    // a job with held-out data failing after a job without: store::OptionalFloats.)
+    // a job with held-out data failing after a job without: store::leases::OptionalFloats.)
     let (status, curve) = get(&s, &format!("/jobs/{id}/curve")).await;
     assert_eq!(status, StatusCode::OK, "{curve}");
     let points = curve["points"].as_array().unwrap();

@@ -1,6 +1,7 @@
 //! The house's shape, checked: layers point downwards (http -> jobs / infer / train ->
 //! tags -> model), and no two sibling modules import each other, directly or around a
 //! circle. Read from the source's top-level `use` statements (tests' own imports aside).
+//! And every file in `src/` is short enough to hold one job.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -211,4 +212,23 @@ fn no_sibling_modules_import_each_other_around_a_circle() {
         !edges.is_empty(),
         "no sibling imports found: the reader is broken"
     );
+}
+
+/// A file that grows past this does several jobs; split it by job (a module's tests go
+/// in a `tests.rs` of its own).
+const MAX_LINES: usize = 450;
+
+#[test]
+fn every_source_file_stays_short() {
+    let mut all = Vec::new();
+    files(&root(), &mut all);
+    let long: Vec<String> = all
+        .iter()
+        .filter_map(|f| {
+            let n = std::fs::read_to_string(f).unwrap().lines().count();
+            (n > MAX_LINES).then(|| format!("{} ({n} lines)", f.display()))
+        })
+        .collect();
+    assert!(all.len() > 50, "only {} files found", all.len());
+    assert!(long.is_empty(), "over {MAX_LINES} lines: {long:?}");
 }

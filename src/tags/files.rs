@@ -1,6 +1,6 @@
 //! The tags directory's file primitives: reading a file once nobody is writing it,
 //! writing one atomically (a temp file renamed into place), the writers' lock, and the
-//! refusal of symbolic links. Bundles (`bundle.rs`) are read and written only through
+//! refusal of symbolic links. Bundles (`bundle/`) are read and written only through
 //! these.
 
 use std::path::Path;

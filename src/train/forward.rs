@@ -256,6 +256,60 @@ impl Trainer<'_> {
         }
         Ok(rows)
     }
+
+    /// The mean loss and gradients of optimizer step `step` over its micro-batches, and
+    /// the step's work: (examples, padded positions).
+    pub(super) fn accumulated_gradients(
+        &self,
+        step: usize,
+    ) -> Result<(f64, Vec<Tensor>, (usize, usize))> {
+        let accum = self.job.hyperparameters.grad_accum;
+        let mut sums: Option<Vec<Tensor>> = None;
+        let mut loss_sum = 0.0;
+        let (mut n_examples, mut positions) = (0, 0);
+        for micro in 0..accum {
+            let batch = self.batch_for(step, micro);
+            let examples: Vec<&Example> = batch.iter().map(|&i| &self.train[i]).collect();
+            let longest = examples.iter().map(|e| e.pieces.len()).max().unwrap_or(0);
+            n_examples += examples.len();
+            positions += examples.len() * longest;
+            let loss = self.loss(
+                &examples,
+                &self.outputs(&examples, Mode::Differentiable, true)?,
+            )?;
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            let g = self.grads_of(&loss)?;
+            sums = Some(match sums {
+                None => g,
+                Some(prev) => prev
+                    .iter()
+                    .zip(&g)
+                    .map(|(a, b)| a + b)
+                    .collect::<candle_core::Result<_>>()?,
+            });
+        }
+        let grads = sums
+            .context("grad_accum >= 1")?
+            .into_iter()
+            .map(|g| g / accum as f64)
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok((loss_sum / accum as f64, grads, (n_examples, positions)))
+    }
+
+    pub(super) fn snapshot(&self) -> Result<Vec<Tensor>> {
+        Ok(self
+            .vars()
+            .iter()
+            .map(|v| v.as_tensor().copy())
+            .collect::<candle_core::Result<_>>()?)
+    }
+
+    pub(super) fn restore(&mut self, snapshot: &[Tensor]) -> Result<()> {
+        for (v, t) in self.vars().iter().zip(snapshot) {
+            v.set(t)?;
+        }
+        Ok(())
+    }
 }
 
 /// Where a head example's head reads; every example of a head job has one.

@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 use super::data::{Dataset, Record};
 use crate::tags::{TagKind, TagSet, Template};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum HeadKind {
     Regression,
@@ -19,7 +21,9 @@ pub enum HeadKind {
 }
 
 /// How a head starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum HeadInit {
     /// Fitted in closed form before step 1 on the frozen features at the function tag
@@ -30,38 +34,62 @@ pub enum HeadInit {
     Random,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+/// One declaration for `POST /train`'s `hyperparameters` (serde, OpenAPI) and
+/// `tagllm train`'s flags (clap): the defaults are [`Hyperparameters::default`]'s in both.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema, clap::Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct Hyperparameters {
     /// Optimizer steps (ignored when `epochs` is set).
+    #[arg(long, default_value_t = Hyperparameters::default().steps)]
     pub steps: usize,
     /// Passes over the training data; when above 0 it sets the number of steps.
+    #[arg(long, default_value_t = Hyperparameters::default().epochs)]
     pub epochs: f64,
+    /// Examples per micro-batch.
+    #[arg(long, default_value_t = Hyperparameters::default().batch_size)]
     pub batch_size: usize,
     /// Peak learning rate of the tag vectors (cosine schedule with warm-up).
+    #[arg(long, default_value_t = Hyperparameters::default().learning_rate)]
     pub learning_rate: f64,
     /// Peak learning rate of the head (same schedule); null: `learning_rate`.
+    #[arg(long)]
     pub head_learning_rate: Option<f64>,
+    /// Share of the steps spent warming the learning rates up.
+    #[arg(long, default_value_t = Hyperparameters::default().warmup_ratio)]
     pub warmup_ratio: f64,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = Hyperparameters::default().grad_accum)]
     pub grad_accum: usize,
     /// Vectors per learned tag (p).
+    #[arg(long, default_value_t = Hyperparameters::default().num_vectors)]
     pub num_vectors: usize,
+    /// Seeds the initialisation, the held-out split and the draw order.
+    #[arg(long, default_value_t = Hyperparameters::default().seed)]
     pub seed: u64,
+    /// AdamW's decoupled weight decay.
+    #[arg(long, default_value_t = Hyperparameters::default().weight_decay)]
     pub weight_decay: f64,
     /// How learned tags start: `mean` (the paper: the mean token embedding), `text:PHRASE`
     /// (the phrase's token embeddings, cycled or cut to `num_vectors`), `tag:NAME` (a copy
     /// of a served tag's vectors, likewise).
+    #[arg(long, default_value_t = Hyperparameters::default().init)]
     pub init: String,
+    /// How a head starts.
+    #[arg(long, value_enum, default_value_t = Hyperparameters::default().head_init)]
     pub head_init: HeadInit,
     /// How many of the function tag's last positions the head reads, concatenated: 1 reads
     /// the last only (the paper); up to `num_vectors`, the head sees every row of the tag.
+    #[arg(long, default_value_t = Hyperparameters::default().head_positions)]
     pub head_positions: usize,
     /// After tag training, fit the head again in closed form on the trained tags'
     /// features; the new head is kept only if it does better on held-out data.
+    #[arg(long, default_value_t = Hyperparameters::default().head_refit, action = clap::ArgAction::Set)]
     pub head_refit: bool,
     /// Evaluate every this many steps (0: once per epoch, and at the end).
+    #[arg(long, default_value_t = Hyperparameters::default().eval_every)]
     pub eval_every: usize,
     /// Stop after this many evaluations without improvement (0: never).
+    #[arg(long, default_value_t = Hyperparameters::default().patience)]
     pub patience: usize,
 }
 
@@ -411,125 +439,4 @@ pub fn check(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn init_parses_its_three_forms_and_names_bad_ones() {
-        assert_eq!(TagInit::parse("mean").unwrap(), TagInit::Mean);
-        assert_eq!(
-            TagInit::parse("text:Translate into").unwrap(),
-            TagInit::Text("Translate into".into())
-        );
-        assert_eq!(
-            TagInit::parse("tag:QED").unwrap(),
-            TagInit::Tag("QED".into())
-        );
-        for bad in ["", "text:", "tag:..", "random", "tag:a b"] {
-            let e = TagInit::parse(bad).unwrap_err().to_string();
-            assert!(e.contains("init must be"), "{bad:?}: {e}");
-        }
-    }
-
-    #[test]
-    fn absurd_hyperparameters_are_refused_by_name() {
-        let ok = Hyperparameters::default();
-        ok.validate().unwrap();
-        let cases: Vec<(Hyperparameters, &str)> = vec![
-            (
-                Hyperparameters {
-                    batch_size: 1 << 40,
-                    ..ok.clone()
-                },
-                "batch_size",
-            ),
-            (
-                Hyperparameters {
-                    steps: 1_000_000_000_000,
-                    ..ok.clone()
-                },
-                "steps",
-            ),
-            (
-                Hyperparameters {
-                    grad_accum: 1 << 62,
-                    ..ok.clone()
-                },
-                "grad_accum",
-            ),
-            // Found by an outside probe, accepted (202) before.
-            (
-                Hyperparameters {
-                    eval_every: usize::MAX,
-                    ..ok.clone()
-                },
-                "eval_every",
-            ),
-            (
-                Hyperparameters {
-                    init: format!("text:{}", "x".repeat(100_000)),
-                    ..ok.clone()
-                },
-                "init must be at most",
-            ),
-            (
-                Hyperparameters {
-                    learning_rate: 1e308,
-                    ..ok.clone()
-                },
-                "learning_rate",
-            ),
-            (
-                Hyperparameters {
-                    head_learning_rate: Some(-1.0),
-                    ..ok.clone()
-                },
-                "head_learning_rate",
-            ),
-            (
-                Hyperparameters {
-                    epochs: f64::NAN,
-                    ..ok.clone()
-                },
-                "epochs",
-            ),
-            (
-                Hyperparameters {
-                    epochs: -1.0,
-                    ..ok.clone()
-                },
-                "epochs",
-            ),
-            (
-                Hyperparameters {
-                    head_positions: 11,
-                    ..ok.clone()
-                },
-                "head_positions",
-            ),
-            (
-                Hyperparameters {
-                    head_positions: 0,
-                    ..ok.clone()
-                },
-                "head_positions",
-            ),
-        ];
-        for (h, field) in cases {
-            let e = h.validate().unwrap_err().to_string();
-            assert!(e.contains(field), "{field}: {e}");
-        }
-    }
-
-    #[test]
-    fn epochs_set_the_number_of_steps() {
-        let h = Hyperparameters {
-            epochs: 2.0,
-            batch_size: 8,
-            grad_accum: 2,
-            ..Default::default()
-        };
-        assert_eq!(h.total_steps(100), 13); // 200 draws / 16 per step, rounded up
-        assert_eq!(Hyperparameters::default().total_steps(100), 1000);
-    }
-}
+mod tests;

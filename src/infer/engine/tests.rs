@@ -1,0 +1,106 @@
+use candle_core::quantized::GgmlDType;
+use candle_core::Device;
+
+use super::*;
+use crate::infer::admission::Load;
+use crate::infer::{EngineMetrics, Prediction};
+use crate::tags::compose::Composed;
+
+/// A long prompt is prefilled in slices of the 32-token minimum, one per iteration,
+/// and a head request that comes in meanwhile is answered in the next iteration, while
+/// the prompt is still part-way: it never waits for all of someone else's prefill.
+#[test]
+fn a_head_request_is_answered_between_two_chunks_of_a_long_prompt() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    crate::model::tiny::write_tiny_gguf(&path, GgmlDType::Q8_0, 42, true).unwrap();
+    let model = BaseModel::load(&path, &Device::Cpu).unwrap();
+    // A zero slice: each iteration prefills the smallest budget, 32 tokens.
+    let cfg = EngineConfig {
+        prefill_slice: Duration::ZERO,
+        ..Default::default()
+    };
+    let admission = Admission::new(AdmissionConfig {
+        max_wait: Duration::from_secs(3600),
+        max_first_token_wait: Duration::from_secs(3600),
+        max_generations: 64,
+        kv_cache_bytes: 1 << 30,
+        kv_bytes_per_token: 1,
+        prefill_slice: cfg.prefill_slice,
+        max_batch_tokens: cfg.max_batch_tokens,
+    });
+    assert_eq!(admission.prefill_budget(), 32);
+    let metrics = EngineMetrics::new(&prometheus::Registry::new()).unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut queue = Queue::new(rx);
+    let fault = AtomicBool::new(false);
+    let mut engine = Iteration {
+        model: &model,
+        cfg: &cfg,
+        metrics: &metrics,
+        pace: &admission,
+        fault: &fault,
+    };
+    let (mut flights, mut generations) = (Flights::default(), Generations::new(&model));
+    let send = |seq: Composed| {
+        let (reply, rx) = oneshot::channel();
+        let groups = vec![Group { seqs: vec![seq] }];
+        let params = GenerationParams {
+            max_new_tokens: 3,
+            ..Default::default()
+        };
+        let load = work_load(&groups, &params);
+        let now = Instant::now();
+        tx.send(Work {
+            groups,
+            params,
+            reply,
+            stream: None,
+            enqueued: now,
+            deadline: now + Duration::from_secs(3600),
+            ticket: admission.admit(load).unwrap(),
+        })
+        .map_err(|_| ())
+        .unwrap();
+        rx
+    };
+
+    let prompt: Vec<u32> = (0..300).map(|i| 3 + i % 50).collect();
+    let mut generation = send(Composed::of_tokens(&prompt));
+    assert!(engine.run_once(&mut queue, &mut flights, &mut generations));
+    assert_eq!(
+        generations.decoding(),
+        0,
+        "the prompt is part-way, not decoding"
+    );
+    assert_eq!(
+        admission.queued().prompt_tokens,
+        300,
+        "released once prefilled"
+    );
+
+    let d = model.config().hidden_size;
+    let mut head = send(Composed::of_head_tokens(&[7; 12], d));
+    assert!(engine.run_once(&mut queue, &mut flights, &mut generations));
+    let (predictions, _) = head.try_recv().expect("answered").unwrap();
+    assert!(matches!(predictions[0][0], Prediction::Value { .. }));
+    assert!(generation.try_recv().is_err(), "the generation is not done");
+    assert_eq!(generations.decoding(), 0, "its prompt is still part-way");
+
+    // The rest of the prompt, a slice an iteration, then its tokens.
+    let mut iterations = 2;
+    let answer = loop {
+        match generation.try_recv() {
+            Ok(answer) => break answer,
+            Err(oneshot::error::TryRecvError::Empty) => {}
+            Err(e) => panic!("{e}"),
+        }
+        assert!(iterations < 100, "the generation never finished");
+        assert!(engine.run_once(&mut queue, &mut flights, &mut generations));
+        iterations += 1;
+    };
+    assert!(iterations >= 300 / 32, "{iterations} iterations");
+    let (predictions, _) = answer.unwrap();
+    assert!(matches!(&predictions[0][0], Prediction::Text { ids, .. } if !ids.is_empty()));
+    assert_eq!(admission.queued(), Load::default(), "every ticket released");
+}

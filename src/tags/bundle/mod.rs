@@ -1,0 +1,74 @@
+//! Tag bundles on disk: `tags/NAME/manifest.json` + `tags/NAME/tag.safetensors`
+//! (`native.rs`), or a PEFT prompt-tuning adapter directory (`adapter_config.json` +
+//! `adapter_model.safetensors`, `peft.rs`); `manifest.rs` is what a bundle says of itself.
+
+mod manifest;
+mod native;
+mod peft;
+#[cfg(test)]
+pub(crate) mod tests;
+
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Result};
+use candle_core::{DType, Device, Tensor};
+
+use super::files::ensure_not_symlink;
+pub use manifest::{BaseModelIdentity, HeadSpec, TagKind, TagManifest};
+pub use native::{MANIFEST_FILE, TENSORS_FILE};
+pub use peft::{PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE};
+
+/// A head's parameters: `weight` `[k, positions * d]`, `bias` `[k]`.
+#[derive(Debug, Clone)]
+pub struct Head {
+    pub spec: HeadSpec,
+    /// How many of its tag's last positions it reads, concatenated.
+    pub positions: usize,
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+#[derive(Debug, Clone)]
+pub struct TagBundle {
+    pub manifest: TagManifest,
+    /// `[p, d]`
+    pub vectors: Tensor,
+    pub head: Option<Head>,
+    /// `peft` or `bundle`.
+    pub source: &'static str,
+}
+
+fn all_finite(t: &Tensor) -> Result<bool> {
+    let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    Ok(v.iter().all(|x| x.is_finite()))
+}
+
+impl TagBundle {
+    pub fn name(&self) -> &str {
+        &self.manifest.name
+    }
+
+    pub fn version(&self) -> u64 {
+        self.manifest.version
+    }
+
+    pub fn num_vectors(&self) -> usize {
+        self.manifest.num_vectors
+    }
+
+    /// Loads and validates the bundle in `dir` (a tagllm bundle or a PEFT adapter).
+    pub fn load(dir: &Path, base: &BaseModelIdentity, device: &Device) -> Result<Self> {
+        ensure_not_symlink(dir)?;
+        let dir_name = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| anyhow!("bad bundle directory name"))?;
+        if dir.join(MANIFEST_FILE).exists() {
+            Self::load_bundle(dir, dir_name, base, device)
+        } else if dir.join(PEFT_CONFIG_FILE).exists() {
+            Self::load_peft(dir, dir_name, base, device)
+        } else {
+            bail!("neither {MANIFEST_FILE} nor {PEFT_CONFIG_FILE} found")
+        }
+    }
+}
