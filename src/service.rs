@@ -3,7 +3,7 @@
 //! a shutdown that stops them in order. `tagllm serve`, the integration tests and the serve
 //! benchmark all start the service here.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -13,6 +13,48 @@ use candle_core::Device;
 use crate::http::{new_state, AppState, ServerConfig};
 use crate::infer::{EngineConfig, Limits, Predictor};
 use crate::jobs::{JobStore, Worker, WorkerConfig};
+use crate::model::BaseModel;
+use crate::tags::{BaseModelIdentity, Registry};
+
+/// What everything in one process shares: the base model, loaded once, and the registry
+/// of the tags over it. The predictor serves from it and training workers train on it.
+pub struct Base {
+    pub model: Arc<BaseModel>,
+    pub registry: Arc<Registry>,
+}
+
+impl Base {
+    pub fn load(model_path: &Path, device: &Device, tags_dir: &Path) -> Result<Self> {
+        let model = Arc::new(BaseModel::load(model_path, device)?);
+        let registry = Registry::open(tags_dir, BaseModelIdentity::of(&model), device.clone())?;
+        Ok(Self { model, registry })
+    }
+
+    /// A training worker on this base, claiming jobs from `store`, on a thread of its own
+    /// at lowered priority (predictions stay responsive); it hands its running job back to
+    /// the queue and returns once `stop` is set.
+    pub fn spawn_worker(
+        &self,
+        store: JobStore,
+        config: WorkerConfig,
+        runtime: tokio::runtime::Handle,
+        stop: Arc<AtomicBool>,
+    ) -> Result<std::thread::JoinHandle<()>> {
+        let worker = Worker {
+            store,
+            model: self.model.clone(),
+            registry: self.registry.clone(),
+            config,
+            runtime,
+        };
+        Ok(std::thread::Builder::new()
+            .name("training-worker".into())
+            .spawn(move || {
+                crate::model::threads::lower_this_thread_priority();
+                worker.run(stop)
+            })?)
+    }
+}
 
 pub struct ServiceConfig {
     pub server: ServerConfig,
@@ -55,10 +97,10 @@ impl Service {
             let (state, stop, slot) = (state.clone(), stop_worker.clone(), worker.clone());
             let runtime = tokio::runtime::Handle::current();
             tokio::task::spawn_blocking(move || -> Result<()> {
-                let p = Predictor::load(
-                    &cfg.model_path,
-                    &cfg.device,
-                    &cfg.tags_dir,
+                let base = Base::load(&cfg.model_path, &cfg.device, &cfg.tags_dir)?;
+                let p = Predictor::new(
+                    base.model.clone(),
+                    base.registry.clone(),
                     cfg.watch,
                     cfg.limits,
                     cfg.engine,
@@ -66,20 +108,7 @@ impl Service {
                 )?;
                 tracing::info!(model = %p.model.name, tags = p.registry.snapshot().tags.len(), "ready");
                 if let (Some(config), Some(store)) = (cfg.worker, state.jobs.get()) {
-                    let w = Worker {
-                        store: store.clone(),
-                        model: p.model.clone(),
-                        registry: p.registry.clone(),
-                        config,
-                        runtime,
-                    };
-                    // Training runs on its own thread so predictions stay responsive.
-                    let handle = std::thread::Builder::new()
-                        .name("training-worker".into())
-                        .spawn(move || {
-                            crate::model::threads::lower_this_thread_priority();
-                            w.run(stop)
-                        })?;
+                    let handle = base.spawn_worker(store.clone(), config, runtime, stop)?;
                     *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
                 }
                 let _ = state.predictor.set(Arc::new(p));

@@ -163,23 +163,20 @@ impl PendingAnswer {
 }
 
 impl Predictor {
-    /// Loads the base model once, opens (and optionally watches) the tag registry and
-    /// starts the inference thread.
-    pub fn load(
-        model_path: &std::path::Path,
-        device: &candle_core::Device,
-        tags_dir: &std::path::Path,
+    /// The predictor over a loaded base model and its tag registry (optionally watched for
+    /// changes): starts the inference thread.
+    pub fn new(
+        model: Arc<BaseModel>,
+        registry: Arc<Registry>,
         watch: bool,
         limits: Limits,
         engine_config: EngineConfig,
         metrics: &prometheus::Registry,
     ) -> anyhow::Result<Self> {
-        let model = Arc::new(BaseModel::load(model_path, device)?);
-        let identity = crate::tags::BaseModelIdentity::of(&model);
-        let registry = Registry::open(tags_dir, identity, device.clone())?;
+        let device = model.device().clone();
         let watcher = if watch { Some(registry.watch()?) } else { None };
         let engine_config = EngineConfig {
-            precision: engine_config.precision.on(device),
+            precision: engine_config.precision.on(&device),
             ..engine_config
         };
         let engine = Engine::start(

@@ -11,7 +11,7 @@ use crate::ModelArgs;
 pub(crate) struct EvalCmd {
     #[command(flatten)]
     pub(crate) model: ModelArgs,
-    #[arg(long, env = "TAGLLM_TAGS_DIR", default_value = "tags")]
+    #[arg(long, env = "TAGLLM_TAGS_DIR", default_value = crate::TAGS_DIR)]
     pub(crate) tags_dir: PathBuf,
     /// A function tag with a head.
     #[arg(long)]
@@ -28,7 +28,7 @@ pub(crate) struct EvalCmd {
 pub(crate) struct EmbedCmd {
     #[command(flatten)]
     pub(crate) model: ModelArgs,
-    #[arg(long, env = "TAGLLM_TAGS_DIR", default_value = "tags")]
+    #[arg(long, env = "TAGLLM_TAGS_DIR", default_value = crate::TAGS_DIR)]
     pub(crate) tags_dir: PathBuf,
     /// e.g. `The molecule {smiles} has druglikeness` (tags allowed).
     #[arg(long)]

@@ -24,6 +24,9 @@ struct Cli {
     command: Command,
 }
 
+/// The tags directory every command reads and writes unless told otherwise.
+const TAGS_DIR: &str = "tags";
+
 /// Where catalogue models are kept (every command that resolves or fetches one).
 #[derive(clap::Args, Clone)]
 struct ModelsDir {
@@ -155,7 +158,7 @@ enum TagsCommand {
     /// Copies the bundles in --from into --tags-dir where no tag of that name exists yet,
     /// each atomically (a deployment's one-shot seeding of its shared tags volume).
     Seed {
-        #[arg(long, env = "TAGLLM_TAGS_DIR", default_value = "tags")]
+        #[arg(long, env = "TAGLLM_TAGS_DIR", default_value = crate::TAGS_DIR)]
         tags_dir: PathBuf,
         /// The shipped bundles, e.g. the image's read-only copy.
         #[arg(long, env = "TAGLLM_SEED_TAGS_FROM")]
@@ -165,7 +168,7 @@ enum TagsCommand {
     ExportPeft {
         #[command(flatten)]
         model: ModelArgs,
-        #[arg(long, env = "TAGLLM_TAGS_DIR", default_value = "tags")]
+        #[arg(long, env = "TAGLLM_TAGS_DIR", default_value = crate::TAGS_DIR)]
         tags_dir: PathBuf,
         name: String,
         out: PathBuf,

@@ -6,7 +6,7 @@ use tagllm::infer::{EngineConfig, Limits};
 use tagllm::jobs::WorkerConfig;
 
 use anyhow::Result;
-use tagllm::model::{device, BaseModel};
+use tagllm::model::device;
 
 use crate::{init_logging, ModelArgs};
 
@@ -19,7 +19,7 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "TAGLLM_PORT", default_value_t = 8080)]
     pub(crate) port: u16,
     /// Tag bundles (one directory per tag), watched for changes.
-    #[arg(long, env = "TAGLLM_TAGS_DIR", default_value = "tags")]
+    #[arg(long, env = "TAGLLM_TAGS_DIR", default_value = crate::TAGS_DIR)]
     pub(crate) tags_dir: PathBuf,
     /// Where the service keeps its own data (job store, uploaded datasets).
     #[arg(long, env = "TAGLLM_DATA_DIR", default_value = "data")]
@@ -135,7 +135,7 @@ pub(crate) struct WorkerCmd {
     #[arg(long, env = "TAGLLM_DATABASE_URL")]
     pub(crate) database_url: String,
     /// Where finished tags are published (shared with the API servers).
-    #[arg(long, env = "TAGLLM_TAGS_DIR", default_value = "tags")]
+    #[arg(long, env = "TAGLLM_TAGS_DIR", default_value = crate::TAGS_DIR)]
     pub(crate) tags_dir: PathBuf,
     #[command(flatten)]
     pub(crate) worker: WorkerArgs,
@@ -220,20 +220,11 @@ pub(crate) fn worker(cmd: WorkerCmd) -> Result<()> {
     init_logging();
     let device = device::parse_device(&cmd.model.device)?;
     tracing::info!(device = %device::describe(&device), "loading the model");
-    let model = std::sync::Arc::new(BaseModel::load(&cmd.model.path()?, &device)?);
-    let identity = tagllm::tags::BaseModelIdentity::of(&model);
-    let registry = tagllm::tags::Registry::open(&cmd.tags_dir, identity, device.clone())?;
+    let base = tagllm::service::Base::load(&cmd.model.path()?, &device, &cmd.tags_dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let store = rt.block_on(tagllm::jobs::JobStore::connect(&cmd.database_url))?;
-    let w = tagllm::jobs::Worker {
-        store,
-        model,
-        registry,
-        config: cmd.worker.config(),
-        runtime: rt.handle().clone(),
-    };
     // SIGTERM hands the running job back to the queue at its next step.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = stop.clone();
@@ -242,8 +233,10 @@ pub(crate) fn worker(cmd: WorkerCmd) -> Result<()> {
         tracing::info!("stopping: the running job goes back to the queue");
         flag.store(true, std::sync::atomic::Ordering::Relaxed);
     });
-    w.run(stop);
-    Ok(())
+    let worker = base.spawn_worker(store, cmd.worker.config(), rt.handle().clone(), stop)?;
+    worker
+        .join()
+        .map_err(|_| anyhow::anyhow!("the training worker panicked"))
 }
 
 /// A duration flag given in seconds: positive and finite.

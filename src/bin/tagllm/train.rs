@@ -4,6 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
+use tagllm::jobs::{DatasetRef, TrainRequest};
+use tagllm::train::{Dataset, HeadKind, Hyperparameters, TrainJob, Trainer};
+
 use crate::eval::model_and_tags;
 use crate::ModelArgs;
 
@@ -11,7 +14,7 @@ use crate::ModelArgs;
 pub(crate) struct TrainCmd {
     #[command(flatten)]
     pub(crate) model: ModelArgs,
-    #[arg(long, env = "TAGLLM_TAGS_DIR", default_value = "tags")]
+    #[arg(long, env = "TAGLLM_TAGS_DIR", default_value = crate::TAGS_DIR)]
     pub(crate) tags_dir: PathBuf,
     /// 1: domain tags; 2: a single-domain function tag; 3: cross-domain / multi-task.
     #[arg(long)]
@@ -25,59 +28,18 @@ pub(crate) struct TrainCmd {
     /// The labelled field (stages 2 and 3).
     #[arg(long)]
     pub(crate) target: Option<String>,
-    #[arg(long, value_parser = ["regression", "classification", "none"], default_value = "none")]
-    pub(crate) head: String,
+    /// The head a function tag learns (none: generation).
+    #[arg(long, value_enum, default_value_t = HeadKind::None)]
+    pub(crate) head: HeadKind,
     /// JSONL training data.
     #[arg(long)]
     pub(crate) data: PathBuf,
     /// JSONL held-out data.
     #[arg(long)]
     pub(crate) eval_data: Option<PathBuf>,
-    // Hyperparameters left out take the defaults `POST /train` uses
-    // (`Hyperparameters::default`), so the CLI and the API train alike.
-    #[arg(long)]
-    pub(crate) steps: Option<usize>,
-    /// Passes over the training data; sets the number of steps when given.
-    #[arg(long)]
-    pub(crate) epochs: Option<f64>,
-    #[arg(long)]
-    pub(crate) batch_size: Option<usize>,
-    /// Peak learning rate of the tag vectors.
-    #[arg(long)]
-    pub(crate) learning_rate: Option<f64>,
-    /// Peak learning rate of the head (default: --learning-rate).
-    #[arg(long)]
-    pub(crate) head_learning_rate: Option<f64>,
-    #[arg(long)]
-    pub(crate) warmup_ratio: Option<f64>,
-    #[arg(long)]
-    pub(crate) grad_accum: Option<usize>,
-    #[arg(long)]
-    pub(crate) num_vectors: Option<usize>,
-    #[arg(long)]
-    pub(crate) seed: Option<u64>,
-    #[arg(long)]
-    pub(crate) weight_decay: Option<f64>,
-    /// Where tag vectors start: `mean`, `text:PHRASE` or `tag:NAME`.
-    #[arg(long)]
-    pub(crate) init: Option<String>,
-    /// `fit` (closed form on the step-0 features) or `random`.
-    #[arg(long, value_parser = ["fit", "random"])]
-    pub(crate) head_init: Option<String>,
-    /// How many of the function tag's last positions the head reads, concatenated
-    /// (1: the last only; up to --num-vectors).
-    #[arg(long)]
-    pub(crate) head_positions: Option<usize>,
-    /// After tag training, refit the head in closed form on the trained tags' features
-    /// (kept only if better on held-out data).
-    #[arg(long)]
-    pub(crate) head_refit: Option<bool>,
-    /// Evaluate every N steps (0: every epoch).
-    #[arg(long)]
-    pub(crate) eval_every: Option<usize>,
-    /// Stop after this many evaluations without improvement (0: never).
-    #[arg(long)]
-    pub(crate) patience: Option<usize>,
+    /// `POST /train`'s `hyperparameters`, flag for field, with the same defaults.
+    #[command(flatten)]
+    pub(crate) hyperparameters: Hyperparameters,
     /// Memory for the frozen-prefix cache, MiB (default: half the available memory).
     #[arg(long, env = "TAGLLM_PREFIX_CACHE_MB")]
     pub(crate) prefix_cache_mb: Option<usize>,
@@ -102,35 +64,32 @@ pub(crate) struct TrainCmd {
 }
 
 impl TrainCmd {
-    fn hyperparameters(&self) -> tagllm::train::Hyperparameters {
-        let d = tagllm::train::Hyperparameters::default();
-        tagllm::train::Hyperparameters {
-            steps: self.steps.unwrap_or(d.steps),
-            epochs: self.epochs.unwrap_or(d.epochs),
-            batch_size: self.batch_size.unwrap_or(d.batch_size),
-            learning_rate: self.learning_rate.unwrap_or(d.learning_rate),
-            head_learning_rate: self.head_learning_rate.or(d.head_learning_rate),
-            warmup_ratio: self.warmup_ratio.unwrap_or(d.warmup_ratio),
-            grad_accum: self.grad_accum.unwrap_or(d.grad_accum),
-            num_vectors: self.num_vectors.unwrap_or(d.num_vectors),
-            seed: self.seed.unwrap_or(d.seed),
-            weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
-            init: self.init.clone().unwrap_or(d.init),
-            head_init: match self.head_init.as_deref() {
-                Some("random") => tagllm::train::HeadInit::Random,
-                Some(_) => tagllm::train::HeadInit::Fit,
-                None => d.head_init,
-            },
-            head_positions: self.head_positions.unwrap_or(d.head_positions),
-            head_refit: self.head_refit.unwrap_or(d.head_refit),
-            eval_every: self.eval_every.unwrap_or(d.eval_every),
-            patience: self.patience.unwrap_or(d.patience),
-        }
+    /// The job, through the conversion `POST /train` uses (its default template
+    /// included), so the CLI and the API train alike.
+    fn job(&self) -> Result<TrainJob> {
+        let (tag, tags) = match self.tags.as_slice() {
+            [one] => (Some(one.clone()), None),
+            many => (None, Some(many.to_vec())),
+        };
+        let path = |p: &PathBuf| DatasetRef::Path {
+            path: p.display().to_string(),
+        };
+        let request = TrainRequest {
+            stage: self.stage,
+            tag,
+            tags,
+            template: self.template.clone(),
+            target: self.target.clone(),
+            head: self.head,
+            dataset: path(&self.data),
+            eval_dataset: self.eval_data.as_ref().map(path),
+            hyperparameters: self.hyperparameters.clone(),
+        };
+        request.to_job().map_err(anyhow::Error::msg)
     }
 }
 
 pub(crate) fn train(cmd: TrainCmd) -> Result<()> {
-    use tagllm::train::{Dataset, HeadKind, TrainJob, Trainer};
     let (m, tags) = model_and_tags(&cmd.model, &cmd.tags_dir)?;
     let read = |p: &PathBuf| -> Result<Dataset> {
         let text = std::fs::read_to_string(p)
@@ -139,26 +98,7 @@ pub(crate) fn train(cmd: TrainCmd) -> Result<()> {
     };
     let data = read(&cmd.data)?;
     let eval = cmd.eval_data.as_ref().map(read).transpose()?;
-    let head = match cmd.head.as_str() {
-        "regression" => HeadKind::Regression,
-        "classification" => HeadKind::Classification,
-        _ => HeadKind::None,
-    };
-    let template = cmd.template.clone().unwrap_or_else(|| {
-        cmd.tags
-            .iter()
-            .map(|t| format!("<{t}>"))
-            .collect::<String>()
-            + "{text}"
-    });
-    let job = TrainJob {
-        stage: cmd.stage,
-        tags: cmd.tags.clone(),
-        template,
-        target: cmd.target.clone(),
-        head,
-        hyperparameters: cmd.hyperparameters(),
-    };
+    let job = cmd.job()?;
     let frozen = std::sync::Arc::new(tags.clone_tags());
     let mut trainer = Trainer::new(&m, frozen, job, &data, eval.as_ref())?;
     if let Some(mb) = cmd.prefix_cache_mb {
@@ -195,7 +135,7 @@ pub(crate) fn train(cmd: TrainCmd) -> Result<()> {
     };
     if !cmd.sweep_learning_rates.is_empty() {
         let batch_sizes = if cmd.sweep_batch_sizes.is_empty() {
-            vec![cmd.hyperparameters().batch_size]
+            vec![cmd.hyperparameters.batch_size]
         } else {
             cmd.sweep_batch_sizes.clone()
         };
