@@ -25,7 +25,7 @@ bench: setup
 	cargo bench --bench train
 
 # The Tag-LLM reproduction: datasets from pinned packages, every tag trained with
-# `tagllm train`, then baselines and the results table (README: Reproduction).
+# `tagllm train`, then baselines and the results table (docs/reproduction.md).
 reproduce: build
 	python3 -m pip install -q -r scripts/repro/requirements.txt
 	python3 scripts/repro/prepare_data.py --check

@@ -4,7 +4,7 @@
 # on the project's tiny model, with an API key and an admin key. Chromium may reach only
 # the server (every other host fails to resolve), so the pages must work offline.
 # Usage: scripts/console-test.sh [SCREENSHOT_DIR]   (default: a temporary directory;
-#        `scripts/console-test.sh docs/console` refreshes the README's screenshots)
+#        `scripts/console-test.sh docs/console` refreshes docs/console.md's screenshots)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=.cache/console-venv

@@ -1,6 +1,6 @@
 // The most int8 multiply-adds per second one core does with AVX2's q8_0 instruction pair
 // (vpmaddubsw, then vpmaddwd to i32), with nothing else in the loop: the ceiling for any
-// q8_0 kernel on a CPU without VNNI (README: Benchmarks, "the AVX2 kernel on the VNNI
+// q8_0 kernel on a CPU without VNNI (docs/benchmarks.md, "the AVX2 kernel on the VNNI
 // layout"). Eight independent chains hide the latencies.
 //
 //   gcc -O3 -mavx2 scripts/int8-peak.c -o /tmp/int8-peak && /tmp/int8-peak

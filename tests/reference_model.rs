@@ -338,7 +338,7 @@ fn a_padded_batch_equals_each_sequence_alone() {
 /// rows) read q8_0 block matrices, everything else stays f32. Teacher-forced along the
 /// reference's greedy answer, each step's logits stay close to f32's and keep its argmax,
 /// and the greedy answer is the reference's; q4_0 (measured, not offered) drifts much
-/// more. The drift is printed (README: serving precision).
+/// more. The drift is printed (docs/serving.md: serving precision).
 #[test]
 fn quantized_serving_drifts_little_from_the_reference() {
     use candle_core::quantized::GgmlDType;

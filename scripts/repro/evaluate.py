@@ -401,7 +401,7 @@ def main():
     R["seconds"] = round(time.time() - started)
     (runs / "results.json").write_text(json.dumps(R, indent=1) + "\n")
     write_table(R, runs / "results.md")
-    into_readme((runs / "results.md").read_text(), Path("README.md"))
+    into_page((runs / "results.md").read_text(), Path("docs/reproduction.md"))
     ship(runs, R)
     print((runs / "results.md").read_text())
 
@@ -426,17 +426,17 @@ def fmt(x, d=4):
     return "—" if x is None else f"{x:.{d}f}"
 
 
-README_BEGIN = "<!-- results: begin (evaluate.py writes this part from runs/results.md) -->\n"
-README_END = "<!-- results: end -->\n"
+TABLES_BEGIN = "<!-- results: begin (evaluate.py writes this part from runs/results.md) -->\n"
+TABLES_END = "<!-- results: end -->\n"
 
 
-def into_readme(tables, readme):
-    """The README's results tables, replaced between their markers (written atomically)."""
-    text = readme.read_text()
-    start, end = text.index(README_BEGIN) + len(README_BEGIN), text.index(README_END)
-    tmp = readme.with_suffix(".tmp")
+def into_page(tables, page):
+    """The reproduction page's results tables, replaced between their markers (written atomically)."""
+    text = page.read_text()
+    start, end = text.index(TABLES_BEGIN) + len(TABLES_BEGIN), text.index(TABLES_END)
+    tmp = page.with_suffix(".tmp")
     tmp.write_text(text[:start] + tables.strip() + "\n" + text[end:])
-    os.replace(tmp, readme)
+    os.replace(tmp, page)
 
 
 def write_table(R, path):

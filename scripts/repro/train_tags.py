@@ -43,7 +43,7 @@ def function_method(eval_every, patience, winner=None, epochs=3):
             "--sweep-steps", "40", "--sweep-eval-every", "20"]
 
 
-# (name, stage, flags). Steps are sized for a 2-core CPU (see README: reproduction).
+# (name, stage, flags). Steps are sized for a 2-core CPU (see docs/reproduction.md).
 JOBS = [
     ("SMILES", 1, ["--data", "data/smiles/text.jsonl", "--steps", "120"]),
     ("Protein", 1, ["--data", "data/protein/text.jsonl", "--steps", "120"]),

@@ -33,7 +33,7 @@ pub use llama::{pad_right, rows_at, rows_ending_at, Llama, Mode};
 pub use tokenizer::{ChatPiece, TextTokenizer};
 
 /// How the serving forward reads the frozen matrices. Training always uses f32; a q8_0
-/// serving copy trades a small drift (README: serving precision) for a quarter of the
+/// serving copy trades a small drift (docs/serving.md: serving precision) for a quarter of the
 /// bytes read per token. (q4_0 was measured and drifts too far to offer.) q8_0 serves
 /// decoding steps only: prompts (and so every head) are computed in f32 either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]

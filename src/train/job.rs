@@ -34,8 +34,9 @@ pub enum HeadInit {
     Random,
 }
 
-/// One declaration for `POST /train`'s `hyperparameters` (serde, OpenAPI) and
-/// `tagllm train`'s flags (clap): the defaults are [`Hyperparameters::default`]'s in both.
+// One declaration for `POST /train`'s `hyperparameters` (serde, OpenAPI) and `tagllm
+// train`'s flags (clap): the defaults are `Hyperparameters::default`'s in both.
+/// How a job trains; every field has a default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema, clap::Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct Hyperparameters {

@@ -87,14 +87,14 @@ enum Command {
         /// Use TEXT as it is, without the model's chat template.
         #[arg(long, env = "TAGLLM_RAW")]
         raw: bool,
-        #[arg(long, env = "TAGLLM_MAX_NEW_TOKENS", default_value_t = 64)]
+        #[arg(long, env = "TAGLLM_MAX_NEW_TOKENS", default_value_t = GenerationParams::default().max_new_tokens)]
         max_new_tokens: usize,
         /// 0 (the default) decodes greedily.
         #[arg(long, env = "TAGLLM_TEMPERATURE", default_value_t = 0.0)]
         temperature: f64,
         #[arg(long, env = "TAGLLM_TOP_P")]
         top_p: Option<f64>,
-        #[arg(long, env = "TAGLLM_SEED", default_value_t = 0)]
+        #[arg(long, env = "TAGLLM_SEED", default_value_t = GenerationParams::default().seed)]
         seed: u64,
         /// Print {"prompt_ids": [...], "ids": [...], "text": "..."} instead of the text alone.
         #[arg(long, env = "TAGLLM_JSON")]
