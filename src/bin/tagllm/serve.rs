@@ -61,7 +61,7 @@ pub(crate) struct ServeArgs {
     /// a GPU), f32, or q8_0 (re-quantized at load: 3-5x faster decoding on CPU, a small
     /// drift). Prompts, and so every head, are computed in f32 either way; training
     /// always uses f32.
-    #[arg(long, env = "TAGLLM_PRECISION", default_value = "auto")]
+    #[arg(long, env = "TAGLLM_PRECISION", default_value_t = EngineConfig::default().precision)]
     pub(crate) precision: tagllm::model::Precision,
     /// Request body size limit in bytes; larger bodies get 413.
     #[arg(long, env = "TAGLLM_MAX_BODY_BYTES", default_value_t = 2 * 1024 * 1024)]
