@@ -754,6 +754,7 @@ async fn main() {
             Some(HeadSpec::Regression {
                 target_mean: 0.5,
                 target_std: 0.2,
+                range: None,
             }),
             &fp,
             d,

@@ -134,6 +134,7 @@ fn main() {
         template: template.into(),
         target: (head != HeadKind::None).then(|| "y".into()),
         head,
+        target_range: None,
         hyperparameters: h.clone(),
     };
     let round = |x: f64| (x * 1000.0).round() / 1000.0;

@@ -71,6 +71,7 @@ fn job(
         template: template.into(),
         target: target.map(String::from),
         head,
+        target_range: None,
         hyperparameters: h,
     }
 }
@@ -709,6 +710,7 @@ fn ridge_head_is_the_least_squares_fit(head_positions: usize) {
     let tagllm::tags::HeadSpec::Regression {
         target_mean,
         target_std,
+        ..
     } = head.spec
     else {
         panic!("a regression head")
@@ -924,4 +926,55 @@ fn the_head_is_refitted_on_the_trained_tags_and_kept_only_when_better() {
         "published {published}, refit {refit}"
     );
     assert!(published <= before + 1e-9);
+}
+
+/// A target range travels from the job into the published head, and the data must lie in
+/// it: a value outside is refused with its line, as is a range on a head that is not a
+/// regression's.
+#[test]
+fn a_target_range_reaches_the_head_and_the_data_must_lie_in_it() {
+    let (_dir, m) = tiny();
+    let smiles = stage1(&m, "SMILES");
+    // The molecules' targets lie in [0.75, 3.5].
+    let ranged = |range| TrainJob {
+        target_range: Some(range),
+        ..size_job(hyper(3, 0.05))
+    };
+    let out = Trainer::new(
+        &m,
+        smiles.clone(),
+        ranged([0.5, 4.0]),
+        &molecules(8),
+        Some(&molecules(4)),
+    )
+    .unwrap()
+    .run(None, &mut |_: &tagllm::train::Progress| true)
+    .unwrap();
+    let tagllm::tags::HeadSpec::Regression { range, .. } =
+        out.bundles[0].head.as_ref().unwrap().spec
+    else {
+        panic!("a regression job publishes a regression head")
+    };
+    assert_eq!(range, Some([0.5, 4.0]));
+    let err = |job: TrainJob| {
+        format!(
+            "{:#}",
+            Trainer::new(&m, smiles.clone(), job, &molecules(8), Some(&molecules(4)))
+                .err()
+                .unwrap()
+        )
+    };
+    let e = err(ranged([1.0, 4.0]));
+    assert!(
+        e.contains("training data line 1") && e.contains("outside target_range"),
+        "{e}"
+    );
+    let e = err(ranged([2.0, 1.0]));
+    assert!(e.contains("target_range must be"), "{e}");
+    let e = err(TrainJob {
+        head: HeadKind::Classification,
+        target: Some("class".into()),
+        ..ranged([0.0, 1.0])
+    });
+    assert!(e.contains("target_range is for a regression head"), "{e}");
 }

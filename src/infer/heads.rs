@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::model::{pad_right, BaseModel, FinishReason, Mode};
 use crate::tags::compose::Composed;
-use crate::tags::{Head, HeadSpec};
+use crate::tags::{regression_value, Head, HeadSpec};
 
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 #[serde(untagged)]
@@ -44,8 +44,9 @@ pub fn apply_head(head: &Head, hidden: &Tensor) -> Result<Vec<Prediction>> {
             HeadSpec::Regression {
                 target_mean,
                 target_std,
+                range,
             } => Prediction::Value {
-                value: r[0] as f64 * target_std + target_mean,
+                value: regression_value(r[0] as f64, *target_mean, *target_std, *range),
             },
             HeadSpec::Classification { labels } => {
                 let max = r.iter().cloned().fold(f32::NEG_INFINITY, f32::max);

@@ -41,6 +41,10 @@ pub struct TrainRequest {
     /// The head a function tag learns (default none: generation).
     #[serde(default = "no_head")]
     pub head: HeadKind,
+    /// A regression target's range, `[lo, hi]` (QED: `[0, 1]`): the head's answers are kept
+    /// within it, and every training and held-out value must lie in it.
+    #[serde(default)]
+    pub target_range: Option<[f64; 2]>,
     #[serde(deserialize_with = "object")]
     pub dataset: DatasetRef,
     #[serde(default, deserialize_with = "optional_object")]
@@ -79,6 +83,7 @@ impl TrainRequest {
             template,
             target: self.target.clone(),
             head: self.head,
+            target_range: self.target_range,
             hyperparameters: self.hyperparameters.clone(),
         })
     }

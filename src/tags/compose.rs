@@ -83,6 +83,7 @@ impl Composed {
         let spec = super::HeadSpec::Regression {
             target_mean: 0.0,
             target_std: 1.0,
+            range: None,
         };
         let zeros = |shape: (usize, usize)| Tensor::zeros(shape, DType::F32, &Device::Cpu);
         let bundle = TagBundle {

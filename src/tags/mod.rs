@@ -8,6 +8,8 @@ pub mod registry;
 pub mod seed;
 pub mod template;
 
-pub use bundle::{BaseModelIdentity, Head, HeadSpec, TagBundle, TagKind, TagManifest};
+pub use bundle::{
+    regression_value, BaseModelIdentity, Head, HeadSpec, TagBundle, TagKind, TagManifest,
+};
 pub use registry::{Registry, ReloadReport, TagSet, TagsWatch};
 pub use template::{Segment, Template};

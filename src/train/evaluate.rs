@@ -9,6 +9,7 @@ use super::job::Target;
 use super::metrics;
 use super::trainer::Trainer;
 use crate::model::Mode;
+use crate::tags::regression_value;
 
 /// Evaluation needs no gradient, so its batch is sized for throughput, not the job's.
 pub(super) const EVAL_BATCH: usize = 16;
@@ -27,12 +28,13 @@ impl Trainer<'_> {
             let out = self.outputs(&batch, Mode::Fast, true)?;
             total += self.loss(&batch, &out)?.to_scalar::<f32>()? as f64 * chunk.len() as f64;
             match (&out, &self.target) {
-                (Outputs::Head(o), Target::Regression { mean, std }) => {
+                (Outputs::Head(o), Target::Regression { mean, std, range }) => {
+                    // As served: in the target's units, within its range.
                     preds.extend(
                         o.flatten_all()?
                             .to_vec1::<f32>()?
                             .iter()
-                            .map(|z| *z as f64 * std + mean),
+                            .map(|z| regression_value(*z as f64, *mean, *std, *range)),
                     );
                 }
                 (Outputs::Head(o), _) => {

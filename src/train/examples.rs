@@ -131,6 +131,7 @@ fn placeholder(name: &str, p: usize, with_head: bool) -> Result<TagBundle> {
             spec: HeadSpec::Regression {
                 target_mean: 0.0,
                 target_std: 1.0,
+                range: None,
             },
             positions: 1,
             weight: zeros((1, 1))?,

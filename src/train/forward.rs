@@ -166,7 +166,7 @@ impl Trainer<'_> {
         let device = self.model.device();
         Ok(match (out, &self.target) {
             (Outputs::Lm { logits, ids }, _) => candle_nn::loss::cross_entropy(logits, ids)?,
-            (Outputs::Head(o), Target::Regression { mean, std }) => {
+            (Outputs::Head(o), Target::Regression { mean, std, .. }) => {
                 let z: Vec<f32> = batch
                     .iter()
                     .map(|e| ((e.value - mean) / std) as f32)

@@ -15,7 +15,7 @@ impl Trainer<'_> {
     /// tag's readout, with the current tag vectors) and the standardised regression
     /// targets: what the closed-form head fit sees, e.g. for a linear probe.
     pub fn head_features(&self) -> Result<(Vec<Vec<f64>>, Vec<f64>)> {
-        let Target::Regression { mean, std } = &self.target else {
+        let Target::Regression { mean, std, .. } = &self.target else {
             bail!("head features are for regression jobs");
         };
         let x = self.features(&self.train, EVAL_BATCH)?;
@@ -37,7 +37,7 @@ impl Trainer<'_> {
         let xv = self.features(&self.eval, EVAL_BATCH)?;
         let features_seconds = started.elapsed().as_secs_f64();
         let fit = match &self.target {
-            Target::Regression { mean, std } => {
+            Target::Regression { mean, std, .. } => {
                 let z = |ex: &[Example]| -> Vec<f64> {
                     ex.iter().map(|e| (e.value - mean) / std).collect()
                 };

@@ -226,6 +226,9 @@ pub struct TrainJob {
     /// The labelled field (stages 2 and 3).
     pub target: Option<String>,
     pub head: HeadKind,
+    /// A regression target's range, `[lo, hi]`: the head's answers are kept within it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_range: Option<[f64; 2]>,
     pub hyperparameters: Hyperparameters,
 }
 
@@ -234,10 +237,11 @@ pub struct TrainJob {
 pub(super) enum Target {
     /// Next-token prediction on the text after the tag (stage 1).
     Lm,
-    /// A regression head on standardised targets.
+    /// A regression head on standardised targets, answering within `range` if given.
     Regression {
         mean: f64,
         std: f64,
+        range: Option<[f64; 2]>,
     },
     Classification {
         labels: Vec<String>,
@@ -335,6 +339,12 @@ pub(super) fn plan(
         require_slots(e, &templates, &job.template)?;
     }
     let target = target(job, data)?;
+    if let (Target::Regression { range: Some(r), .. }, Some(field)) = (&target, &job.target) {
+        for (what, set) in std::iter::once(("training", data)).chain(eval.map(|e| ("held-out", e)))
+        {
+            check_in_range(&set.numeric(field)?, *r, field, what)?;
+        }
+    }
     ensure!(
         job.hyperparameters.head_positions == 1
             || matches!(
@@ -386,7 +396,30 @@ fn check_template(job: &TrainJob, frozen: &TagSet, template: &Template, which: &
     Ok(())
 }
 
+/// Every target value lies in the range the head will answer within: a value outside it
+/// could never be predicted, so the range or the data is wrong.
+fn check_in_range(values: &[f64], [lo, hi]: [f64; 2], field: &str, what: &str) -> Result<()> {
+    match values.iter().position(|v| !(lo..=hi).contains(v)) {
+        Some(i) => bail!(
+            "{what} data line {}: `{field}` is {}, outside target_range [{lo}, {hi}]",
+            i + 1,
+            values[i]
+        ),
+        None => Ok(()),
+    }
+}
+
 fn target(job: &TrainJob, data: &Dataset) -> Result<Target> {
+    if let Some([lo, hi]) = job.target_range {
+        ensure!(
+            job.head == HeadKind::Regression,
+            "target_range is for a regression head"
+        );
+        ensure!(
+            lo.is_finite() && hi.is_finite() && lo < hi,
+            "target_range must be two finite numbers, the first below the second"
+        );
+    }
     Ok(match (job.stage, job.head) {
         (1, HeadKind::None) => {
             ensure!(
@@ -413,6 +446,7 @@ fn target(job: &TrainJob, data: &Dataset) -> Result<Target> {
                     Target::Regression {
                         mean,
                         std: var.sqrt().max(1e-8),
+                        range: job.target_range,
                     }
                 }
                 HeadKind::Classification => Target::Classification {

@@ -19,9 +19,10 @@ impl Trainer<'_> {
         let d = self.model.config().hidden_size;
         let template = Template::parse(&self.job.template);
         let head_spec = match &self.target {
-            Target::Regression { mean, std } => Some(HeadSpec::Regression {
+            Target::Regression { mean, std, range } => Some(HeadSpec::Regression {
                 target_mean: *mean,
                 target_std: *std,
+                range: *range,
             }),
             Target::Classification { labels } => Some(HeadSpec::Classification {
                 labels: labels.clone(),

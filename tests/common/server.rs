@@ -215,6 +215,7 @@ impl<'a> TagSpec<'a> {
             head: Some(HeadSpec::Regression {
                 target_mean: 10.0,
                 target_std: 2.0,
+                range: None,
             }),
             head_positions: 1,
             template: Some(template),

@@ -104,6 +104,7 @@ fn by_hand(server: &common::server::TestServer, template: &str, input: Input) ->
     let HeadSpec::Regression {
         target_mean,
         target_std,
+        ..
     } = head.spec
     else {
         panic!()

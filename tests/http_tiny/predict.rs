@@ -217,3 +217,68 @@ async fn classification_and_generation() {
     assert_eq!(body["predictions"][0]["text"], json!(want.text[..cut]));
     assert_eq!(body["predictions"][0]["finish_reason"], "stop");
 }
+
+/// A regression head with a range never answers outside it: the same head and tag without
+/// the range answer values on both sides of it, and with it each is the unbounded answer
+/// clamped into the range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounded_head_never_answers_outside_its_range() {
+    let s = start(Options::default()).await;
+    install(&s, &TagSpec::domain("SMILES")).await;
+    let free = TagSpec::regression("Free", "The molecule <SMILES> {smiles} scores <Free>");
+    install(&s, &free).await;
+    let inputs: Vec<String> = [
+        "CCO", "c1ccccc1", "CC(=O)O", "N#N", "CCCCCCCC", "O", "ClCCl", "C1CC1",
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    let values = |body: &Value| -> Vec<f64> {
+        body["predictions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["value"].as_f64().unwrap())
+            .collect()
+    };
+    let (status, body) = post(
+        &s.url,
+        "/predict",
+        json!({"function": "Free", "inputs": inputs}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let unbounded = values(&body);
+    let mut sorted = unbounded.clone();
+    sorted.sort_by(f64::total_cmp);
+    // A range that the unbounded answers cross on both sides.
+    let (lo, hi) = (sorted[2], sorted[sorted.len() - 3]);
+    assert!(lo < hi, "the answers do not spread: {unbounded:?}");
+    let bounded = TagSpec {
+        name: "Bounded",
+        template: Some("The molecule <SMILES> {smiles} scores <Bounded>"),
+        head: Some(HeadSpec::Regression {
+            target_mean: 10.0,
+            target_std: 2.0,
+            range: Some([lo, hi]),
+        }),
+        ..free
+    };
+    install(&s, &bounded).await;
+    let (status, body) = post(
+        &s.url,
+        "/predict",
+        json!({"function": "Bounded", "inputs": inputs}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let got = values(&body);
+    for (g, u) in got.iter().zip(&unbounded) {
+        assert!((lo..=hi).contains(g), "{g} outside [{lo}, {hi}]");
+        assert!((g - u.clamp(lo, hi)).abs() < 1e-9, "{g} is not {u} clamped");
+    }
+    assert!(got.contains(&lo) && got.contains(&hi));
+    // The range is part of the tag as /tags shows it.
+    let (_, tag) = get(&s.url, "/tags/Bounded").await;
+    assert_eq!(tag["manifest"]["head"]["range"], json!([lo, hi]), "{tag}");
+}

@@ -31,6 +31,9 @@ pub(crate) struct TrainCmd {
     /// The head a function tag learns (none: generation).
     #[arg(long, value_enum, default_value_t = HeadKind::None)]
     pub(crate) head: HeadKind,
+    /// A regression target's range, LO,HI (QED: 0,1): the head answers within it.
+    #[arg(long, value_delimiter = ',', value_name = "LO,HI")]
+    pub(crate) target_range: Option<Vec<f64>>,
     /// JSONL training data.
     #[arg(long)]
     pub(crate) data: PathBuf,
@@ -81,6 +84,11 @@ impl TrainCmd {
             template: self.template.clone(),
             target: self.target.clone(),
             head: self.head,
+            target_range: match self.target_range.as_deref() {
+                None => None,
+                Some(&[lo, hi]) => Some([lo, hi]),
+                Some(_) => anyhow::bail!("--target-range takes two numbers, LO,HI"),
+            },
             dataset: path(&self.data),
             eval_dataset: self.eval_data.as_ref().map(path),
             hyperparameters: self.hyperparameters.clone(),

@@ -14,10 +14,25 @@ pub enum TagKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum HeadSpec {
-    /// `d -> 1` on standardised targets; predictions are mapped back to original units.
-    Regression { target_mean: f64, target_std: f64 },
+    /// `d -> 1` on standardised targets; predictions are mapped back to original units,
+    /// and kept within `range` where the target has one (QED lies in [0, 1]).
+    Regression {
+        target_mean: f64,
+        target_std: f64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        range: Option<[f64; 2]>,
+    },
     /// `d -> k`, one logit per label.
     Classification { labels: Vec<String> },
+}
+
+/// A regression head's output `z` (standardised) in the target's units, within its range.
+pub fn regression_value(z: f64, mean: f64, std: f64, range: Option<[f64; 2]>) -> f64 {
+    let value = z * std + mean;
+    match range {
+        Some([lo, hi]) => value.clamp(lo, hi),
+        None => value,
+    }
 }
 
 impl HeadSpec {

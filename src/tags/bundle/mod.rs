@@ -14,7 +14,7 @@ use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Device, Tensor};
 
 use super::files::ensure_not_symlink;
-pub use manifest::{BaseModelIdentity, HeadSpec, TagKind, TagManifest};
+pub use manifest::{regression_value, BaseModelIdentity, HeadSpec, TagKind, TagManifest};
 pub use native::{MANIFEST_FILE, TENSORS_FILE};
 pub use peft::{PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE};
 

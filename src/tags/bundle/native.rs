@@ -119,11 +119,19 @@ impl TagBundle {
     ) -> Result<Head> {
         let d = positions * hidden_size;
         let k = match spec {
-            HeadSpec::Regression { target_std, .. } => {
+            HeadSpec::Regression {
+                target_std, range, ..
+            } => {
                 ensure!(
                     target_std.is_finite() && *target_std > 0.0,
                     "regression target_std must be positive"
                 );
+                if let Some([lo, hi]) = range {
+                    ensure!(
+                        lo.is_finite() && hi.is_finite() && lo < hi,
+                        "a regression range must be two finite numbers, the first below the second"
+                    );
+                }
                 1
             }
             HeadSpec::Classification { labels } => {

@@ -40,6 +40,7 @@ fn wide_head_tag(positions: usize, width: usize) -> TagBundle {
     let spec = HeadSpec::Regression {
         target_mean: 0.0,
         target_std: 1.0,
+        range: None,
     };
     let mut b = domain_tag("Wide", 1, 0.5);
     b.manifest.kind = TagKind::Function;
@@ -236,4 +237,39 @@ fn nothing_is_read_or_written_through_a_symbolic_link() {
     assert!(TagBundle::load(&outside.join("Evil"), &base, &Device::Cpu).is_ok());
     let err = TagBundle::load(&root.join("Linked"), &base, &Device::Cpu).unwrap_err();
     assert!(format!("{err:#}").contains("symbolic link"), "{err:#}");
+}
+
+#[test]
+fn a_regression_range_is_optional_in_the_manifest_and_clamps_answers() {
+    let spec = |range| HeadSpec::Regression {
+        target_mean: 0.5,
+        target_std: 0.25,
+        range,
+    };
+    // Without a range a manifest reads and writes as before the field existed.
+    let old = r#"{"type":"regression","target_mean":0.5,"target_std":0.25}"#;
+    assert_eq!(serde_json::from_str::<HeadSpec>(old).unwrap(), spec(None));
+    assert_eq!(serde_json::to_string(&spec(None)).unwrap(), old);
+    let bounded = spec(Some([0.0, 1.0]));
+    let text = serde_json::to_string(&bounded).unwrap();
+    assert_eq!(serde_json::from_str::<HeadSpec>(&text).unwrap(), bounded);
+    assert_eq!(regression_value(4.0, 0.5, 0.25, Some([0.0, 1.0])), 1.0);
+    assert_eq!(regression_value(-4.0, 0.5, 0.25, Some([0.0, 1.0])), 0.0);
+    assert_eq!(regression_value(1.0, 0.5, 0.25, Some([0.0, 1.0])), 0.75);
+    assert_eq!(regression_value(4.0, 0.5, 0.25, None), 1.5);
+}
+
+#[test]
+fn a_bundle_with_an_inverted_range_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tag = wide_head_tag(1, 4);
+    tag.head.as_mut().unwrap().spec = HeadSpec::Regression {
+        target_mean: 0.0,
+        target_std: 1.0,
+        range: Some([1.0, 0.0]),
+    };
+    tag.manifest.head = Some(tag.head.as_ref().unwrap().spec.clone());
+    tag.save(dir.path()).unwrap();
+    let err = TagBundle::load(&dir.path().join(tag.name()), &base(), &Device::Cpu).unwrap_err();
+    assert!(format!("{err:#}").contains("range"), "{err:#}");
 }
