@@ -258,6 +258,36 @@ def proteins(debs, out: Path):
     # Every remaining protein trains too (labelled last, so the splits above keep their
     # windows): the readout's validation MSE fell ~25% per doubling of 1,000-4,000 rows.
     write_jsonl(out / "descriptor/train.jsonl", train + label(seqs[8500:]))
+    whole_proteins(seqs, out)
+
+
+def whole_proteins(seqs, out: Path):
+    """What users send: whole sequences (48-1,000 residues here), labelled with the BLOSUM
+    index of the whole sequence, from the same disjoint proteins as the window splits (the
+    test proteins are the window test's). Training keeps proteins up to 500 residues, 3,000
+    of them, and mixes in 3,000 windows of other training proteins, so that one tag serves
+    both; the frozen-prefix pass grows with the residues, so this bounds it."""
+    import peptides
+
+    def label(seq):
+        return {"protein": seq, "blosum1": round(float(peptides.Peptide(seq).blosum_indices()[0]), 6)}
+
+    rng = random.Random(SEED + 2)
+    test = [s for s in seqs[7500:8500] if len(s) <= 1000]
+    val = [s for s in seqs[7000:7500] if len(s) <= 500]
+    write_jsonl(out / "descriptor/test_whole.jsonl", [label(s) for s in test])
+    windows = [json.loads(l) for l in (out / "descriptor/train.jsonl").read_text().splitlines()]
+    # Whole proteins from seqs[3000:7000] (the proteins of train.jsonl's first 4,000 rows),
+    # windows from the rows after (proteins seqs[8500:]): no protein is in both.
+    whole = [s for s in seqs[3000:7000] if len(s) <= 500]
+    rng.shuffle(whole)
+    mixed = [label(s) for s in whole[:3000]] + rng.sample(windows[4000:], 3000)
+    rng.shuffle(mixed)
+    write_jsonl(out / "descriptor/train_mixed.jsonl", mixed)
+    # Validation: whole proteins and windows in turn (100 each in the first 200).
+    val_windows = [json.loads(l) for l in (out / "descriptor/val.jsonl").read_text().splitlines()]
+    write_jsonl(out / "descriptor/val_mixed.jsonl",
+                [r for pair in zip([label(s) for s in val[:100]], val_windows[:100]) for r in pair])
 
 
 def warm_split(rows, n_test, n_val, seed=13):
