@@ -45,6 +45,7 @@ fn tag(
     let head = head.clone().map(|spec| Head {
         spec,
         positions: 1,
+        hidden: None,
         weight: (Tensor::randn(0f32, 1.0, (1, d), &Device::Cpu).unwrap() * 0.01).unwrap(),
         bias: Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap(),
     });
@@ -57,6 +58,7 @@ fn tag(
             hidden_size: d,
             base_model: fingerprint.into(),
             head_positions: 1,
+            head_hidden: 0,
             head: head.as_ref().map(|h| h.spec.clone()),
             template: (kind == TagKind::Function).then(|| TEMPLATE.to_string()),
             domain_tags: vec![],

@@ -36,6 +36,7 @@ fn domain(m: &BaseModel, name: &str) -> Arc<TagBundle> {
             hidden_size: m.config().hidden_size,
             base_model: m.fingerprint.clone(),
             head_positions: 1,
+            head_hidden: 0,
             head: None,
             template: None,
             domain_tags: vec![],

@@ -45,6 +45,7 @@ async fn serve(opts: Options) -> common::server::TestServer {
             num_vectors: 2,
             head: None,
             head_positions: 1,
+            head_hidden: 0,
             template: Some(SAY_TPL),
             seed: 5.0,
         },

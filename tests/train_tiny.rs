@@ -978,3 +978,92 @@ fn a_target_range_reaches_the_head_and_the_data_must_lie_in_it() {
     });
     assert!(e.contains("target_range is for a regression head"), "{e}");
 }
+
+/// An MLP head (a tanh hidden layer before the output): backprop's gradients of every one
+/// of its parameters, and of the tag, match finite differences of the loss.
+#[test]
+fn an_mlp_heads_gradients_match_finite_differences() {
+    let (_d, m) = tiny();
+    let frozen = stage1(&m, "SMILES");
+    let h = Hyperparameters {
+        head_hidden: 5,
+        head_init: tagllm::train::HeadInit::Random,
+        ..hyper(1, 1e-3)
+    };
+    let t = Trainer::new(&m, frozen, size_job(h), &molecules(8), None).unwrap();
+    let batch = [0, 1, 2, 5];
+    let grads = t.gradients(&batch, false).unwrap();
+    let params = t.parameters();
+    // The tag, the output layer (weight, bias), the hidden layer (weight, bias).
+    assert_eq!(params.len(), 5);
+    assert_eq!(params[3].dims(), [5, m.config().hidden_size]);
+    let eps = 1e-2f32;
+    let mut largest_hidden = 0f32;
+    for (p, at) in [(0, 7), (1, 2), (2, 0), (3, 0), (3, 11), (3, 40), (4, 3)] {
+        let var = &params[p];
+        let base = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let loss_at = |delta: f32| {
+            let mut v = base.clone();
+            v[at] += delta;
+            var.set(&candle_core::Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap())
+                .unwrap();
+            t.batch_loss(&batch).unwrap() as f32
+        };
+        let fd = (loss_at(eps) - loss_at(-eps)) / (2.0 * eps);
+        loss_at(0.0);
+        let g = grads[p].flatten_all().unwrap().to_vec1::<f32>().unwrap()[at];
+        assert!(
+            (fd - g).abs() <= 2e-2 * fd.abs().max(g.abs()).max(0.05),
+            "parameter {p}[{at}]: backprop {g}, finite differences {fd}"
+        );
+        if p >= 3 {
+            largest_hidden = largest_hidden.max(fd.abs());
+        }
+    }
+    // The hidden layer's gradients are not vanishing: the comparison means something.
+    assert!(
+        largest_hidden > 1e-3,
+        "hidden-layer gradients ~0 ({largest_hidden})"
+    );
+}
+
+/// An MLP head trains (its output layer fitted on its hidden units' activations first), is
+/// published with its hidden layer, and is served by the registry.
+#[test]
+fn an_mlp_head_is_fitted_trained_published_and_served() {
+    let (dir, m) = tiny();
+    let smiles = stage1(&m, "SMILES");
+    let h = Hyperparameters {
+        head_hidden: 8,
+        ..hyper(10, 0.05)
+    };
+    let out = train_lowers(
+        &m,
+        smiles.clone(),
+        size_job(h),
+        &molecules(16),
+        &molecules(6),
+    );
+    let fit = &out.bundles[0].manifest.provenance["head_fit"];
+    assert_eq!(fit["method"], "ridge", "{fit}");
+    let tags = dir.path().join("tags");
+    for b in smiles.tags.values() {
+        b.save(&tags).unwrap();
+    }
+    out.bundles[0].save(&tags).unwrap();
+    let reg = Registry::open(&tags, BaseModelIdentity::of(&m), Device::Cpu).unwrap();
+    let set = reg.snapshot();
+    assert!(set.errors.is_empty(), "{:?}", set.errors);
+    let size = set.get("Size").unwrap();
+    assert_eq!(size.manifest.head_hidden, 8);
+    let head = size.head.as_ref().unwrap();
+    let (w, b) = head.hidden.as_ref().unwrap();
+    assert_eq!(w.dims(), [8, m.config().hidden_size]);
+    assert_eq!(b.dims(), [8]);
+    assert_eq!(head.weight.dims(), [1, 8]);
+}

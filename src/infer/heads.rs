@@ -34,9 +34,7 @@ pub enum Prediction {
 /// Applies `head` to its inputs `[n, positions * d]` (each row the hidden states it reads,
 /// concatenated), one prediction per row.
 pub fn apply_head(head: &Head, hidden: &Tensor) -> Result<Vec<Prediction>> {
-    let out = hidden
-        .matmul(&head.weight.t()?)?
-        .broadcast_add(&head.bias)?;
+    let out = head.forward(hidden)?;
     let rows: Vec<Vec<f32>> = out.to_vec2()?;
     Ok(rows
         .into_iter()

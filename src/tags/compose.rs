@@ -96,6 +96,7 @@ impl Composed {
                 base_model: String::new(),
                 head: Some(spec.clone()),
                 head_positions: 1,
+                head_hidden: 0,
                 template: None,
                 domain_tags: vec![],
                 tensors_sha256: None,
@@ -106,6 +107,7 @@ impl Composed {
             head: Some(Head {
                 spec,
                 positions: 1,
+                hidden: None,
                 weight: zeros((1, d)).unwrap(),
                 bias: Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap(),
             }),

@@ -183,19 +183,28 @@ impl Trainer<'_> {
     }
 
     fn head_out(&self, hidden: &Tensor) -> Result<Tensor> {
-        let (w, bias) = self.head.as_ref().context("no head")?;
-        Ok(hidden
-            .matmul(&w.as_tensor().t()?)?
-            .broadcast_add(bias.as_tensor())?)
+        self.head.as_ref().context("no head")?.forward(hidden)
     }
 
     pub(super) fn vars(&self) -> Vec<Var> {
         let mut v: Vec<Var> = self.learned.values().cloned().collect();
-        if let Some((w, b)) = &self.head {
-            v.push(w.clone());
-            v.push(b.clone());
+        if let Some(head) = &self.head {
+            v.extend(head.vars());
         }
         v
+    }
+
+    /// Every learned parameter: the tags' vectors, then the head's (output layer, then
+    /// its hidden layer): the order of [`Trainer::gradients`].
+    pub fn parameters(&self) -> Vec<Var> {
+        self.vars()
+    }
+
+    /// The loss of `batch` (training examples by index) at the current parameters.
+    pub fn batch_loss(&self, batch_idx: &[usize]) -> Result<f64> {
+        let batch: Vec<&Example> = batch_idx.iter().map(|&i| &self.train[i]).collect();
+        let out = self.outputs(&batch, Mode::Differentiable, false)?;
+        Ok(self.loss(&batch, &out)?.to_scalar::<f32>()? as f64)
     }
 
     /// Gradients of the loss of `batch` with respect to every learned parameter, by

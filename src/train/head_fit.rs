@@ -28,14 +28,20 @@ impl Trainer<'_> {
     /// Fits the head in closed form on the features at the function tag, computed with the
     /// current tag vectors; the regularisation is chosen on the held-out set. Returns how
     /// (provenance), or nothing for a job without a head.
-    pub(super) fn fit_head(&mut self) -> Result<Option<serde_json::Value>> {
-        let Some((w, b)) = self.head.clone() else {
+    pub(super) fn fit_head(&mut self, fresh_hidden: bool) -> Result<Option<serde_json::Value>> {
+        let Some(head) = self.head.as_ref() else {
             return Ok(None);
         };
         let started = std::time::Instant::now();
         let x = self.features(&self.train, EVAL_BATCH)?;
         let xv = self.features(&self.eval, EVAL_BATCH)?;
         let features_seconds = started.elapsed().as_secs_f64();
+        // An MLP head: its hidden layer scaled to these features before the first fit (a
+        // refit keeps the trained one); the output layer is then solved on its activations.
+        if fresh_hidden {
+            head.fit_hidden_to(&x)?;
+        }
+        let (x, xv) = (head.output_inputs(&x)?, head.output_inputs(&xv)?);
         let fit = match &self.target {
             Target::Regression { mean, std, .. } => {
                 let z = |ex: &[Example]| -> Vec<f64> {
@@ -52,6 +58,7 @@ impl Trainer<'_> {
             _ => return Ok(None),
         };
         let (fw, fb) = fit.tensors(self.model.device())?;
+        let (w, b) = &head.out;
         w.set(&fw)?;
         b.set(&fb)?;
         Ok(Some(serde_json::json!({
@@ -73,7 +80,7 @@ impl Trainer<'_> {
         }
         let before = self.snapshot()?;
         let (loss_before, _) = self.evaluate()?;
-        let fit = self.fit_head()?;
+        let fit = self.fit_head(false)?;
         let (loss_after, _) = self.evaluate()?;
         let kept = loss_after < loss_before;
         if !kept {

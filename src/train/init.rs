@@ -3,11 +3,9 @@
 //! linear probe and training only has to improve on it.
 
 use anyhow::{ensure, Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
+use candle_core::{DType, Device, Tensor};
 
-use super::job::{TagInit, Target};
+use super::job::TagInit;
 use crate::model::BaseModel;
 use crate::tags::TagSet;
 
@@ -334,30 +332,6 @@ pub fn fit_logistic(
                 / xv.len() as f64
         },
     )
-}
-
-/// Small random head weights (the paper's start; replaced by the fit when asked), reading
-/// `positions` hidden states.
-pub(super) fn random_head(
-    model: &BaseModel,
-    target: &Target,
-    positions: usize,
-    seed: u64,
-) -> Result<Option<(Var, Var)>> {
-    let k = match target {
-        Target::Regression { .. } => 1,
-        Target::Classification { labels } => labels.len(),
-        _ => return Ok(None),
-    };
-    let d = positions * model.config().hidden_size;
-    let mut rng = StdRng::seed_from_u64(seed);
-    let w: Vec<f32> = (0..k * d)
-        .map(|_| rand::Rng::random_range(&mut rng, -0.01f32..0.01))
-        .collect();
-    Ok(Some((
-        Var::from_vec(w, (k, d), model.device())?,
-        Var::zeros(k, DType::F32, model.device())?,
-    )))
 }
 
 #[cfg(test)]

@@ -82,6 +82,10 @@ pub struct Hyperparameters {
     /// the last only (the paper); up to `num_vectors`, the head sees every row of the tag.
     #[arg(long, default_value_t = Hyperparameters::default().head_positions)]
     pub head_positions: usize,
+    /// Tanh units of a hidden layer between what the head reads and its output (an MLP
+    /// head); 0: the paper's linear head.
+    #[arg(long, default_value_t = Hyperparameters::default().head_hidden)]
+    pub head_hidden: usize,
     /// After tag training, fit the head again in closed form on the trained tags'
     /// features; the new head is kept only if it does better on held-out data.
     #[arg(long, default_value_t = Hyperparameters::default().head_refit, action = clap::ArgAction::Set)]
@@ -110,6 +114,7 @@ impl Default for Hyperparameters {
             init: "mean".into(),
             head_init: HeadInit::Fit,
             head_positions: 1,
+            head_hidden: 0,
             head_refit: true,
             eval_every: 0,
             patience: 0,
@@ -352,6 +357,14 @@ pub(super) fn plan(
                 Target::Regression { .. } | Target::Classification { .. }
             ),
         "head_positions needs a regression or classification head"
+    );
+    ensure!(
+        job.hyperparameters.head_hidden == 0
+            || matches!(
+                target,
+                Target::Regression { .. } | Target::Classification { .. }
+            ),
+        "head_hidden needs a regression or classification head"
     );
     Ok(Plan { templates, target })
 }

@@ -7,6 +7,7 @@ pub mod data;
 mod evaluate;
 mod examples;
 mod forward;
+mod head;
 mod head_fit;
 pub mod init;
 pub mod job;

@@ -6,7 +6,7 @@ use anyhow::Result;
 
 use super::job::Target;
 use super::trainer::Trainer;
-use crate::tags::{Head, HeadSpec, TagBundle, TagKind, TagManifest, Template};
+use crate::tags::{HeadSpec, TagBundle, TagKind, TagManifest, Template};
 
 impl Trainer<'_> {
     /// The learned tags as bundles, with the metrics and how they were made.
@@ -41,12 +41,7 @@ impl Trainer<'_> {
                 let version = self.frozen.get(name).map_or(1, |b| b.version() + 1);
                 let is_function = self.job.stage > 1;
                 let head = match (&self.head, &head_spec) {
-                    (Some((w, b)), Some(spec)) => Some(Head {
-                        spec: spec.clone(),
-                        positions: self.head_positions(),
-                        weight: w.as_tensor().copy()?,
-                        bias: b.as_tensor().copy()?,
-                    }),
+                    (Some(h), Some(spec)) => Some(h.to_head(spec, self.head_positions())?),
                     _ => None,
                 };
                 Ok(TagBundle {
@@ -64,6 +59,10 @@ impl Trainer<'_> {
                         head_positions: match head_spec {
                             Some(_) => self.head_positions(),
                             None => 1,
+                        },
+                        head_hidden: match head_spec {
+                            Some(_) => self.job.hyperparameters.head_hidden,
+                            None => 0,
                         },
                         head: head_spec.clone(),
                         template: is_function.then(|| self.job.template.clone()),

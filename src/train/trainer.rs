@@ -21,7 +21,8 @@ use rand::SeedableRng;
 use super::checkpoint::Checkpoint;
 use super::data::Dataset;
 use super::examples::{self, Example};
-use super::init::{random_head, tag_init};
+use super::head::HeadVars;
+use super::init::tag_init;
 use super::job::{self, HeadInit, TagInit, Target, TrainJob};
 use super::optim::AdamW;
 use super::prefix_cache::{default_budget, PrefixCache};
@@ -82,7 +83,7 @@ pub struct Trainer<'a> {
     pub(super) frozen: Arc<TagSet>,
     pub(super) target: Target,
     pub(super) learned: BTreeMap<String, Var>,
-    pub(super) head: Option<(Var, Var)>,
+    pub(super) head: Option<HeadVars>,
     pub(super) train: Vec<Example>,
     pub(super) eval: Vec<Example>,
     pub(super) eval_values: Vec<f64>,
@@ -147,7 +148,7 @@ impl<'a> Trainer<'a> {
             .iter()
             .map(|t| Ok((t.clone(), Var::from_tensor(&init)?)))
             .collect::<Result<BTreeMap<_, _>>>()?;
-        let head = random_head(model, &plan.target, h.head_positions, h.seed)?;
+        let head = HeadVars::random(model, &plan.target, h.head_positions, h.head_hidden, h.seed)?;
         let build = |d: &Dataset, base: usize| {
             examples::build(model, &job, &plan.target, &plan.templates, &set, d, base)
         };
@@ -303,7 +304,7 @@ impl<'a> Trainer<'a> {
             }
             None => {
                 if self.job.hyperparameters.head_init == HeadInit::Fit {
-                    self.head_fit = self.fit_head()?;
+                    self.head_fit = self.fit_head(true)?;
                 }
                 let eval = if self.eval.is_empty() {
                     None

@@ -189,6 +189,8 @@ pub struct TagSpec<'a> {
     pub head: Option<HeadSpec>,
     /// How many of the tag's last positions its head reads.
     pub head_positions: usize,
+    /// Tanh units of the head's hidden layer (0: a linear head).
+    pub head_hidden: usize,
     pub template: Option<&'a str>,
     pub seed: f64,
 }
@@ -202,6 +204,7 @@ impl<'a> TagSpec<'a> {
             num_vectors: 3,
             head: None,
             head_positions: 1,
+            head_hidden: 0,
             template: None,
             seed: 1.0,
         }
@@ -218,6 +221,7 @@ impl<'a> TagSpec<'a> {
                 range: None,
             }),
             head_positions: 1,
+            head_hidden: 0,
             template: Some(template),
             seed: 2.0,
         }
@@ -238,10 +242,25 @@ pub fn bundle(spec: &TagSpec, fingerprint: &str, d: usize) -> TagBundle {
             HeadSpec::Regression { .. } => 1,
             HeadSpec::Classification { labels } => labels.len(),
         };
+        let inputs = spec.head_positions * d;
+        let hidden = (spec.head_hidden > 0).then(|| {
+            (
+                (seeded(spec.head_hidden, inputs, spec.seed + 0.7) * 0.3).unwrap(),
+                seeded(1, spec.head_hidden, spec.seed + 0.9)
+                    .flatten_all()
+                    .unwrap(),
+            )
+        });
+        let width = if spec.head_hidden > 0 {
+            spec.head_hidden
+        } else {
+            inputs
+        };
         Head {
             spec: h.clone(),
             positions: spec.head_positions,
-            weight: seeded(k, spec.head_positions * d, spec.seed + 0.5),
+            hidden,
+            weight: seeded(k, width, spec.seed + 0.5),
             bias: Tensor::zeros(k, DType::F32, &Device::Cpu).unwrap(),
         }
     });
@@ -254,6 +273,7 @@ pub fn bundle(spec: &TagSpec, fingerprint: &str, d: usize) -> TagBundle {
             hidden_size: d,
             base_model: fingerprint.into(),
             head_positions: spec.head_positions,
+            head_hidden: spec.head_hidden,
             head: spec.head.clone(),
             template: spec.template.map(String::from),
             domain_tags: vec![],

@@ -91,7 +91,16 @@ fn by_hand(server: &common::server::TestServer, template: &str, input: Input) ->
     let rows: Vec<_> = (pos + 1 - head.positions..=pos)
         .map(|p| rows_at(&h, &[p]).unwrap())
         .collect();
-    let row = candle_core::Tensor::cat(&rows, 1).unwrap();
+    let mut row = candle_core::Tensor::cat(&rows, 1).unwrap();
+    if let Some((w, b)) = &head.hidden {
+        row = row
+            .matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(b)
+            .unwrap()
+            .tanh()
+            .unwrap();
+    }
     let out: Vec<f32> = row
         .matmul(&head.weight.t().unwrap())
         .unwrap()

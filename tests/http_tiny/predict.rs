@@ -282,3 +282,47 @@ async fn a_bounded_head_never_answers_outside_its_range() {
     let (_, tag) = get(&s.url, "/tags/Bounded").await;
     assert_eq!(tag["manifest"]["head"]["range"], json!([lo, hi]), "{tag}");
 }
+
+/// An MLP head (a tanh hidden layer, over several positions) is served as computed by hand,
+/// alone and batched with a linear head's requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mlp_head_is_served_as_computed_by_hand() {
+    let s = start(Options::default()).await;
+    install_chem(&s).await;
+    let tpl = "The molecule <SMILES> {smiles} has depth <Depth>";
+    let spec = TagSpec {
+        head_hidden: 6,
+        head_positions: 2,
+        seed: 4.0,
+        ..TagSpec::regression("Depth", tpl)
+    };
+    install(&s, &spec).await;
+    let inputs = ["CCO", "c1ccccc1", "CC(=O)O"];
+    let (status, body) = post(
+        &s.url,
+        "/predict",
+        json!({"functions": ["Depth", "QED"], "inputs": inputs}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let mut values = Vec::new();
+    for (i, smiles) in inputs.iter().enumerate() {
+        for (function, template) in [("Depth", tpl), ("QED", QED_TPL)] {
+            let want = by_hand(&s, template, Input::Text(smiles.to_string()));
+            let got = body["predictions"][i][function]["value"].as_f64().unwrap();
+            assert!(
+                (got - want).abs() < 1e-3,
+                "{function} of {smiles}: served {got}, by hand {want}"
+            );
+            if function == "Depth" {
+                values.push(got);
+            }
+        }
+    }
+    assert!(
+        values.windows(2).any(|w| (w[0] - w[1]).abs() > 1e-6),
+        "constant: {values:?}"
+    );
+    let (_, tag) = get(&s.url, "/tags/Depth").await;
+    assert_eq!(tag["manifest"]["head_hidden"], 6, "{tag}");
+}

@@ -60,6 +60,11 @@ pub struct TagManifest {
     /// (`head.weight` is `[k, head_positions * d]`); 1, the default, reads the last only.
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub head_positions: usize,
+    /// Units of the head's hidden layer (tanh), between what it reads and its output:
+    /// `head.hidden.weight` `[head_hidden, head_positions * d]`, then `head.weight`
+    /// `[k, head_hidden]`. 0, the default, is the paper's linear head.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub head_hidden: usize,
     /// For function tags: the default template, e.g. `... <SMILES> {smiles} ... <QED>`.
     #[serde(default)]
     pub template: Option<String>,
@@ -80,6 +85,10 @@ fn one() -> usize {
 
 fn is_one(n: &usize) -> bool {
     *n == 1
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// What a bundle must agree with to be served with this base model.

@@ -18,14 +18,28 @@ pub use manifest::{regression_value, BaseModelIdentity, HeadSpec, TagKind, TagMa
 pub use native::{MANIFEST_FILE, TENSORS_FILE};
 pub use peft::{PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE};
 
-/// A head's parameters: `weight` `[k, positions * d]`, `bias` `[k]`.
+/// A head's parameters: `weight` `[k, positions * d]` and `bias` `[k]` for a linear head;
+/// with a hidden layer, `hidden` (`[h, positions * d]`, `[h]`) and tanh first, and `weight`
+/// is `[k, h]`.
 #[derive(Debug, Clone)]
 pub struct Head {
     pub spec: HeadSpec,
     /// How many of its tag's last positions it reads, concatenated.
     pub positions: usize,
+    pub hidden: Option<(Tensor, Tensor)>,
     pub weight: Tensor,
     pub bias: Tensor,
+}
+
+impl Head {
+    /// The head's outputs `[n, k]` for its inputs `[n, positions * d]`.
+    pub fn forward(&self, input: &Tensor) -> candle_core::Result<Tensor> {
+        let x = match &self.hidden {
+            Some((w, b)) => input.matmul(&w.t()?)?.broadcast_add(b)?.tanh()?,
+            None => input.clone(),
+        };
+        x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -88,6 +88,7 @@ impl TagBundle {
                     spec,
                     &mut tensors,
                     positions,
+                    manifest.head_hidden,
                     manifest.hidden_size,
                 )?)
             }
@@ -103,6 +104,10 @@ impl TagBundle {
             manifest.kind == TagKind::Function || head.is_none(),
             "a domain tag cannot own a head"
         );
+        ensure!(
+            head.is_some() || manifest.head_hidden == 0,
+            "head_hidden is set but the tag has no head"
+        );
         Ok(Self {
             manifest,
             vectors,
@@ -115,9 +120,35 @@ impl TagBundle {
         spec: &HeadSpec,
         tensors: &mut HashMap<String, Tensor>,
         positions: usize,
+        hidden_units: usize,
         hidden_size: usize,
     ) -> Result<Head> {
-        let d = positions * hidden_size;
+        let mut take = |name: &str, dims: &[usize]| -> Result<Tensor> {
+            let t = tensors
+                .remove(name)
+                .ok_or_else(|| anyhow!("tag.safetensors has no `{name}`"))?;
+            ensure!(
+                t.dims() == dims,
+                "{name} has shape {:?}, expected {dims:?}",
+                t.dims()
+            );
+            let t = t.to_dtype(DType::F32)?;
+            ensure!(all_finite(&t)?, "{name} contains NaN or infinity");
+            Ok(t)
+        };
+        let input = positions * hidden_size;
+        let hidden = match hidden_units {
+            0 => None,
+            h => Some((
+                take("head.hidden.weight", &[h, input])?,
+                take("head.hidden.bias", &[h])?,
+            )),
+        };
+        let d = if hidden_units > 0 {
+            hidden_units
+        } else {
+            input
+        };
         let k = match spec {
             HeadSpec::Regression {
                 target_std, range, ..
@@ -142,30 +173,12 @@ impl TagBundle {
                 labels.len()
             }
         };
-        let weight = tensors
-            .remove("head.weight")
-            .ok_or_else(|| anyhow!("tag.safetensors has no `head.weight`"))?;
-        let bias = tensors
-            .remove("head.bias")
-            .ok_or_else(|| anyhow!("tag.safetensors has no `head.bias`"))?;
-        ensure!(
-            weight.dims() == [k, d],
-            "head.weight has shape {:?}, expected [{k}, {d}]",
-            weight.dims()
-        );
-        ensure!(
-            bias.dims() == [k],
-            "head.bias has shape {:?}, expected [{k}]",
-            bias.dims()
-        );
-        let (weight, bias) = (weight.to_dtype(DType::F32)?, bias.to_dtype(DType::F32)?);
-        ensure!(
-            all_finite(&weight)? && all_finite(&bias)?,
-            "head contains NaN or infinity"
-        );
+        let weight = take("head.weight", &[k, d])?;
+        let bias = take("head.bias", &[k])?;
         Ok(Head {
             spec: spec.clone(),
             positions,
+            hidden,
             weight,
             bias,
         })
@@ -202,6 +215,10 @@ impl TagBundle {
         if let Some(h) = &self.head {
             tensors.insert("head.weight".into(), h.weight.clone());
             tensors.insert("head.bias".into(), h.bias.clone());
+            if let Some((w, b)) = &h.hidden {
+                tensors.insert("head.hidden.weight".into(), w.clone());
+                tensors.insert("head.hidden.bias".into(), b.clone());
+            }
         }
         let tmp = temp_beside(&dir.join(TENSORS_FILE));
         candle_core::safetensors::save(&tensors, &tmp)?;

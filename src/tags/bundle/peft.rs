@@ -71,6 +71,7 @@ impl TagBundle {
             hidden_size: d,
             base_model: base.fingerprint.clone(),
             head_positions: 1,
+            head_hidden: 0,
             head: None,
             template: Some(format!("<{dir_name}>{{input}}")),
             domain_tags: Vec::new(),

@@ -22,6 +22,7 @@ pub(crate) fn domain_tag(name: &str, version: u64, fill: f32) -> TagBundle {
             hidden_size: 4,
             base_model: "f".repeat(64),
             head_positions: 1,
+            head_hidden: 0,
             head: None,
             template: None,
             domain_tags: vec![],
@@ -49,6 +50,7 @@ fn wide_head_tag(positions: usize, width: usize) -> TagBundle {
     b.head = Some(Head {
         spec,
         positions,
+        hidden: None,
         weight: Tensor::ones((1, width), DType::F32, &Device::Cpu).unwrap(),
         bias: Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap(),
     });
