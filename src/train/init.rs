@@ -5,7 +5,7 @@
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
-use super::job::TagInit;
+use super::hyperparameters::TagInit;
 use crate::model::BaseModel;
 use crate::tags::TagSet;
 

@@ -9,6 +9,7 @@ mod examples;
 mod forward;
 mod head;
 mod head_fit;
+pub mod hyperparameters;
 pub mod init;
 pub mod job;
 pub mod metrics;
@@ -21,7 +22,8 @@ pub mod trainer;
 
 pub use checkpoint::Checkpoint;
 pub use data::Dataset;
+pub use hyperparameters::{HeadInit, Hyperparameters};
 pub use init::mean_embedding_init;
-pub use job::{HeadInit, HeadKind, Hyperparameters, TrainJob, RECORD_TEMPLATE_FIELD};
+pub use job::{HeadKind, TrainJob, RECORD_TEMPLATE_FIELD};
 pub use sweep::SweepRun;
 pub use trainer::{Hooks, Progress, Trained, Trainer};

@@ -5,7 +5,7 @@ use std::sync::PoisonError;
 
 use anyhow::{ensure, Context, Result};
 
-use super::job::Hyperparameters;
+use super::hyperparameters::Hyperparameters;
 use super::trainer::{Progress, Trainer};
 
 /// One short run of a learning-rate / batch-size sweep.
