@@ -31,4 +31,6 @@ reproduce: build
 	python3 scripts/repro/prepare_data.py --check
 	python3 scripts/repro/train_tags.py
 	python3 scripts/repro/evaluate.py
+	python3 scripts/repro/qed_sources.py --tags "QED v3 (mixed)=tags"
+	python3 scripts/repro/translate_prompts.py --tags tags
 	python3 scripts/repro/plot_curves.py QED Descriptor
