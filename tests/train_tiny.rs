@@ -309,6 +309,42 @@ fn bad_jobs_and_data_get_useful_errors() {
         )
     };
     let h = || hyper(1, 1e-3);
+    // A hidden layer too large to allocate is refused before anything is built.
+    let huge = Hyperparameters {
+        head_hidden: 1 << 30,
+        ..h()
+    };
+    let e = err(
+        job(
+            2,
+            &["Q"],
+            "{smiles} <Q>",
+            Some("y"),
+            HeadKind::Regression,
+            huge,
+        ),
+        &molecules(4),
+    );
+    assert!(e.contains("head_hidden must be in 0..=4096"), "{e}");
+    // A hidden layer needs a head.
+    let e = err(
+        job(
+            1,
+            &["Q"],
+            "<Q>{smiles}",
+            None,
+            HeadKind::None,
+            Hyperparameters {
+                head_hidden: 4,
+                ..h()
+            },
+        ),
+        &molecules(4),
+    );
+    assert!(
+        e.contains("head_hidden needs a regression or classification head"),
+        "{e}"
+    );
     assert!(err(
         job(
             2,

@@ -44,6 +44,7 @@ pub struct TrainRequest {
     /// A regression target's range, `[lo, hi]` (QED: `[0, 1]`): the head's answers are kept
     /// within it, and every training and held-out value must lie in it.
     #[serde(default)]
+    #[schema(min_items = 2, max_items = 2)]
     pub target_range: Option<[f64; 2]>,
     #[serde(deserialize_with = "object")]
     pub dataset: DatasetRef,

@@ -114,6 +114,8 @@ const MAX_INIT_BYTES: usize = 4096;
 const MAX_EPOCHS: f64 = 10_000.0;
 const MAX_BATCH: usize = 4096;
 const MAX_GRAD_ACCUM: usize = 1024;
+/// An MLP head's hidden units at most: its hidden layer is `[units, positions * d]`.
+const MAX_HEAD_HIDDEN: usize = 4096;
 
 impl Hyperparameters {
     pub fn validate(&self) -> Result<()> {
@@ -157,6 +159,10 @@ impl Hyperparameters {
             (1..=self.num_vectors).contains(&self.head_positions),
             "head_positions must be in 1..=num_vectors ({})",
             self.num_vectors
+        );
+        ensure!(
+            self.head_hidden <= MAX_HEAD_HIDDEN,
+            "head_hidden must be in 0..={MAX_HEAD_HIDDEN}"
         );
         ensure!(
             self.eval_every <= MAX_STEPS,
