@@ -35,8 +35,8 @@ END = "<!-- qed sources: end -->\n"
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tags", nargs="+", default=["QED v3 (mixed)=runs/tags"],
-                    help="LABEL=TAGS_DIR: a server per directory, its <QED> evaluated")
+    ap.add_argument("--tags", nargs="*", default=["QED v3 (mixed)=runs/tags"],
+                    help="LABEL=TAGS_DIR: a server per directory, its <QED> evaluated (none: rewrite the table)")
     ap.add_argument("--port", default=8093, type=int)
     args = ap.parse_args()
     train, val = load("data/qed/train_mixed.jsonl"), load("data/qed/val_mixed.jsonl")[:200]
@@ -79,7 +79,7 @@ def write_table(R):
     names = {"mean": "training mean", "ridge": "expert: ridge", "k-NN": "expert: k-NN",
              "gradient boosting": "expert: gradient boosting"}
     head = "| method | " + " | ".join(f"{title} (n {len(load(p))})" for title, p in SPLITS.values()) + " |"
-    lines = ["MSE against RDKit's QED (R² below each); every method trained on `train_mixed.jsonl`, "
+    lines = ["MSE against RDKit's QED (R² in parentheses); every method trained on `train_mixed.jsonl`, "
              "except the tag marked MOSES only.", "", head, "|---|" + "---|" * len(SPLITS)]
     rows = [(names[k], v) for k, v in R["experts"].items()] + [(f"**tagllm: {k}**", v) for k, v in R.get("tags", {}).items()]
     for name, v in rows:
