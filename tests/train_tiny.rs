@@ -10,7 +10,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::Device;
 use serde_json::{json, Value};
 use tagllm::model::BaseModel;
-use tagllm::tags::{BaseModelIdentity, Registry, TagSet};
+use tagllm::tags::{BaseModelIdentity, Registry, TagBundle, TagSet};
 use tagllm::train::{Dataset, HeadKind, Hyperparameters, TrainJob, Trainer};
 
 fn tiny() -> (tempfile::TempDir, BaseModel) {
@@ -129,6 +129,26 @@ fn stage1(m: &BaseModel, name: &str) -> Arc<TagSet> {
     Arc::new(set)
 }
 
+/// What a registry serves from a tags directory holding `frozen`'s tags and `trained`,
+/// every bundle valid.
+fn served(
+    dir: &std::path::Path,
+    m: &BaseModel,
+    frozen: &TagSet,
+    trained: &TagBundle,
+) -> Arc<TagSet> {
+    let tags = dir.join("tags");
+    for b in frozen.tags.values() {
+        b.save(&tags).unwrap();
+    }
+    trained.save(&tags).unwrap();
+    let set = Registry::open(&tags, BaseModelIdentity::of(m), Device::Cpu)
+        .unwrap()
+        .snapshot();
+    assert!(set.errors.is_empty(), "{:?}", set.errors);
+    set
+}
+
 #[test]
 fn prefix_reuse_gives_the_gradients_of_full_differentiation() {
     let (_d, m) = tiny();
@@ -222,14 +242,7 @@ fn trained_bundles_are_served_by_the_registry() {
         .unwrap()
         .run(None, &mut |_: &tagllm::train::Progress| true)
         .unwrap();
-    let tags = dir.path().join("tags");
-    for b in smiles.tags.values() {
-        b.save(&tags).unwrap();
-    }
-    out.bundles[0].save(&tags).unwrap();
-    let reg = Registry::open(&tags, BaseModelIdentity::of(&m), Device::Cpu).unwrap();
-    let set = reg.snapshot();
-    assert!(set.errors.is_empty(), "{:?}", set.errors);
+    let set = served(dir.path(), &m, &smiles, &out.bundles[0]);
     let size = set.get("Size").unwrap();
     assert_eq!(
         size.manifest.template.as_deref(),
@@ -724,14 +737,7 @@ fn ridge_head_is_the_least_squares_fit(head_positions: usize) {
 
     // Served, the bundle's head reads what the trainer fitted it on: its predictions are
     // the fit applied to the trainer's features, in the target's units.
-    let tags = dir.path().join("tags");
-    for b in frozen.tags.values() {
-        b.save(&tags).unwrap();
-    }
-    bundle.save(&tags).unwrap();
-    let set = Registry::open(&tags, BaseModelIdentity::of(&m), Device::Cpu)
-        .unwrap()
-        .snapshot();
+    let set = served(dir.path(), &m, &frozen, bundle);
     let template = tagllm::tags::Template::parse("<SMILES> {smiles} size <Size>");
     let data = molecules(160);
     let composed: Vec<_> = data.records[..8]
@@ -1087,14 +1093,7 @@ fn an_mlp_head_is_fitted_trained_published_and_served() {
     );
     let fit = &out.bundles[0].manifest.provenance["head_fit"];
     assert_eq!(fit["method"], "ridge", "{fit}");
-    let tags = dir.path().join("tags");
-    for b in smiles.tags.values() {
-        b.save(&tags).unwrap();
-    }
-    out.bundles[0].save(&tags).unwrap();
-    let reg = Registry::open(&tags, BaseModelIdentity::of(&m), Device::Cpu).unwrap();
-    let set = reg.snapshot();
-    assert!(set.errors.is_empty(), "{:?}", set.errors);
+    let set = served(dir.path(), &m, &smiles, &out.bundles[0]);
     let size = set.get("Size").unwrap();
     assert_eq!(size.manifest.head_hidden, 8);
     let head = size.head.as_ref().unwrap();

@@ -435,13 +435,17 @@ TABLES_BEGIN = "<!-- results: begin (evaluate.py writes this part from runs/resu
 TABLES_END = "<!-- results: end -->\n"
 
 
-def into_page(tables, page):
-    """The reproduction page's results tables, replaced between their markers (written atomically)."""
+def into_page(tables, page, begin=TABLES_BEGIN, end=TABLES_END):
+    """A page's tables, replaced between their markers (written atomically)."""
     text = page.read_text()
-    start, end = text.index(TABLES_BEGIN) + len(TABLES_BEGIN), text.index(TABLES_END)
-    tmp = page.with_suffix(".tmp")
-    tmp.write_text(text[:start] + tables.strip() + "\n" + text[end:])
-    os.replace(tmp, page)
+    start, stop = text.index(begin) + len(begin), text.index(end)
+    write_atomic(page, text[:start] + tables.strip() + "\n" + text[stop:])
+
+
+def write_atomic(path, text):
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def write_table(R, path):

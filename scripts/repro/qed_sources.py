@@ -13,12 +13,11 @@ markers in docs/reproduction.md.
 """
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from evaluate import Server, expert_baselines, fmt, head_values, load, morgan  # noqa: E402
+from evaluate import into_page, write_atomic, Server, expert_baselines, fmt, head_values, load, morgan  # noqa: E402
 
 SPLITS = {
     "moses": ("MOSES test", "data/qed/test.jsonl"),
@@ -62,16 +61,9 @@ def main():
             }
         finally:
             server.stop()
-    tmp = OUT.with_suffix(".tmp")
-    tmp.write_text(json.dumps(R, indent=1) + "\n")
-    os.replace(tmp, OUT)
+    write_atomic(OUT, json.dumps(R, indent=1) + "\n")
     table = write_table(R)
-    text = PAGE.read_text()
-    if BEGIN in text:
-        start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-        tmp = PAGE.with_suffix(".tmp")
-        tmp.write_text(text[:start] + table + text[end:])
-        os.replace(tmp, PAGE)
+    into_page(table, PAGE, BEGIN, END)
     print(table)
 
 

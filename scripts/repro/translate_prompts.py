@@ -13,12 +13,11 @@ docs/reproduction.md.
 """
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from evaluate import LANG_NAMES, Server, chat, clean, generate, load  # noqa: E402
+from evaluate import into_page, write_atomic, LANG_NAMES, Server, chat, clean, generate, load  # noqa: E402
 
 PROMPTS = {
     "chat": lambda src, tgt: chat(f"Translate this {src} text to {tgt}: {{text}}"),
@@ -62,16 +61,9 @@ def main():
             row[method] = {"chrf": sacrebleu.corpus_chrf(hyp, refs).score, "in_target_language": in_target,
                            "examples": [(test[i]["text"], hyp[k]) for k, i in enumerate(idx[:3])]}
         R[pair] = row
-    tmp = OUT.with_suffix(".tmp")
-    tmp.write_text(json.dumps(R, indent=1, ensure_ascii=False) + "\n")
-    os.replace(tmp, OUT)
+    write_atomic(OUT, json.dumps(R, indent=1, ensure_ascii=False) + "\n")
     table = write_table(R)
-    text = PAGE.read_text()
-    if BEGIN in text:
-        start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-        tmp = PAGE.with_suffix(".tmp")
-        tmp.write_text(text[:start] + table + text[end:])
-        os.replace(tmp, PAGE)
+    into_page(table, PAGE, BEGIN, END)
     print(table)
 
 
