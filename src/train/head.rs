@@ -100,7 +100,7 @@ impl HeadVars {
             }
         }
         let sd: Vec<f64> = (0..d)
-            .map(|j| (sq[j] - mean[j] * mean[j]).max(0.0).sqrt().max(1e-6))
+            .map(|j| (sq[j] - mean[j] * mean[j]).max(0.0).sqrt())
             .collect();
         // The directions are uniform in ±sqrt(3 / d), variance 1/d each: over standardised
         // inputs (variance 1) a unit's pre-activation then has variance about 1.
@@ -108,7 +108,17 @@ impl HeadVars {
         let (rows, bias): (Vec<Vec<f32>>, Vec<f32>) = dirs
             .iter()
             .map(|r| {
-                let row: Vec<f64> = (0..d).map(|j| r[j] as f64 / sd[j]).collect();
+                // An input constant over the training set tells nothing: weight 0, so an
+                // input that differs there later cannot blow a unit up.
+                let row: Vec<f64> = (0..d)
+                    .map(|j| {
+                        if sd[j] > 1e-6 {
+                            r[j] as f64 / sd[j]
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
                 let b = -(0..d).map(|j| row[j] * mean[j]).sum::<f64>();
                 (row.iter().map(|v| *v as f32).collect(), b as f32)
             })
