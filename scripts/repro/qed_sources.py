@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from evaluate import into_page, write_atomic, Server, expert_baselines, fmt, head_values, load, morgan  # noqa: E402
+from evaluate import Server, expert_baselines, fmt, head_values, into_page, load, morgan, regression, write_atomic  # noqa: E402
 
 SPLITS = {
     "moses": ("MOSES test", "data/qed/test.jsonl"),
@@ -50,8 +50,6 @@ def main():
         print(f"{label} ...", file=sys.stderr, flush=True)
         server = Server(Path("runs"), args.port, tags=Path(tags))
         try:
-            from evaluate import regression
-
             manifest = json.loads((Path(tags) / "QED" / "manifest.json").read_text())
             R.setdefault("tags", {})[label] = {
                 "version": manifest["version"],

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from evaluate import into_page, write_atomic, LANG_NAMES, Server, chat, clean, generate, load  # noqa: E402
+from evaluate import LANG_NAMES, Server, chat, clean, generate, into_page, load, write_atomic  # noqa: E402
 
 PROMPTS = {
     "chat": lambda src, tgt: chat(f"Translate this {src} text to {tgt}: {{text}}"),

@@ -202,20 +202,20 @@ impl Trainer<'_> {
 
     /// The loss of `batch` (training examples by index) at the current parameters.
     pub fn batch_loss(&self, batch_idx: &[usize]) -> Result<f64> {
+        Ok(self.loss_of(batch_idx, false)?.to_scalar::<f32>()? as f64)
+    }
+
+    /// The differentiable loss of `batch` (training examples by index).
+    fn loss_of(&self, batch_idx: &[usize], reuse_prefix: bool) -> Result<Tensor> {
         let batch: Vec<&Example> = batch_idx.iter().map(|&i| &self.train[i]).collect();
-        let out = self.outputs(&batch, Mode::Differentiable, false)?;
-        Ok(self.loss(&batch, &out)?.to_scalar::<f32>()? as f64)
+        let out = self.outputs(&batch, Mode::Differentiable, reuse_prefix)?;
+        self.loss(&batch, &out)
     }
 
     /// Gradients of the loss of `batch` with respect to every learned parameter, by
     /// differentiating either the whole sequence or only the part after the frozen prefix.
     pub fn gradients(&self, batch_idx: &[usize], reuse_prefix: bool) -> Result<Vec<Tensor>> {
-        let batch: Vec<&Example> = batch_idx.iter().map(|&i| &self.train[i]).collect();
-        let loss = self.loss(
-            &batch,
-            &self.outputs(&batch, Mode::Differentiable, reuse_prefix)?,
-        )?;
-        self.grads_of(&loss)
+        self.grads_of(&self.loss_of(batch_idx, reuse_prefix)?)
     }
 
     /// Gradients of `loss` with respect to every learned parameter, in `vars()` order.

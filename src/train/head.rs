@@ -8,6 +8,7 @@ use rand::SeedableRng;
 
 use super::job::Target;
 use crate::model::BaseModel;
+use crate::tags::bundle::{head_hidden, head_output};
 use crate::tags::{Head, HeadSpec};
 
 pub(super) struct HeadVars {
@@ -70,15 +71,20 @@ impl HeadVars {
 
     /// Outputs `[n, k]` for inputs `[n, inputs]` (differentiable: tanh and matmuls only).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = match &self.hidden {
-            Some((w, b)) => x
-                .matmul(&w.as_tensor().t()?)?
-                .broadcast_add(b.as_tensor())?
-                .tanh()?,
-            None => x.clone(),
-        };
-        Ok(x.matmul(&self.out.0.as_tensor().t()?)?
-            .broadcast_add(self.out.1.as_tensor())?)
+        let (w, b) = &self.out;
+        Ok(head_output(
+            &self.hidden_of(x)?,
+            w.as_tensor(),
+            b.as_tensor(),
+        )?)
+    }
+
+    fn hidden_of(&self, x: &Tensor) -> Result<Tensor> {
+        let hidden = self
+            .hidden
+            .as_ref()
+            .map(|(w, b)| (w.as_tensor(), b.as_tensor()));
+        Ok(head_hidden(x, hidden)?)
     }
 
     /// Rescales the hidden layer (as `random` made it) to inputs like `x` (rows of
@@ -136,22 +142,13 @@ impl HeadVars {
     /// What the output layer reads for feature rows `x`: `x` itself, or the hidden units'
     /// activations (the closed-form fits of the output layer solve on these).
     pub fn output_inputs(&self, x: &[Vec<f64>]) -> Result<Vec<Vec<f64>>> {
-        let Some((w, b)) = &self.hidden else {
+        let Some((w, _)) = &self.hidden else {
             return Ok(x.to_vec());
         };
-        let w: Vec<Vec<f32>> = w.as_tensor().to_vec2()?;
-        let b: Vec<f32> = b.as_tensor().to_vec1()?;
-        Ok(x.iter()
-            .map(|r| {
-                w.iter()
-                    .zip(&b)
-                    .map(|(wr, bi)| {
-                        let z: f64 = wr.iter().zip(r).map(|(a, c)| *a as f64 * c).sum();
-                        (z + *bi as f64).tanh()
-                    })
-                    .collect()
-            })
-            .collect())
+        let d = x.first().map_or(0, |r| r.len());
+        let rows: Vec<f32> = x.iter().flatten().map(|v| *v as f32).collect();
+        let input = Tensor::from_vec(rows, (x.len(), d), w.device())?;
+        Ok(self.hidden_of(&input)?.to_dtype(DType::F64)?.to_vec2()?)
     }
 
     /// The head as a bundle carries it (copies: training may go on).

@@ -34,12 +34,27 @@ pub struct Head {
 impl Head {
     /// The head's outputs `[n, k]` for its inputs `[n, positions * d]`.
     pub fn forward(&self, input: &Tensor) -> candle_core::Result<Tensor> {
-        let x = match &self.hidden {
-            Some((w, b)) => input.matmul(&w.t()?)?.broadcast_add(b)?.tanh()?,
-            None => input.clone(),
-        };
-        x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
+        let hidden = self.hidden.as_ref().map(|(w, b)| (w, b));
+        head_output(&head_hidden(input, hidden)?, &self.weight, &self.bias)
     }
+}
+
+/// What a head's output layer reads: its inputs, or its hidden layer's tanh units
+/// (`weight` `[h, inputs]`, `bias` `[h]`). Serving and training both go through these two
+/// (training with its variables' tensors), so a trained head is served as it was trained.
+pub fn head_hidden(
+    input: &Tensor,
+    hidden: Option<(&Tensor, &Tensor)>,
+) -> candle_core::Result<Tensor> {
+    match hidden {
+        Some((w, b)) => input.matmul(&w.t()?)?.broadcast_add(b)?.tanh(),
+        None => Ok(input.clone()),
+    }
+}
+
+/// A head's output layer: `[n, k]` from what it reads.
+pub fn head_output(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+    x.matmul(&weight.t()?)?.broadcast_add(bias)
 }
 
 #[derive(Debug, Clone)]
