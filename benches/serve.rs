@@ -16,7 +16,8 @@
 //! 64-input request; 256 and 1,000 clients at once (only 200s and 429s, RSS before/after).
 //!
 //! Run: `cargo bench --bench serve` (after scripts/setup-model.sh); `cargo bench --bench
-//! serve -- mix` runs one section. The server runs
+//! serve -- mix` runs one section, `-- mix generations` (or `single_head`, `head_during`,
+//! `storm`, `overload`) one part of it. The server runs
 //! in-process on a loopback port; the tag is synthetic (seeded vectors and head), which
 //! costs exactly what a trained one costs. Prints one JSON line per measurement.
 
@@ -557,9 +558,13 @@ async fn storm(
 }
 
 /// The serving mix on the default engine settings (see the module doc).
-async fn mix_bench(url: &str, p: &Predictor, smiles: &[String]) {
+async fn mix_bench(url: &str, p: &Predictor, smiles: &[String], part: Option<&str>) {
+    let wanted = |name: &str| part.is_none_or(|p| p == name);
     let served = p.model.at_precision(p.engine_config.precision).unwrap();
-    for n in [1usize, 16, 64] {
+    for n in [1usize, 16, 64]
+        .into_iter()
+        .filter(|_| wanted("generations"))
+    {
         let (decode_only, with_prefill) = decode_batch_reference(&served, n, 64);
         concurrent_generations(url, n.min(4)).await; // warm-up
         let (statuses, http) = concurrent_generations(url, n).await;
@@ -575,6 +580,21 @@ async fn mix_bench(url: &str, p: &Predictor, smiles: &[String]) {
     }
 
     // A single head request, idle, next to the bare forward of its sequence.
+    if wanted("single_head") {
+        single_head(url, p).await;
+    }
+    if wanted("head_during") {
+        head_during_long_generation(url).await;
+    }
+    if wanted("storm") {
+        storms(url, smiles).await;
+    }
+    if wanted("overload") {
+        overload(url, smiles).await;
+    }
+}
+
+async fn single_head(url: &str, p: &Predictor) {
     let tags = p.registry.snapshot();
     let tpl = tagllm::tags::Template::parse(TEMPLATE);
     let composed = tagllm::infer::compose(
@@ -610,8 +630,11 @@ async fn mix_bench(url: &str, p: &Predictor, smiles: &[String]) {
                "forward_p50_ms": (percentile(&bare, 0.5) * 1e4).round() / 10.0,
                "ratio": (percentile(&http, 0.5) / percentile(&bare, 0.5) * 100.0).round() / 100.0})
     );
+}
 
-    // A head request while 8 x ~1,000-token prompts are prefilled and decoded.
+/// A head request while 8 x ~1,000-token prompts are prefilled and decoded.
+async fn head_during_long_generation(url: &str) {
+    let one = vec!["CCO".to_string()];
     let long = "the quick brown fox jumps over the lazy dog and ".repeat(100);
     let long: String = long.split(' ').take(900).collect::<Vec<_>>().join(" ");
     let body =
@@ -637,8 +660,10 @@ async fn mix_bench(url: &str, p: &Predictor, smiles: &[String]) {
                "head_max_s": (percentile(&during, 1.0) * 1e3).round() / 1e3,
                "generation_status": big_status, "generation_s": (big_secs * 10.0).round() / 10.0})
     );
+}
 
-    // 64 clients of one-input requests for 30 s against one 64-input request.
+/// 64 clients of one-input requests for 30 s against one 64-input request.
+async fn storms(url: &str, smiles: &[String]) {
     let inputs: Vec<String> = (0..64).map(|i| smiles[i % smiles.len()].clone()).collect();
     let t = Instant::now();
     let r = post_predict(
@@ -665,8 +690,10 @@ async fn mix_bench(url: &str, p: &Predictor, smiles: &[String]) {
         );
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
+}
 
-    // Overload: every client at once, four requests each.
+/// Overload: every client at once, four requests each.
+async fn overload(url: &str, smiles: &[String]) {
     for clients in [256usize, 1000] {
         let rss_before = rss_mb();
         let before = metrics(url).await;
@@ -770,7 +797,8 @@ async fn main() {
         tokio::spawn(service.serve(listener));
 
         if section == "mix" {
-            mix_bench(&url, &p, &smiles).await;
+            let part = std::env::args().nth(2).filter(|a| !a.starts_with('-'));
+            mix_bench(&url, &p, &smiles, part.as_deref()).await;
             continue;
         }
         if let Some(precision) = generation {

@@ -429,6 +429,92 @@ fn batched_decoding_equals_decoding_each_sequence_alone() {
     assert_eq!(batched, alone);
 }
 
+/// With a prefix cache, prompts that begin alike take their first positions from prompts
+/// prefilled before (or have their common part computed once when queued together), and
+/// decode exactly as each alone: a burst sharing a "system turn", a later prompt that
+/// repeats an earlier one, one extending another, a long one prefilled in chunks after its
+/// prefix was found, and one sharing nothing.
+#[test]
+fn prompts_sharing_a_prefix_decode_as_alone_with_the_prefix_cache() {
+    use tagllm::model::{DecodeBatch, Decoder};
+    let dir = tempdir();
+    let m = tiny_gguf(dir.path(), GgmlDType::Q8_0, 17);
+    let params = GenerationParams {
+        max_new_tokens: 8,
+        ..Default::default()
+    };
+    let system = "you are a cat that sat on the mat and ran; ";
+    let long = format!("{system}{}", "then the rat sat on the cat ".repeat(12));
+    let prompts = [
+        format!("{system}the cat"),
+        format!("{system}then a rat ran on"),
+        format!("{system}CC"),
+        format!("{system}the cat"),
+        format!("{system}the cat sat on 42 mats"),
+        long,
+        "on on on and on".to_string(),
+    ];
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            generate(&m, &m.embed_text(p).unwrap(), &params)
+                .unwrap()
+                .ids
+        })
+        .collect();
+    let decoder = |i: usize| {
+        let prompt = m.embed_text(&prompts[i]).unwrap();
+        (i as u64, Decoder::new(&m, &prompt, &params).unwrap())
+    };
+    let mut batch = DecodeBatch::new(&m).with_prefix_cache(16 << 20);
+    let mut got: Vec<Option<Vec<u32>>> = vec![None; prompts.len()];
+    // Joins, decodes to the end, and returns the positions taken from the cache.
+    let run = |batch: &mut DecodeBatch,
+               got: &mut Vec<Option<Vec<u32>>>,
+               joining: Vec<(u64, Decoder)>,
+               budget: usize| {
+        for (h, r) in batch.join(&m, joining, budget) {
+            if let Some(d) = r.unwrap() {
+                got[h as usize] = Some(d.finish(&m).unwrap().ids);
+            }
+        }
+        let reused = batch.take_reused();
+        while !batch.is_empty() {
+            for (h, finished) in batch.step(&m).unwrap() {
+                if finished {
+                    let d = batch.leave(h).unwrap().unwrap();
+                    got[h as usize] = Some(d.finish(&m).unwrap().ids);
+                }
+            }
+        }
+        reused
+    };
+    let system_len = m.embed_text(system).unwrap().dim(0).unwrap() as u64;
+    // A burst of three sharing the system turn: its rows computed once, then reused by all.
+    let burst = run(
+        &mut batch,
+        &mut got,
+        vec![decoder(0), decoder(1), decoder(2)],
+        4096,
+    );
+    assert!(burst >= 3 * 4, "reused {burst} positions");
+    // The same prompt again, and one extending it: found in the cache.
+    let again = run(&mut batch, &mut got, vec![decoder(3)], 4096);
+    let extended = run(&mut batch, &mut got, vec![decoder(4)], 4096);
+    assert!(again >= system_len, "{again}");
+    assert!(
+        extended > again,
+        "{extended}: the extension reuses all of prompt 0"
+    );
+    // A long prompt prefilled in chunks of 16 after its prefix was found; one alike nothing.
+    let chunked = run(&mut batch, &mut got, vec![decoder(5)], 16);
+    let unlike = run(&mut batch, &mut got, vec![decoder(6)], 4096);
+    assert!(chunked >= system_len - 3, "{chunked}");
+    assert_eq!(unlike, 0);
+    let batched: Vec<Vec<u32>> = got.into_iter().map(Option::unwrap).collect();
+    assert_eq!(batched, alone);
+}
+
 #[test]
 fn special_tokens_come_from_template_words_never_from_slot_values() {
     use tagllm::tags::compose::{compose, Input, Piece};

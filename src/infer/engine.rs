@@ -292,7 +292,7 @@ fn run(
     alive: &AtomicBool,
 ) {
     let mut flights = Flights::default();
-    let mut generations = Generations::new(model);
+    let mut generations = Generations::new(model, cfg.prefix_cache_bytes);
     // Declared after the work it guards, so it drops first when a panic unwinds: /ready
     // says the engine is down before any failed reply goes out.
     let _down = DownOnPanic(alive);
@@ -380,6 +380,9 @@ impl Iteration<'_> {
         metrics
             .decode_cache_bytes
             .set(generations.cache_bytes() as i64);
+        let (reused, prefix_bytes) = generations.prefix_reuse();
+        metrics.prefix_reused_tokens.inc_by(reused);
+        metrics.prefix_cache_bytes.set(prefix_bytes as i64);
 
         // 4. Answer what is complete; forget what nobody waits for any more.
         for id in flights.finish() {

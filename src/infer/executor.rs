@@ -38,9 +38,9 @@ pub(super) struct Generations {
 }
 
 impl Generations {
-    pub fn new(model: &BaseModel) -> Self {
+    pub fn new(model: &BaseModel, prefix_cache_bytes: usize) -> Self {
         Self {
-            batch: DecodeBatch::new(model),
+            batch: DecodeBatch::new(model).with_prefix_cache(prefix_cache_bytes),
             active: HashMap::new(),
             next_handle: 0,
         }
@@ -63,6 +63,12 @@ impl Generations {
 
     pub fn cache_bytes(&self) -> usize {
         self.batch.cache_bytes()
+    }
+
+    /// Prompt positions taken from the prefix cache since the last call, and the bytes
+    /// it holds.
+    pub fn prefix_reuse(&mut self) -> (u64, usize) {
+        (self.batch.take_reused(), self.batch.prefix_cache_bytes())
     }
 
     /// Sets up a decoder for every generation of `work` (request `flight`) and queues it to

@@ -18,6 +18,10 @@ pub struct EngineMetrics {
     /// Generations decoding, and the bytes their slot cache holds.
     pub decoding: IntGauge,
     pub decode_cache_bytes: IntGauge,
+    /// Generation prompt positions taken from the prefix cache instead of computed, and
+    /// the bytes that cache holds.
+    pub prefix_reused_tokens: IntCounter,
+    pub prefix_cache_bytes: IntGauge,
     /// 429s of admission by `stage`: `before_preparation` (on the request's estimate) or
     /// `after_preparation` (it outgrew its estimate). Under overload nearly all should be
     /// the first: a refusal after preparation cost the compute of tokenising.
@@ -48,6 +52,16 @@ impl EngineMetrics {
         registry.register(Box::new(restarts.clone()))?;
         registry.register(Box::new(decoding.clone()))?;
         registry.register(Box::new(decode_cache_bytes.clone()))?;
+        let prefix_reused_tokens = IntCounter::new(
+            "tagllm_prefix_reused_tokens_total",
+            "Generation prompt positions whose keys and values came from the prefix cache",
+        )?;
+        let prefix_cache_bytes = IntGauge::new(
+            "tagllm_prefix_cache_bytes",
+            "Bytes of prompts' keys and values kept for reuse by later prompts",
+        )?;
+        registry.register(Box::new(prefix_reused_tokens.clone()))?;
+        registry.register(Box::new(prefix_cache_bytes.clone()))?;
         let refusals = IntCounterVec::new(
             Opts::new(
                 "tagllm_admission_refusals_total",
@@ -62,6 +76,8 @@ impl EngineMetrics {
             restarts,
             decoding,
             decode_cache_bytes,
+            prefix_reused_tokens,
+            prefix_cache_bytes,
             refusals,
         })
     }

@@ -34,6 +34,10 @@ pub struct EngineConfig {
     /// Bytes the decoding batch's keys and values may take: bounds how many long
     /// generations decode together.
     pub kv_cache_bytes: usize,
+    /// Bytes of prefilled prompts' keys and values kept so that later generation prompts
+    /// beginning with the same rows (a chat's system turn, a tag's template) skip them;
+    /// 0 keeps none.
+    pub prefix_cache_bytes: usize,
     /// The time one slice of generation prompts' prefill aims at, between two decoding
     /// steps (its tokens follow the measured pace): what a head request waits at most
     /// behind someone else's prompt.
@@ -50,6 +54,7 @@ impl Default for EngineConfig {
             precision: Precision::Auto,
             max_generations: 64,
             kv_cache_bytes: 2 << 30,
+            prefix_cache_bytes: 256 << 20,
             prefill_slice: Duration::from_millis(400),
         }
     }

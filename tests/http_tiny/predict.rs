@@ -216,6 +216,19 @@ async fn classification_and_generation() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["predictions"][0]["text"], json!(want.text[..cut]));
     assert_eq!(body["predictions"][0]["finish_reason"], "stop");
+
+    // The same prompt again starts from the keys and values kept of the first (the prefix
+    // cache, on by default) and answers exactly the same.
+    let (status, body) = post(&s.url, "/predict", json!({"template": "<Lang> {x} then", "inputs": ["the cat"], "parameters": {"max_new_tokens": 5}})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["predictions"][0]["ids"], json!(want.ids));
+    let text = metrics(&s.url).await;
+    let reused: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("tagllm_prefix_reused_tokens_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no prefix reuse metric:\n{text}"));
+    assert!(reused > 0.0, "{reused} prompt positions reused");
 }
 
 /// A regression head with a range never answers outside it: the same head and tag without

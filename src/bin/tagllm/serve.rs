@@ -57,6 +57,11 @@ pub(crate) struct ServeArgs {
     /// generations decode together.
     #[arg(long, env = "TAGLLM_KV_CACHE_MIB", default_value_t = EngineConfig::default().kv_cache_bytes >> 20)]
     pub(crate) kv_cache_mib: usize,
+    /// Memory kept, in MiB, for prefilled prompts' keys and values, so that generation
+    /// prompts beginning with the same tokens (a system turn, a tag's template) skip them
+    /// (0: off).
+    #[arg(long, env = "TAGLLM_PREFIX_CACHE_MIB", default_value_t = EngineConfig::default().prefix_cache_bytes >> 20)]
+    pub(crate) prefix_cache_mib: usize,
     /// How serving reads the frozen matrices for decoding steps: auto (q8_0 on CPU, f32 on
     /// a GPU), f32, or q8_0 (re-quantized at load: 3-5x faster decoding on CPU, a small
     /// drift). Prompts, and so every head, are computed in f32 either way; training
@@ -194,6 +199,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
             max_first_token_wait: std::time::Duration::from_millis(args.max_first_token_ms),
             max_generations: args.max_generations,
             kv_cache_bytes: args.kv_cache_mib << 20,
+            prefix_cache_bytes: args.prefix_cache_mib << 20,
             precision: args.precision,
             ..Default::default()
         },

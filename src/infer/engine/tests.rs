@@ -41,7 +41,7 @@ fn a_head_request_is_answered_between_two_chunks_of_a_long_prompt() {
         pace: &admission,
         fault: &fault,
     };
-    let (mut flights, mut generations) = (Flights::default(), Generations::new(&model));
+    let (mut flights, mut generations) = (Flights::default(), Generations::new(&model, 0));
     let send = |seq: Composed| {
         let (reply, rx) = oneshot::channel();
         let groups = vec![Group { seqs: vec![seq] }];

@@ -5,10 +5,12 @@ use std::collections::VecDeque;
 use anyhow::{ensure, Result};
 use candle_core::Tensor;
 
-use super::super::kv::SlotKv;
+use super::super::kv::{KvCache, PrefixCache, PromptRows, SlotKv};
 use super::super::llama::Mode;
 use super::super::BaseModel;
 use super::Decoder;
+
+mod reuse;
 
 /// Generations decoded together over a persistent slot cache ([`SlotKv`]): they queue to
 /// be prefilled, in slices of a token budget (short prompts together in padded forwards,
@@ -16,6 +18,10 @@ use super::Decoder;
 /// decoding of the others or a server's small requests for long; then every step runs one
 /// forward for all of them (keys and values written in place, never re-stacked), and each
 /// leaves when it finishes or is dropped. Members are known by the caller's handles.
+///
+/// With a prefix cache ([`DecodeBatch::with_prefix_cache`]), a prompt that begins with the
+/// rows of one prefilled before takes those positions' keys and values from it, and prompts
+/// queued together that begin alike have their common part computed once.
 pub struct DecodeBatch {
     kv: SlotKv,
     /// Slot `i`'s member (packed at the front like the slots): handle and decoder.
@@ -23,6 +29,9 @@ pub struct DecodeBatch {
     /// Generations waiting for their prompt to be prefilled, oldest first; the front one
     /// may be part-way through (its own cache holds what is done).
     prefilling: VecDeque<(u64, Decoder)>,
+    prefixes: Option<PrefixCache>,
+    /// Prompt positions taken from the prefix cache instead of computed, not yet taken.
+    reused: u64,
 }
 
 /// Per handle: `Ok(None)` it decodes now, `Ok(Some(decoder))` it finished at its first
@@ -34,13 +43,44 @@ pub type Joined = Vec<(u64, Result<Option<Decoder>>)>;
 /// chunks than whole: chunks are never cut this short.
 const MIN_CHUNK: usize = 3;
 
+/// A prompt position continued from a cache is not computed but copied (stacked with the
+/// others', split, moved into a slot) and attended to: a slice's budget counts this many
+/// of them as one computed token, so that prompts with long cached prefixes do not all go
+/// into one slice (what a head request may wait behind). A rough figure: slices with
+/// ~1,000 cached positions per prompt still ran 0.4-1.2 s at 16 and at 4 on two cores.
+const CACHED_PER_TOKEN: usize = 16;
+
+/// What continuing `d` costs a slice beyond its own tokens.
+fn cached_cost(d: &Decoder) -> usize {
+    d.prefilled.div_ceil(CACHED_PER_TOKEN)
+}
+
 impl DecodeBatch {
     pub fn new(model: &BaseModel) -> Self {
         Self {
             kv: SlotKv::new(model.config(), model.device()),
             members: Vec::new(),
             prefilling: VecDeque::new(),
+            prefixes: None,
+            reused: 0,
         }
+    }
+
+    /// Keeps prefilled prompts' keys and values, within `bytes`, for later prompts that
+    /// begin alike (0: none kept).
+    pub fn with_prefix_cache(mut self, bytes: usize) -> Self {
+        self.prefixes = (bytes > 0).then(|| PrefixCache::new(bytes));
+        self
+    }
+
+    /// Prompt positions taken from the prefix cache since the last call.
+    pub fn take_reused(&mut self) -> u64 {
+        std::mem::take(&mut self.reused)
+    }
+
+    /// Bytes the prefix cache holds.
+    pub fn prefix_cache_bytes(&self) -> usize {
+        self.prefixes.as_ref().map_or(0, PrefixCache::bytes)
     }
 
     /// Generations decoding.
@@ -77,7 +117,16 @@ impl DecodeBatch {
 
     /// Queues generations to be prefilled by [`DecodeBatch::prefill`].
     pub fn enqueue(&mut self, joining: Vec<(u64, Decoder)>) {
-        self.prefilling.extend(joining);
+        for (h, mut d) in joining {
+            if self.prefixes.is_some() && d.prefilled == 0 {
+                // Rows that cannot be read (never expected) only mean no reuse.
+                d.rows = d
+                    .prompt
+                    .as_ref()
+                    .and_then(|p| PromptRows::of(&p.squeeze(0).ok()?).ok());
+            }
+            self.prefilling.push_back((h, d));
+        }
     }
 
     /// Prefills everything queued (in slices of `max_tokens`) and returns what joined.
@@ -110,24 +159,30 @@ impl DecodeBatch {
         let mut left = budget.max(MIN_CHUNK);
         let mut done = 0;
         while left > 0 && self.members.len() < max_members {
+            let shared = self.reuse_prefixes(model, left);
+            left = left.saturating_sub(shared);
+            done += shared;
             let Some((_, front)) = self.prefilling.front() else {
                 break;
             };
             let remaining = front.prompt_left();
-            if front.prefilled == 0 && remaining <= left {
-                // A run of whole prompts from the front that fits the budget padded.
+            if remaining + cached_cost(front) <= left {
+                // A run of prompts from the front, each done at once, that fits the budget
+                // padded (a prompt part-way through, or found in part in the prefix cache,
+                // continues its own cache).
                 let room = max_members - self.members.len();
-                let (mut k, mut longest) = (0, 0);
+                let (mut k, mut longest, mut cached) = (0, 0, 0);
                 for (_, d) in self.prefilling.iter().take(room) {
                     let l = longest.max(d.prompt_left());
-                    if d.prefilled != 0 || (k + 1) * l > left {
+                    let c = cached + cached_cost(d);
+                    if (k + 1) * l + c > left {
                         break;
                     }
-                    (k, longest) = (k + 1, l);
+                    (k, longest, cached) = (k + 1, l, c);
                 }
                 let chunk: Vec<(u64, Decoder)> = self.prefilling.drain(..k).collect();
-                left -= k * longest;
-                done += k * longest;
+                left -= k * longest + cached;
+                done += k * longest + cached;
                 let handles: Vec<u64> = chunk.iter().map(|(h, _)| *h).collect();
                 match self.prefill_whole(model, chunk) {
                     Ok(results) => out.extend(results),
@@ -153,8 +208,9 @@ impl DecodeBatch {
                 }
                 n = MIN_CHUNK;
             }
-            left = left.saturating_sub(n);
-            done += n;
+            let n_cost = n + cached_cost(front);
+            left = left.saturating_sub(n_cost);
+            done += n_cost;
             let Some((h, mut d)) = self.prefilling.pop_front() else {
                 break;
             };
@@ -179,6 +235,9 @@ impl DecodeBatch {
         mut dec: Decoder,
         logits: &Tensor,
     ) -> Result<Option<Decoder>> {
+        if let (Some(prefixes), Some(rows)) = (self.prefixes.as_mut(), dec.rows.take()) {
+            prefixes.insert(rows, &dec.cache);
+        }
         if dec.advance(model, logits)? {
             return Ok(Some(dec));
         }
@@ -188,21 +247,31 @@ impl DecodeBatch {
         Ok(None)
     }
 
-    /// One padded forward over the whole prompts of `chunk`; the unfinished join the slots.
+    /// One padded forward over the rest of the prompts of `chunk` (each continuing its own
+    /// cache, where it has one); the unfinished join the slots.
     fn prefill_whole(&mut self, model: &BaseModel, chunk: Vec<(u64, Decoder)>) -> Result<Joined> {
         let llama = &model.llama;
         let prompts: Vec<Tensor> = chunk
             .iter()
             .map(|(_, dec)| {
-                dec.prompt
+                let p = dec
+                    .prompt
                     .as_ref()
-                    .map(|p| p.squeeze(0))
-                    .transpose()?
-                    .ok_or_else(|| anyhow::anyhow!("a decoder joined without its prompt"))
+                    .ok_or_else(|| anyhow::anyhow!("a decoder joined without its prompt"))?;
+                Ok(p.squeeze(0)?.narrow(0, dec.prefilled, dec.prompt_left())?)
             })
             .collect::<Result<_>>()?;
         let (x, mask) = super::super::pad_right(&prompts)?;
-        let mut cache = llama.new_cache();
+        let mut cache = if chunk.iter().all(|(_, d)| d.cache.is_empty()) {
+            llama.new_cache()
+        } else {
+            let empty = KvCache::empty_sequence(model.config().num_layers);
+            let each: Vec<&KvCache> = chunk
+                .iter()
+                .map(|(_, d)| if d.cache.is_empty() { &empty } else { &d.cache })
+                .collect();
+            KvCache::stack(&each, model.config(), model.device())?
+        };
         let hidden = llama.forward(&x, Some(&mask), Some(&mut cache), Mode::Fast)?;
         let lasts = prompts
             .iter()
@@ -273,6 +342,9 @@ impl DecodeBatch {
     /// step: their caches are suspect).
     pub fn clear(&mut self) -> Vec<u64> {
         self.kv.clear();
+        if let Some(p) = self.prefixes.as_mut() {
+            p.clear();
+        }
         let waiting = self.prefilling.drain(..).map(|(h, _)| h);
         self.members
             .drain(..)

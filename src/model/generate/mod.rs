@@ -13,7 +13,7 @@ use candle_core::{DType, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use serde::Serialize;
 
-use super::kv::KvCache;
+use super::kv::{KvCache, PromptRows};
 use super::llama::Mode;
 use super::BaseModel;
 pub use batch::{DecodeBatch, Joined};
@@ -91,8 +91,13 @@ pub struct Decoder {
     pub(super) ids: Vec<u32>,
     /// The prompt, until a step (or a batch's prefill) has run it.
     pub(super) prompt: Option<Tensor>,
-    /// Prompt positions already in `cache` (a prompt prefilled in chunks).
+    /// Prompt positions already in `cache` (a prompt prefilled in chunks, or the part of it
+    /// found in a batch's prefix cache).
     pub(super) prefilled: usize,
+    /// The prompt's rows, for a batch's prefix cache: compared with cached prompts once
+    /// (`reuse_checked`), and kept with its keys and values once prefilled.
+    pub(super) rows: Option<PromptRows>,
+    pub(super) reuse_checked: bool,
     pub(super) text: String,
     pub(super) finish: Option<FinishReason>,
     /// Ids to re-decode when looking for a stop string that the newest id may complete:
@@ -112,6 +117,8 @@ impl Decoder {
             ids: Vec::new(),
             prompt: Some(prompt.unsqueeze(0)?),
             prefilled: 0,
+            rows: None,
+            reuse_checked: false,
             text: String::new(),
             finish: (params.max_new_tokens == 0).then_some(FinishReason::Length),
             stop_window: params.stop.iter().map(String::len).max().unwrap_or(0) + 4,

@@ -27,6 +27,62 @@ impl KvCache {
         }
     }
 
+    /// A single sequence's cache of `layers` (`[1, kv_heads, n, head_dim]` each), every
+    /// position real.
+    pub fn from_single_sequence(layers: Vec<Option<(Tensor, Tensor)>>) -> Self {
+        let n = layers
+            .iter()
+            .flatten()
+            .next()
+            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0));
+        Self {
+            layers,
+            key_valid: vec![vec![true; n]],
+            next_pos: vec![n],
+        }
+    }
+
+    /// A cache of one sequence that holds nothing yet (what [`KvCache::stack`] takes for a
+    /// sequence starting from scratch).
+    pub fn empty_sequence(num_layers: usize) -> Self {
+        Self {
+            layers: vec![None; num_layers],
+            key_valid: vec![Vec::new()],
+            next_pos: vec![0],
+        }
+    }
+
+    /// Sequences held.
+    pub fn sequences(&self) -> usize {
+        self.key_valid.len()
+    }
+
+    /// The first `n` positions of a single-sequence cache without padding (views).
+    pub fn prefix(&self, n: usize) -> Result<Self> {
+        ensure!(
+            self.key_valid.len() == 1 && self.key_valid[0].iter().all(|&v| v),
+            "only a single unpadded sequence's cache has prefixes"
+        );
+        ensure!(
+            n <= self.len(),
+            "prefix of {n} positions of a cache of {}",
+            self.len()
+        );
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| match l {
+                Some((k, v)) => Ok(Some((k.narrow(2, 0, n)?, v.narrow(2, 0, n)?))),
+                None => Ok(None),
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            layers,
+            key_valid: vec![vec![true; n]],
+            next_pos: vec![n],
+        })
+    }
+
     /// Number of cached positions (padding included).
     pub fn len(&self) -> usize {
         self.key_valid.first().map_or(0, Vec::len)
@@ -133,6 +189,14 @@ impl KvCache {
             let n = t.dim(2)?;
             if n == longest {
                 return Ok(t.clone());
+            }
+            if n == 0 {
+                // Nothing cached yet for this sequence: all padding.
+                return Ok(Tensor::zeros(
+                    (1, cfg.num_kv_heads, longest, cfg.head_dim),
+                    DType::F32,
+                    t.device(),
+                )?);
             }
             let z = Tensor::zeros(
                 (1, cfg.num_kv_heads, longest - n, cfg.head_dim),
