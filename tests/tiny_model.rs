@@ -346,6 +346,20 @@ fn bad_model_files_get_clear_errors() {
 
 // q8_0 decoding steps on host slices, for every family: tests/families.rs.
 
+/// Records the ids of the members that finished at their first token (they come straight
+/// back from a join).
+fn settle(
+    m: &BaseModel,
+    joined: Vec<(u64, anyhow::Result<Option<tagllm::model::Decoder>>)>,
+    got: &mut [Option<Vec<u32>>],
+) {
+    for (h, r) in joined {
+        if let Some(d) = r.unwrap() {
+            got[h as usize] = Some(d.finish(m).unwrap().ids);
+        }
+    }
+}
+
 /// Generations decoded together over the persistent slot cache give exactly what each
 /// gives alone: joining at different times (slots of different lengths), in batched
 /// prefills of several padded prompts, past the initial slot count and capacity (the
@@ -385,15 +399,7 @@ fn batched_decoding_equals_decoding_each_sequence_alone() {
     };
     let mut batch = DecodeBatch::new(&m);
     let mut got: Vec<Option<Vec<u32>>> = vec![None; prompts.len()];
-    // Members that finish at their first token come straight back.
-    let settle = |joined: Vec<(u64, anyhow::Result<Option<Decoder>>)>,
-                  got: &mut Vec<Option<Vec<u32>>>| {
-        for (h, r) in joined {
-            if let Some(d) = r.unwrap() {
-                got[h as usize] = Some(d.finish(&m).unwrap().ids);
-            }
-        }
-    };
+    let settle = |joined, got: &mut Vec<Option<Vec<u32>>>| settle(&m, joined, got);
     let j = batch.join(&m, vec![decoder(0)], 4096);
     settle(j, &mut got);
     batch.step(&m).unwrap();
@@ -473,11 +479,7 @@ fn prompts_sharing_a_prefix_decode_as_alone_with_the_prefix_cache() {
                got: &mut Vec<Option<Vec<u32>>>,
                joining: Vec<(u64, Decoder)>,
                budget: usize| {
-        for (h, r) in batch.join(&m, joining, budget) {
-            if let Some(d) = r.unwrap() {
-                got[h as usize] = Some(d.finish(&m).unwrap().ids);
-            }
-        }
+        settle(&m, batch.join(&m, joining, budget), got);
         let reused = batch.take_reused();
         while !batch.is_empty() {
             for (h, finished) in batch.step(&m).unwrap() {

@@ -28,8 +28,9 @@ impl KvCache {
     }
 
     /// A single sequence's cache of `layers` (`[1, kv_heads, n, head_dim]` each), every
-    /// position real.
-    pub fn from_single_sequence(layers: Vec<Option<(Tensor, Tensor)>>) -> Self {
+    /// position real (tests build caches by hand with it).
+    #[cfg(test)]
+    pub(crate) fn from_single_sequence(layers: Vec<Option<(Tensor, Tensor)>>) -> Self {
         let n = layers
             .iter()
             .flatten()

@@ -111,17 +111,27 @@ impl PrefixCache {
         self.entries.is_empty()
     }
 
-    /// The longest cached prefix of `rows`, of at most `max` positions: its length and a
-    /// single-sequence cache of those positions (views on the entry's tensors).
-    pub fn longest(&mut self, rows: &PromptRows, max: usize) -> Result<Option<(usize, KvCache)>> {
-        let best = self
-            .entries
+    /// The entry holding the longest prefix of `rows` (at most `max` positions), and its
+    /// length.
+    fn best(&self, rows: &PromptRows, max: usize) -> Option<(usize, usize)> {
+        self.entries
             .iter()
             .enumerate()
             .map(|(i, e)| (i, e.rows.common_prefix(rows).min(max)))
             .filter(|&(_, n)| n > 0)
-            .max_by_key(|&(i, n)| (n, self.entries[i].last_used));
-        let Some((i, n)) = best else {
+            .max_by_key(|&(i, n)| (n, self.entries[i].last_used))
+    }
+
+    /// How many positions of `rows` (at most `max`) [`PrefixCache::longest`] would give:
+    /// for planning, without taking them or refreshing the entry.
+    pub fn cached_len(&self, rows: &PromptRows, max: usize) -> usize {
+        self.best(rows, max).map_or(0, |(_, n)| n)
+    }
+
+    /// The longest cached prefix of `rows`, of at most `max` positions: its length and a
+    /// single-sequence cache of those positions (views on the entry's tensors).
+    pub fn longest(&mut self, rows: &PromptRows, max: usize) -> Result<Option<(usize, KvCache)>> {
+        let Some((i, n)) = self.best(rows, max) else {
             return Ok(None);
         };
         self.clock += 1;

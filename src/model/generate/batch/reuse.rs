@@ -47,18 +47,19 @@ impl DecodeBatch {
         // The unchecked prompts in reach, each counted with what the cache holds of it now.
         let (mut reach, mut unchecked) = (0, Vec::new());
         for (i, (_, d)) in self.prefilling.iter().enumerate() {
-            let rest = match &d.rows {
-                Some(rows) if !d.reuse_checked && d.prefilled == 0 => {
-                    let cached = prefixes.longest(rows, reusable(d))?.map_or(0, |(n, _)| n);
-                    d.prompt_len() - cached
-                }
-                _ => d.prompt_left(),
+            let unlooked = d
+                .rows
+                .as_ref()
+                .filter(|_| !d.reuse_checked && d.prefilled == 0);
+            let rest = match unlooked {
+                Some(rows) => d.prompt_len() - prefixes.cached_len(rows, reusable(d)),
+                None => d.prompt_left(),
             };
             if i > 0 && reach + rest > left {
                 break;
             }
             reach += rest;
-            if !d.reuse_checked && d.prefilled == 0 && d.rows.is_some() {
+            if unlooked.is_some() {
                 unchecked.push(i);
             }
         }
@@ -66,20 +67,24 @@ impl DecodeBatch {
             return Ok(None);
         };
         let lead = &self.prefilling[first].1;
-        let lead_rows = lead.rows.clone().unwrap_or_else(|| unreachable!());
+        let Some(lead_rows) = lead.rows.as_ref() else {
+            return Ok(None); // never: only prompts with rows are unchecked
+        };
         let (mut group, mut shared) = (vec![first], reusable(lead).min(left));
         for &i in others {
             let d = &self.prefilling[i].1;
-            let n = d.rows.as_ref().map_or(0, |r| r.common_prefix(&lead_rows));
+            let n = d.rows.as_ref().map_or(0, |r| r.common_prefix(lead_rows));
             let n = n.min(reusable(d));
             if n >= MIN_SHARED {
                 group.push(i);
                 shared = shared.min(n);
             }
         }
-        let cached = prefixes.longest(&lead_rows, shared)?.map_or(0, |(n, _)| n);
         let mut computed = 0;
-        if group.len() > 1 && shared >= MIN_SHARED && cached < shared {
+        if group.len() > 1
+            && shared >= MIN_SHARED
+            && prefixes.cached_len(lead_rows, shared) < shared
+        {
             let prompt = lead
                 .prompt
                 .as_ref()
