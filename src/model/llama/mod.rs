@@ -9,7 +9,6 @@ use std::sync::Arc;
 use anyhow::{ensure, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::ops;
-use candle_transformers::utils::repeat_kv;
 
 use super::config::LlamaConfig;
 use super::kv::host_step::CpuDecode;
@@ -306,12 +305,21 @@ impl Llama {
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
             None => (k, v),
         };
-        let kv = (k.clone(), v.clone());
-        let k = repeat_kv(k, nh / nkv)?.contiguous()?;
-        let v = repeat_kv(v, nh / nkv)?.contiguous()?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(&geo.bias)?;
+        // Query heads grouped by the key/value head they share (head i reads kv head
+        // i / g): one matmul per kv head over all its queries, and the cache (the long
+        // side after a prefix) is never repeated g times.
+        let (g, t) = (nh / nkv, k.dim(2)?);
+        let grouped = q.reshape((b, nkv, g * s, hd))?;
+        let scores = (grouped.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?
+            .reshape((b, nkv, g, s, t))?
+            .broadcast_add(&geo.bias.unsqueeze(2)?)?
+            .reshape((b, nkv, g * s, t))?;
         let attn = softmax(&scores, mode)?.matmul(&v)?;
-        let attn = attn.transpose(1, 2)?.reshape((b, s, nh * hd))?;
+        let attn = attn
+            .reshape((b, nh, s, hd))?
+            .transpose(1, 2)?
+            .reshape((b, s, nh * hd))?;
+        let kv = (k, v);
         let x = (x + w.o.forward(&attn)?)?;
         Ok((self.mlp(w, &x, mode)?, kv))
     }
