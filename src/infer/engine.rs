@@ -316,8 +316,8 @@ struct Iteration<'a> {
 }
 
 impl Iteration<'_> {
-    /// One iteration: the head sequences that came in, one slice of generation prompts,
-    /// one decoding step, then the answers. Waits for work only when there is nothing
+    /// One iteration: the head sequences that came in (answered at once), one slice of
+    /// generation prompts, one decoding step, then the generations' answers. Waits for work only when there is nothing
     /// else to do; `false` once every sender is gone.
     fn run_once(
         &mut self,
@@ -354,6 +354,11 @@ impl Iteration<'_> {
                     Ok(open) => f.open_generations = open,
                     Err(e) => f.failure = Some(e),
                 }
+            }
+            // Head requests are complete now: answered before this iteration's slice and
+            // step, which would otherwise add up to a slice's time to each of them.
+            for id in flights.finish() {
+                generations.forget(id);
             }
         }
 

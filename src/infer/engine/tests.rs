@@ -6,11 +6,9 @@ use crate::infer::admission::Load;
 use crate::infer::{EngineMetrics, Prediction};
 use crate::tags::compose::Composed;
 
-/// A long prompt is prefilled in slices of the 32-token minimum, one per iteration,
-/// and a head request that comes in meanwhile is answered in the next iteration, while
-/// the prompt is still part-way: it never waits for all of someone else's prefill.
-#[test]
-fn a_head_request_is_answered_between_two_chunks_of_a_long_prompt() {
+/// The tiny model, an engine configuration whose every slice takes the 32-token minimum,
+/// and admission that lets everything in.
+fn tiny_engine() -> (tempfile::TempDir, BaseModel, EngineConfig, Admission) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
     crate::model::tiny::write_tiny_gguf(&path, GgmlDType::Q8_0, 42, true).unwrap();
@@ -30,6 +28,44 @@ fn a_head_request_is_answered_between_two_chunks_of_a_long_prompt() {
         max_batch_tokens: cfg.max_batch_tokens,
     });
     assert_eq!(admission.prefill_budget(), 32);
+    (dir, model, cfg, admission)
+}
+
+/// Queues one sequence (a generation of up to 3 tokens, or a head request) and returns
+/// where its answer comes.
+fn send(
+    tx: &mpsc::UnboundedSender<Work>,
+    admission: &Admission,
+    seq: Composed,
+) -> oneshot::Receiver<Reply> {
+    let (reply, rx) = oneshot::channel();
+    let groups = vec![Group { seqs: vec![seq] }];
+    let params = GenerationParams {
+        max_new_tokens: 3,
+        ..Default::default()
+    };
+    let load = work_load(&groups, &params);
+    let now = Instant::now();
+    tx.send(Work {
+        groups,
+        params,
+        reply,
+        stream: None,
+        enqueued: now,
+        deadline: now + Duration::from_secs(3600),
+        ticket: admission.admit(load).unwrap(),
+    })
+    .map_err(|_| ())
+    .unwrap();
+    rx
+}
+
+/// A long prompt is prefilled in slices of the 32-token minimum, one per iteration,
+/// and a head request that comes in meanwhile is answered in the next iteration, while
+/// the prompt is still part-way: it never waits for all of someone else's prefill.
+#[test]
+fn a_head_request_is_answered_between_two_chunks_of_a_long_prompt() {
+    let (_dir, model, cfg, admission) = tiny_engine();
     let metrics = EngineMetrics::new(&prometheus::Registry::new()).unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
     let mut queue = Queue::new(rx);
@@ -42,28 +78,7 @@ fn a_head_request_is_answered_between_two_chunks_of_a_long_prompt() {
         fault: &fault,
     };
     let (mut flights, mut generations) = (Flights::default(), Generations::new(&model, 0));
-    let send = |seq: Composed| {
-        let (reply, rx) = oneshot::channel();
-        let groups = vec![Group { seqs: vec![seq] }];
-        let params = GenerationParams {
-            max_new_tokens: 3,
-            ..Default::default()
-        };
-        let load = work_load(&groups, &params);
-        let now = Instant::now();
-        tx.send(Work {
-            groups,
-            params,
-            reply,
-            stream: None,
-            enqueued: now,
-            deadline: now + Duration::from_secs(3600),
-            ticket: admission.admit(load).unwrap(),
-        })
-        .map_err(|_| ())
-        .unwrap();
-        rx
-    };
+    let send = |seq| send(&tx, &admission, seq);
 
     let prompt: Vec<u32> = (0..300).map(|i| 3 + i % 50).collect();
     let mut generation = send(Composed::of_tokens(&prompt));
@@ -103,4 +118,44 @@ fn a_head_request_is_answered_between_two_chunks_of_a_long_prompt() {
     let (predictions, _) = answer.unwrap();
     assert!(matches!(&predictions[0][0], Prediction::Text { ids, .. } if !ids.is_empty()));
     assert_eq!(admission.queued(), Load::default(), "every ticket released");
+}
+
+/// Head requests are answered as soon as their forward is done, before the iteration's
+/// slice of prefill and its decoding step: a fault in that step (injected here) fails the
+/// generations in flight, never a head request computed before it.
+#[test]
+fn a_head_request_is_answered_before_the_iterations_generation_work() {
+    let (_dir, model, cfg, admission) = tiny_engine();
+    let metrics = EngineMetrics::new(&prometheus::Registry::new()).unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut queue = Queue::new(rx);
+    let fault = AtomicBool::new(false);
+    let mut engine = Iteration {
+        model: &model,
+        cfg: &cfg,
+        metrics: &metrics,
+        pace: &admission,
+        fault: &fault,
+    };
+    let (mut flights, mut generations) = (Flights::default(), Generations::new(&model, 0));
+    let mut generation = send(&tx, &admission, Composed::of_tokens(&[5, 6, 7, 8]));
+    assert!(engine.run_once(&mut queue, &mut flights, &mut generations));
+    assert_eq!(generations.decoding(), 1, "the generation decodes");
+
+    let d = model.config().hidden_size;
+    let mut head = send(&tx, &admission, Composed::of_head_tokens(&[7; 12], d));
+    engine.fault.store(true, Ordering::SeqCst);
+    let iteration = catch_unwind(AssertUnwindSafe(|| {
+        engine.run_once(&mut queue, &mut flights, &mut generations)
+    }));
+    assert!(iteration.is_err(), "the injected fault fired in the step");
+    let (predictions, _) = head.try_recv().expect("answered before the step").unwrap();
+    assert!(matches!(predictions[0][0], Prediction::Value { .. }));
+    assert!(
+        matches!(
+            generation.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        ),
+        "the generation is still in flight"
+    );
 }
