@@ -435,6 +435,55 @@ fn batched_decoding_equals_decoding_each_sequence_alone() {
     assert_eq!(batched, alone);
 }
 
+/// Generations joining together get their slot cache room at once, each to its last token:
+/// the cache is not grown (every slot copied) as each joins, nor part-way through decoding.
+#[test]
+fn a_burst_of_generations_gets_its_slot_cache_room_at_once() {
+    use tagllm::model::{DecodeBatch, Decoder};
+    let dir = tempdir();
+    let m = tiny_gguf(dir.path(), GgmlDType::Q8_0, 17);
+    let params = GenerationParams {
+        max_new_tokens: 40,
+        ..Default::default()
+    };
+    // A prompt whose positions fit the cache's first 128, but not with its new tokens.
+    let len = |text: &str| m.embed_text(text).unwrap().dim(0).unwrap();
+    let mut long = String::from("the");
+    while len(&long) < 100 {
+        long.push_str(" cat sat");
+    }
+    let n = len(&long);
+    assert!(n < 128 && n + 40 > 128, "{n} positions");
+    let prompts = ["the cat", "a rat ran", long.as_str(), "CC", "on the mat", "then"];
+    let joining = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let d = Decoder::new(&m, &m.embed_text(p).unwrap(), &params).unwrap();
+            (i as u64, d)
+        })
+        .collect();
+    let mut batch = DecodeBatch::new(&m);
+    let mut got: Vec<Option<Vec<u32>>> = vec![None; prompts.len()];
+    // A 48-token budget: the prompts join over several slices, the long one in chunks.
+    settle(&m, batch.join(&m, joining, 48), &mut got);
+    let c = m.config();
+    let per_position = c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4;
+    let bytes = batch.cache_bytes();
+    assert_eq!(bytes, 8 * 256 * per_position, "six slots, to the long one's last token");
+    while !batch.is_empty() {
+        for (h, finished) in batch.step(&m).unwrap() {
+            if finished {
+                got[h as usize] = Some(batch.leave(h).unwrap().unwrap().finish(&m).unwrap().ids);
+            }
+        }
+        if !batch.is_empty() {
+            assert_eq!(batch.cache_bytes(), bytes, "the slot cache grew while decoding");
+        }
+    }
+    assert!(got.iter().all(Option::is_some));
+}
+
 /// With a prefix cache, prompts that begin alike take their first positions from prompts
 /// prefilled before (or have their common part computed once when queued together), and
 /// decode exactly as each alone: a burst sharing a "system turn", a later prompt that

@@ -184,7 +184,7 @@ impl DecodeBatch {
                 left -= k * longest + cached;
                 done += k * longest + cached;
                 let handles: Vec<u64> = chunk.iter().map(|(h, _)| *h).collect();
-                match self.prefill_whole(model, chunk) {
+                match self.prefill_whole(model, chunk, max_members) {
                     Ok(results) => out.extend(results),
                     Err(e) => {
                         let msg = format!("{e:#}");
@@ -217,7 +217,7 @@ impl DecodeBatch {
             match d.prefill_part(model, n) {
                 Ok(None) => self.prefilling.push_front((h, d)),
                 Ok(Some(logits)) => {
-                    let joined = self.admit_prefilled(model, h, d, &logits);
+                    let joined = self.admit_prefilled(model, h, d, &logits, max_members);
                     out.push((h, joined));
                 }
                 Err(e) => out.push((h, Err(e))),
@@ -227,13 +227,15 @@ impl DecodeBatch {
     }
 
     /// A decoder whose prompt is in its own cache: samples its first token from `logits`
-    /// and, unless that finished it, moves its cache into a slot.
+    /// and, unless that finished it, moves its cache into a slot (while fewer than
+    /// `max_members` decode, room is made for the queued ones too).
     fn admit_prefilled(
         &mut self,
         model: &BaseModel,
         h: u64,
         mut dec: Decoder,
         logits: &Tensor,
+        max_members: usize,
     ) -> Result<Option<Decoder>> {
         if let (Some(prefixes), Some(rows)) = (self.prefixes.as_mut(), dec.rows.take()) {
             prefixes.insert(rows, &dec.cache);
@@ -242,14 +244,33 @@ impl DecodeBatch {
             return Ok(Some(dec));
         }
         let cache = std::mem::replace(&mut dec.cache, model.llama.new_cache());
+        self.make_room(&[cache.len() + dec.steps_left()], max_members)?;
         self.kv.push(&cache)?;
         self.members.push((h, dec));
         Ok(None)
     }
 
+    /// Slot cache room, at once, for generations joining now (`joining`: the positions
+    /// each will fill, to its last token) and those queued to join after them, while
+    /// fewer than `max_members` decode: growing by doubling as each joins, or part-way
+    /// through decoding, copies every slot each time (one such copy of 8 x 2,048
+    /// positions took 249 ms here, and a head request waited behind it).
+    fn make_room(&mut self, joining: &[usize], max_members: usize) -> Result<()> {
+        let queued = self.prefilling.iter().map(|(_, d)| d.prompt_len() + d.steps_left());
+        let longest = queued.clone().chain(joining.iter().copied()).max().unwrap_or(0);
+        let now = self.members.len() + joining.len();
+        let slots = now + queued.count().min(max_members.saturating_sub(now));
+        self.kv.reserve(slots, longest + 1)
+    }
+
     /// One padded forward over the rest of the prompts of `chunk` (each continuing its own
     /// cache, where it has one); the unfinished join the slots.
-    fn prefill_whole(&mut self, model: &BaseModel, chunk: Vec<(u64, Decoder)>) -> Result<Joined> {
+    fn prefill_whole(
+        &mut self,
+        model: &BaseModel,
+        chunk: Vec<(u64, Decoder)>,
+        max_members: usize,
+    ) -> Result<Joined> {
         let llama = &model.llama;
         let prompts: Vec<Tensor> = chunk
             .iter()
@@ -279,6 +300,12 @@ impl DecodeBatch {
             .collect::<Result<Vec<usize>>>()?;
         let logits = llama.logits(&super::super::rows_at(&hidden, &lasts)?)?;
         let caches = cache.split()?;
+        let joining: Vec<usize> = caches
+            .iter()
+            .zip(&chunk)
+            .map(|(c, (_, d))| c.len() + d.steps_left())
+            .collect();
+        self.make_room(&joining, max_members)?;
         let mut out = Vec::with_capacity(chunk.len());
         for ((i, (h, mut dec)), c) in chunk.into_iter().enumerate().zip(caches) {
             dec.prompt = None;
@@ -286,7 +313,7 @@ impl DecodeBatch {
             let joined = logits
                 .get(i)
                 .map_err(anyhow::Error::from)
-                .and_then(|l| self.admit_prefilled(model, h, dec, &l));
+                .and_then(|l| self.admit_prefilled(model, h, dec, &l, max_members));
             out.push((h, joined));
         }
         Ok(out)
