@@ -14,7 +14,9 @@ fn root() -> PathBuf {
 }
 
 /// Every Markdown page of the project: README.md, docs/, and the READMEs beside the code
-/// (build outputs, caches and fetched data aside).
+/// (build outputs, caches, fetched data and staged build contexts aside: docker/cuda holds
+/// a copy of tags/ once `scripts/build-cuda.sh --stage-docker` ran, whose relative links
+/// point nowhere from there).
 fn pages() -> Vec<PathBuf> {
     const SKIP: [&str; 7] = [
         "target",
@@ -30,7 +32,8 @@ fn pages() -> Vec<PathBuf> {
             let path = entry.unwrap().path();
             let name = path.file_name().unwrap().to_string_lossy().to_string();
             if path.is_dir() {
-                if !SKIP.contains(&name.as_str()) && !name.starts_with('.') {
+                let staged = path.ends_with("docker/cuda");
+                if !SKIP.contains(&name.as_str()) && !name.starts_with('.') && !staged {
                     walk(&path, out);
                 }
             } else if path.extension().is_some_and(|e| e == "md") {
