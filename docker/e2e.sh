@@ -3,6 +3,7 @@
 # from this repository's own files. .ci/run calls it whenever a Docker engine answers.
 #
 #   docker/e2e.sh            build the base and the images (cached), then run every step
+#   E2E_PROFILE=dev docker/e2e.sh   the same with the dev-profile binary (CI: already built)
 #
 # Steps: compose up from empty volumes twice in a row, the first time with two api
 # replicas (the shared tags volume is seeded once, race-free, by tags-init); a stage-2 job submitted to the api runs on the
@@ -75,8 +76,12 @@ job_past() { [ "$(get "/jobs/$1" | field "v['step']")" -ge "$2" ]; }
 
 step "images (base from debootstrap, cached as $RUNTIME_IMAGE)"
 docker/build-base.sh
-cargo build --release --locked --bin tagllm
-cp target/release/tagllm docker/bin/tagllm
+# E2E_PROFILE=dev (what .ci/run sets) puts the test build's binary in the images instead of
+# compiling the release profile once more: the same source, its dependencies (the model's
+# arithmetic) optimised as in release. A deployment builds the release binary (the default).
+profile=${E2E_PROFILE:-release}
+cargo build --locked --profile "$profile" --bin tagllm
+cp "target/$([ "$profile" = dev ] && echo debug || echo "$profile")/tagllm" docker/bin/tagllm
 scripts/setup-model.sh >/dev/null
 dc build >&2
 

@@ -5,6 +5,7 @@
 # dynamic loading), so nothing here links against a GPU driver.
 #
 # Usage: scripts/build-cuda.sh [--stage-docker] [cargo build args...]
+#        scripts/build-cuda.sh --toolkit-only   (fetch the toolkit wheels, build nothing)
 #   default: --release --bin tagllm  ->  target/cuda/release/tagllm
 #   --stage-docker: also stage docker/cuda, the build context of
 #   docker/Dockerfile.cuda (`docker compose --profile gpu build`).
@@ -32,6 +33,8 @@ if [ ! -f "$stamp" ]; then
     python3 -m pip install -q --no-deps --target "$prefix/site" "${wheels[@]}"
     touch "$stamp"
 fi
+# --toolkit-only: just the download above (CI fetches it while it compiles other things).
+[ "${1:-}" != --toolkit-only ] || exit 0
 cuda=$(cd "$prefix/site/nvidia/cu13" && pwd)
 # The wheels ship versioned libraries only; tools that look for the plain names find links.
 for lib in "$cuda"/lib/lib*.so.*; do
