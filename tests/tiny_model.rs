@@ -454,7 +454,14 @@ fn a_burst_of_generations_gets_its_slot_cache_room_at_once() {
     }
     let n = len(&long);
     assert!(n < 128 && n + 40 > 128, "{n} positions");
-    let prompts = ["the cat", "a rat ran", long.as_str(), "CC", "on the mat", "then"];
+    let prompts = [
+        "the cat",
+        "a rat ran",
+        long.as_str(),
+        "CC",
+        "on the mat",
+        "then",
+    ];
     let joining = prompts
         .iter()
         .enumerate()
@@ -470,7 +477,11 @@ fn a_burst_of_generations_gets_its_slot_cache_room_at_once() {
     let c = m.config();
     let per_position = c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4;
     let bytes = batch.cache_bytes();
-    assert_eq!(bytes, 8 * 256 * per_position, "six slots, to the long one's last token");
+    assert_eq!(
+        bytes,
+        8 * 256 * per_position,
+        "six slots, to the long one's last token"
+    );
     while !batch.is_empty() {
         for (h, finished) in batch.step(&m).unwrap() {
             if finished {
@@ -478,7 +489,11 @@ fn a_burst_of_generations_gets_its_slot_cache_room_at_once() {
             }
         }
         if !batch.is_empty() {
-            assert_eq!(batch.cache_bytes(), bytes, "the slot cache grew while decoding");
+            assert_eq!(
+                batch.cache_bytes(),
+                bytes,
+                "the slot cache grew while decoding"
+            );
         }
     }
     assert!(got.iter().all(Option::is_some));

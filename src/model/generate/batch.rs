@@ -256,8 +256,15 @@ impl DecodeBatch {
     /// through decoding, copies every slot each time (one such copy of 8 x 2,048
     /// positions took 249 ms here, and a head request waited behind it).
     fn make_room(&mut self, joining: &[usize], max_members: usize) -> Result<()> {
-        let queued = self.prefilling.iter().map(|(_, d)| d.prompt_len() + d.steps_left());
-        let longest = queued.clone().chain(joining.iter().copied()).max().unwrap_or(0);
+        let queued = self
+            .prefilling
+            .iter()
+            .map(|(_, d)| d.prompt_len() + d.steps_left());
+        let longest = queued
+            .clone()
+            .chain(joining.iter().copied())
+            .max()
+            .unwrap_or(0);
         let now = self.members.len() + joining.len();
         let slots = now + queued.count().min(max_members.saturating_sub(now));
         self.kv.reserve(slots, longest + 1)
