@@ -317,8 +317,8 @@ struct Iteration<'a> {
 
 impl Iteration<'_> {
     /// One iteration: the head sequences that came in (answered at once), one slice of
-    /// generation prompts, one decoding step, then the generations' answers. Waits for work only when there is nothing
-    /// else to do; `false` once every sender is gone.
+    /// generation prompts, one decoding step, then the generations' answers. Waits for
+    /// work only when there is nothing else to do; `false` once every sender is gone.
     fn run_once(
         &mut self,
         queue: &mut Queue,

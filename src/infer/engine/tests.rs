@@ -6,58 +6,100 @@ use crate::infer::admission::Load;
 use crate::infer::{EngineMetrics, Prediction};
 use crate::tags::compose::Composed;
 
-/// The tiny model, an engine configuration whose every slice takes the 32-token minimum,
-/// and admission that lets everything in.
-fn tiny_engine() -> (tempfile::TempDir, BaseModel, EngineConfig, Admission) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
-    crate::model::tiny::write_tiny_gguf(&path, GgmlDType::Q8_0, 42, true).unwrap();
-    let model = BaseModel::load(&path, &Device::Cpu).unwrap();
-    // A zero slice: each iteration prefills the smallest budget, 32 tokens.
-    let cfg = EngineConfig {
-        prefill_slice: Duration::ZERO,
-        ..Default::default()
-    };
-    let admission = Admission::new(AdmissionConfig {
-        max_wait: Duration::from_secs(3600),
-        max_first_token_wait: Duration::from_secs(3600),
-        max_generations: 64,
-        kv_cache_bytes: 1 << 30,
-        kv_bytes_per_token: 1,
-        prefill_slice: cfg.prefill_slice,
-        max_batch_tokens: cfg.max_batch_tokens,
-    });
-    assert_eq!(admission.prefill_budget(), 32);
-    (dir, model, cfg, admission)
+/// An engine on the tiny model, driven one iteration at a time: every slice takes the
+/// 32-token minimum, and admission lets everything in.
+struct Harness {
+    _dir: tempfile::TempDir,
+    model: BaseModel,
+    cfg: EngineConfig,
+    admission: Admission,
+    metrics: EngineMetrics,
+    fault: AtomicBool,
+    tx: mpsc::UnboundedSender<Work>,
+    queue: Queue,
+    flights: Flights,
+    generations: Generations,
 }
 
-/// Queues one sequence (a generation of up to 3 tokens, or a head request) and returns
-/// where its answer comes.
-fn send(
-    tx: &mpsc::UnboundedSender<Work>,
-    admission: &Admission,
-    seq: Composed,
-) -> oneshot::Receiver<Reply> {
-    let (reply, rx) = oneshot::channel();
-    let groups = vec![Group { seqs: vec![seq] }];
-    let params = GenerationParams {
-        max_new_tokens: 3,
-        ..Default::default()
-    };
-    let load = work_load(&groups, &params);
-    let now = Instant::now();
-    tx.send(Work {
-        groups,
-        params,
-        reply,
-        stream: None,
-        enqueued: now,
-        deadline: now + Duration::from_secs(3600),
-        ticket: admission.admit(load).unwrap(),
-    })
-    .map_err(|_| ())
-    .unwrap();
-    rx
+impl Harness {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        crate::model::tiny::write_tiny_gguf(&path, GgmlDType::Q8_0, 42, true).unwrap();
+        let model = BaseModel::load(&path, &Device::Cpu).unwrap();
+        // A zero slice: each iteration prefills the smallest budget, 32 tokens.
+        let cfg = EngineConfig {
+            prefill_slice: Duration::ZERO,
+            ..Default::default()
+        };
+        let admission = Admission::new(AdmissionConfig {
+            max_wait: Duration::from_secs(3600),
+            max_first_token_wait: Duration::from_secs(3600),
+            max_generations: 64,
+            kv_cache_bytes: 1 << 30,
+            kv_bytes_per_token: 1,
+            prefill_slice: cfg.prefill_slice,
+            max_batch_tokens: cfg.max_batch_tokens,
+        });
+        assert_eq!(admission.prefill_budget(), 32);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let generations = Generations::new(&model, 0);
+        Self {
+            _dir: dir,
+            model,
+            cfg,
+            admission,
+            metrics: EngineMetrics::new(&prometheus::Registry::new()).unwrap(),
+            fault: AtomicBool::new(false),
+            tx,
+            queue: Queue::new(rx),
+            flights: Flights::default(),
+            generations,
+        }
+    }
+
+    /// Queues one sequence (a generation of up to 3 tokens, or a head request) and
+    /// returns where its answer comes.
+    fn send(&self, seq: Composed) -> oneshot::Receiver<Reply> {
+        let (reply, rx) = oneshot::channel();
+        let groups = vec![Group { seqs: vec![seq] }];
+        let params = GenerationParams {
+            max_new_tokens: 3,
+            ..Default::default()
+        };
+        let load = work_load(&groups, &params);
+        let now = Instant::now();
+        self.tx
+            .send(Work {
+                groups,
+                params,
+                reply,
+                stream: None,
+                enqueued: now,
+                deadline: now + Duration::from_secs(3600),
+                ticket: self.admission.admit(load).unwrap(),
+            })
+            .map_err(|_| ())
+            .unwrap();
+        rx
+    }
+
+    /// A one-input head request of 12 tokens.
+    fn send_head(&self) -> oneshot::Receiver<Reply> {
+        let d = self.model.config().hidden_size;
+        self.send(Composed::of_head_tokens(&[7; 12], d))
+    }
+
+    fn run_once(&mut self) -> bool {
+        let mut engine = Iteration {
+            model: &self.model,
+            cfg: &self.cfg,
+            metrics: &self.metrics,
+            pace: &self.admission,
+            fault: &self.fault,
+        };
+        engine.run_once(&mut self.queue, &mut self.flights, &mut self.generations)
+    }
 }
 
 /// A long prompt is prefilled in slices of the 32-token minimum, one per iteration,
@@ -65,42 +107,31 @@ fn send(
 /// the prompt is still part-way: it never waits for all of someone else's prefill.
 #[test]
 fn a_head_request_is_answered_between_two_chunks_of_a_long_prompt() {
-    let (_dir, model, cfg, admission) = tiny_engine();
-    let metrics = EngineMetrics::new(&prometheus::Registry::new()).unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
-    let mut queue = Queue::new(rx);
-    let fault = AtomicBool::new(false);
-    let mut engine = Iteration {
-        model: &model,
-        cfg: &cfg,
-        metrics: &metrics,
-        pace: &admission,
-        fault: &fault,
-    };
-    let (mut flights, mut generations) = (Flights::default(), Generations::new(&model, 0));
-    let send = |seq| send(&tx, &admission, seq);
-
+    let mut engine = Harness::new();
     let prompt: Vec<u32> = (0..300).map(|i| 3 + i % 50).collect();
-    let mut generation = send(Composed::of_tokens(&prompt));
-    assert!(engine.run_once(&mut queue, &mut flights, &mut generations));
+    let mut generation = engine.send(Composed::of_tokens(&prompt));
+    assert!(engine.run_once());
     assert_eq!(
-        generations.decoding(),
+        engine.generations.decoding(),
         0,
         "the prompt is part-way, not decoding"
     );
     assert_eq!(
-        admission.queued().prompt_tokens,
+        engine.admission.queued().prompt_tokens,
         300,
         "released once prefilled"
     );
 
-    let d = model.config().hidden_size;
-    let mut head = send(Composed::of_head_tokens(&[7; 12], d));
-    assert!(engine.run_once(&mut queue, &mut flights, &mut generations));
+    let mut head = engine.send_head();
+    assert!(engine.run_once());
     let (predictions, _) = head.try_recv().expect("answered").unwrap();
     assert!(matches!(predictions[0][0], Prediction::Value { .. }));
     assert!(generation.try_recv().is_err(), "the generation is not done");
-    assert_eq!(generations.decoding(), 0, "its prompt is still part-way");
+    assert_eq!(
+        engine.generations.decoding(),
+        0,
+        "its prompt is still part-way"
+    );
 
     // The rest of the prompt, a slice an iteration, then its tokens.
     let mut iterations = 2;
@@ -111,13 +142,17 @@ fn a_head_request_is_answered_between_two_chunks_of_a_long_prompt() {
             Err(e) => panic!("{e}"),
         }
         assert!(iterations < 100, "the generation never finished");
-        assert!(engine.run_once(&mut queue, &mut flights, &mut generations));
+        assert!(engine.run_once());
         iterations += 1;
     };
     assert!(iterations >= 300 / 32, "{iterations} iterations");
     let (predictions, _) = answer.unwrap();
     assert!(matches!(&predictions[0][0], Prediction::Text { ids, .. } if !ids.is_empty()));
-    assert_eq!(admission.queued(), Load::default(), "every ticket released");
+    assert_eq!(
+        engine.admission.queued(),
+        Load::default(),
+        "every ticket released"
+    );
 }
 
 /// Head requests are answered as soon as their forward is done, before the iteration's
@@ -125,29 +160,14 @@ fn a_head_request_is_answered_between_two_chunks_of_a_long_prompt() {
 /// generations in flight, never a head request computed before it.
 #[test]
 fn a_head_request_is_answered_before_the_iterations_generation_work() {
-    let (_dir, model, cfg, admission) = tiny_engine();
-    let metrics = EngineMetrics::new(&prometheus::Registry::new()).unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
-    let mut queue = Queue::new(rx);
-    let fault = AtomicBool::new(false);
-    let mut engine = Iteration {
-        model: &model,
-        cfg: &cfg,
-        metrics: &metrics,
-        pace: &admission,
-        fault: &fault,
-    };
-    let (mut flights, mut generations) = (Flights::default(), Generations::new(&model, 0));
-    let mut generation = send(&tx, &admission, Composed::of_tokens(&[5, 6, 7, 8]));
-    assert!(engine.run_once(&mut queue, &mut flights, &mut generations));
-    assert_eq!(generations.decoding(), 1, "the generation decodes");
+    let mut engine = Harness::new();
+    let mut generation = engine.send(Composed::of_tokens(&[5, 6, 7, 8]));
+    assert!(engine.run_once());
+    assert_eq!(engine.generations.decoding(), 1, "the generation decodes");
 
-    let d = model.config().hidden_size;
-    let mut head = send(&tx, &admission, Composed::of_head_tokens(&[7; 12], d));
+    let mut head = engine.send_head();
     engine.fault.store(true, Ordering::SeqCst);
-    let iteration = catch_unwind(AssertUnwindSafe(|| {
-        engine.run_once(&mut queue, &mut flights, &mut generations)
-    }));
+    let iteration = catch_unwind(AssertUnwindSafe(|| engine.run_once()));
     assert!(iteration.is_err(), "the injected fault fired in the step");
     let (predictions, _) = head.try_recv().expect("answered before the step").unwrap();
     assert!(matches!(predictions[0][0], Prediction::Value { .. }));
