@@ -217,7 +217,9 @@ impl DecodeBatch {
             match d.prefill_part(model, n) {
                 Ok(None) => self.prefilling.push_front((h, d)),
                 Ok(Some(logits)) => {
-                    let joined = self.admit_prefilled(model, h, d, &logits, max_members);
+                    let joined = self
+                        .make_room(&[d.cache.len() + d.steps_left()], max_members)
+                        .and_then(|()| self.admit_prefilled(model, h, d, &logits));
                     out.push((h, joined));
                 }
                 Err(e) => out.push((h, Err(e))),
@@ -227,15 +229,14 @@ impl DecodeBatch {
     }
 
     /// A decoder whose prompt is in its own cache: samples its first token from `logits`
-    /// and, unless that finished it, moves its cache into a slot (while fewer than
-    /// `max_members` decode, room is made for the queued ones too).
+    /// and, unless that finished it, moves its cache into a slot (the caller made room,
+    /// [`DecodeBatch::make_room`]).
     fn admit_prefilled(
         &mut self,
         model: &BaseModel,
         h: u64,
         mut dec: Decoder,
         logits: &Tensor,
-        max_members: usize,
     ) -> Result<Option<Decoder>> {
         if let (Some(prefixes), Some(rows)) = (self.prefixes.as_mut(), dec.rows.take()) {
             prefixes.insert(rows, &dec.cache);
@@ -244,7 +245,6 @@ impl DecodeBatch {
             return Ok(Some(dec));
         }
         let cache = std::mem::replace(&mut dec.cache, model.llama.new_cache());
-        self.make_room(&[cache.len() + dec.steps_left()], max_members)?;
         self.kv.push(&cache)?;
         self.members.push((h, dec));
         Ok(None)
@@ -320,7 +320,7 @@ impl DecodeBatch {
             let joined = logits
                 .get(i)
                 .map_err(anyhow::Error::from)
-                .and_then(|l| self.admit_prefilled(model, h, dec, &l, max_members));
+                .and_then(|l| self.admit_prefilled(model, h, dec, &l));
             out.push((h, joined));
         }
         Ok(out)
